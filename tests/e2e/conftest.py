@@ -1,0 +1,129 @@
+"""Fixtures for the e2e tier: a real Kubernetes control plane plus a local kubelet.
+
+* `k8s_cluster` (session): a fresh kwokctl cluster from the pinned binaries built by
+  `make testbin` (see tests/e2e/cluster.py). Attributes: `.kubeconfig`, `.bin_dir`,
+  `.logs_dir`, `.workdir`, `.kube_version`, `.kubectl(*args)`, `.helm(*args)`,
+  `.api_client()`. If any test of the session failed, the component logs and the local
+  kubelet's pod logs are kept under `.run/e2e-logs/<timestamp>/` (or $IMPORTWAVES_E2E_LOGS).
+* `local_kubelet` (session): a `LocalKubelet` on node `importwaves-local` that runs the
+  pods scheduled to it as local processes (tests/e2e/localkubelet.py).
+* `namespace` (function): a fresh namespace (with its `default` ServiceAccount), deleted
+  afterwards.
+
+Every test under tests/e2e is marked `e2e`. Missing binaries make these tests fail (never
+skip) with the command that builds them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .cluster import (
+    BUILD_HINT,
+    REPO_ROOT,
+    Cluster,
+    missing_binaries,
+    testbin_dir,
+)
+from .localkubelet import LocalKubelet
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+def _report(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    bin_dir = testbin_dir()
+    missing = missing_binaries(bin_dir)
+    if missing:
+        pytest.fail(
+            f"e2e: Kubernetes test binaries missing in {bin_dir}: {', '.join(missing)}. "
+            + BUILD_HINT,
+            pytrace=False,
+        )
+    t0 = time.monotonic()
+    cluster = Cluster.start(bin_dir)
+    _report(
+        request.config,
+        f"\ne2e: cluster {cluster.name} (k8s v{cluster.kube_version}) up in "
+        f"{time.monotonic() - t0:.1f}s, kubeconfig {cluster.kubeconfig}",
+    )
+    try:
+        yield cluster
+    finally:
+        failed = request.session.testsfailed > 0
+        if failed:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            dest = (
+                Path(os.environ.get("IMPORTWAVES_E2E_LOGS", REPO_ROOT / ".run" / "e2e-logs"))
+                / stamp
+            )
+            cluster.save_logs(dest)
+            kubelet_dir = cluster.workdir / "localkubelet"
+            if kubelet_dir.is_dir():
+                shutil.copytree(kubelet_dir, dest / "localkubelet", dirs_exist_ok=True)
+            _report(request.config, f"\ne2e: tests failed; cluster logs kept in {dest}")
+        cluster.stop()
+        if not failed:
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_kubelet(k8s_cluster: Cluster) -> Iterator[LocalKubelet]:
+    kubelet = LocalKubelet(
+        k8s_cluster.api_client,
+        root_dir=k8s_cluster.workdir / "localkubelet",
+        kubelet_version=f"v{k8s_cluster.kube_version}",
+    ).start()
+    try:
+        yield kubelet
+    finally:
+        kubelet.stop()
+
+
+@pytest.fixture
+def namespace(k8s_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    from kubernetes import client
+
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{base or 'e2e'}-{uuid.uuid4().hex[:6]}"
+    with k8s_cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespace({"metadata": {"name": name, "labels": {"e2e": "true"}}})
+        # With ServiceAccount admission on, pods need the namespace's `default` SA first.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                core.read_namespaced_service_account("default", name)
+                break
+            except client.ApiException as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        try:
+            yield name
+        finally:
+            try:
+                core.delete_namespace(name)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
