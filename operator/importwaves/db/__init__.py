@@ -1,0 +1,1 @@
+"""Tenant database access: named queries, migrations and tenant-scoped connections."""

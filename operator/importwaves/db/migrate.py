@@ -1,0 +1,126 @@
+"""Numbered, reversible tenant migrations (`NNNN_name.up.sql` / `NNNN_name.down.sql`).
+
+Each migration runs in its own transaction together with its bookkeeping row, under an advisory
+lock per tenant schema, so two operators migrating the same tenant cannot interleave.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, LiteralString, cast
+
+import psycopg
+from psycopg import sql
+
+from importwaves.db.connect import set_schema
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(up|down)\.sql$")
+_LOCK_SQL: LiteralString = "SELECT pg_advisory_xact_lock(hashtext('importwaves:migrate:' || %s))"
+_BOOKKEEPING: LiteralString = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+)"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    up: str
+    down: str
+
+
+def migrations() -> list[Migration]:
+    """All migrations shipped with the package, in version order; each must have both halves."""
+    found: dict[int, dict[str, str]] = {}
+    names: dict[int, str] = {}
+    for entry in files("importwaves.db").joinpath("migrations").iterdir():
+        m = _FILE.match(entry.name)
+        if not m:
+            continue
+        version = int(m.group(1))
+        names[version] = m.group(2)
+        found.setdefault(version, {})[m.group(3)] = entry.read_text(encoding="utf-8")
+    out = []
+    for version in sorted(found):
+        halves = found[version]
+        if set(halves) != {"up", "down"}:
+            raise RuntimeError(f"migration {version:04d} lacks its up or down half")
+        out.append(Migration(version, names[version], halves["up"], halves["down"]))
+    return out
+
+
+def applied(conn: psycopg.Connection[Any], schema: str) -> list[int]:
+    """Versions applied in `schema` (empty when the tenant was never migrated)."""
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.schema_migrations', %s::text)) IS NOT NULL AS present",
+        (schema,),
+    ).fetchone()
+    if not row or not _first(row):
+        return []
+    query = sql.SQL("SELECT version FROM {}.schema_migrations ORDER BY version").format(
+        sql.Identifier(schema)
+    )
+    return [int(_first(r)) for r in conn.execute(query).fetchall()]
+
+
+def pending(conn: psycopg.Connection[Any], schema: str) -> list[Migration]:
+    done = set(applied(conn, schema))
+    return [m for m in migrations() if m.version not in done]
+
+
+def up(conn: psycopg.Connection[Any], schema: str, target: int | None = None) -> list[Migration]:
+    """Apply every pending migration up to `target` (all by default); return what was applied."""
+    done: list[Migration] = []
+    conn.autocommit = True
+    for mig in migrations():
+        if target is not None and mig.version > target:
+            break
+        with conn.transaction():
+            conn.execute(_LOCK_SQL, (schema,))
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            set_schema(conn, schema)
+            conn.execute(_BOOKKEEPING)
+            if conn.execute(
+                "SELECT 1 FROM schema_migrations WHERE version = %s", (mig.version,)
+            ).fetchone():
+                continue
+            conn.execute(cast(LiteralString, mig.up))
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (mig.version, mig.name),
+            )
+            done.append(mig)
+    return done
+
+
+def down(conn: psycopg.Connection[Any], schema: str, target: int = 0) -> list[Migration]:
+    """Revert applied migrations above `target`, newest first; at 0 the bookkeeping goes too."""
+    reverted: list[Migration] = []
+    conn.autocommit = True
+    for mig in reversed(migrations()):
+        if mig.version <= target:
+            break
+        with conn.transaction():
+            conn.execute(_LOCK_SQL, (schema,))
+            if mig.version not in applied(conn, schema):
+                continue
+            set_schema(conn, schema)
+            conn.execute(cast(LiteralString, mig.down))
+            conn.execute("DELETE FROM schema_migrations WHERE version = %s", (mig.version,))
+            reverted.append(mig)
+    if target == 0 and applied(conn, schema) == []:
+        with conn.transaction():
+            conn.execute(_LOCK_SQL, (schema,))
+            conn.execute(
+                sql.SQL("DROP TABLE IF EXISTS {}.schema_migrations").format(sql.Identifier(schema))
+            )
+    return reverted
+
+
+def _first(row: Any) -> Any:
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]

@@ -1,0 +1,11 @@
+DROP TRIGGER IF EXISTS wave_batches_count_update ON wave_batches;
+DROP TRIGGER IF EXISTS wave_batches_count_delete ON wave_batches;
+DROP TRIGGER IF EXISTS wave_batches_count_insert ON wave_batches;
+DROP FUNCTION IF EXISTS wave_batches_count_update();
+DROP FUNCTION IF EXISTS wave_batches_count_delete();
+DROP FUNCTION IF EXISTS wave_batches_count_insert();
+DROP FUNCTION IF EXISTS wave_counts_apply(text[], integer[], text[], integer[], timestamptz[]);
+DROP FUNCTION IF EXISTS wave_status(integer, integer, integer, integer, integer);
+DROP TABLE IF EXISTS wave_batches;
+DROP TABLE IF EXISTS wave_coordination;
+DROP TABLE IF EXISTS import_jobs;

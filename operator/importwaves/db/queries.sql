@@ -1,0 +1,382 @@
+-- Every SQL statement importwaves runs against a tenant, by name.
+-- Format: a header line `-- name: <query_name>`, then a `-- ` description line, then the SQL.
+-- Connections run with search_path set to the tenant schema (see db/connect.py); values are
+-- always parameters (%(name)s), never text.
+
+-- name: job_insert
+-- Register an import job; a second registration of the same id changes nothing.
+INSERT INTO import_jobs (job_id, spec)
+VALUES (%(job_id)s, %(spec)s)
+ON CONFLICT (job_id) DO NOTHING
+RETURNING job_id;
+
+-- name: db_now
+-- The database clock (lags are measured against timestamps the database wrote).
+SELECT clock_timestamp() AS now;
+
+-- name: job_lock
+-- Take the per-job lock (serializes every decision about one job) and read the job row.
+SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds
+FROM import_jobs WHERE job_id = %(job_id)s FOR UPDATE;
+
+-- name: job_get
+-- Read the job row without locking it.
+SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds,
+       created_at, updated_at
+FROM import_jobs WHERE job_id = %(job_id)s;
+
+-- name: job_list
+-- Every job in the tenant, newest first.
+SELECT job_id, status, status_reason, created_at, completed_at
+FROM import_jobs ORDER BY created_at DESC;
+
+-- name: job_set_spec
+-- Replace the stored spec (only changes that can apply to a running import reach this).
+UPDATE import_jobs SET spec = %(spec)s, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s;
+
+-- name: job_set_status
+-- Record the job's status; completed_at is stamped only on completion.
+UPDATE import_jobs
+SET status = %(status)s,
+    status_reason = %(reason)s,
+    completed_at = CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END,
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s;
+
+-- name: job_set_planned
+-- Mark the job as planned (waves and main batches exist).
+UPDATE import_jobs SET planned_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s;
+
+-- name: job_set_dispatch_lag
+-- Remember the most recent wave dispatch lag for the status view.
+UPDATE import_jobs SET last_dispatch_lag_seconds = %(lag)s, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s;
+
+-- name: job_active_count
+-- Jobs still running in this tenant (the queue.active_jobs.count metric).
+SELECT count(*) AS n FROM import_jobs WHERE status = 'running';
+
+-- name: wave_insert
+-- Create a wave row (idempotent). Batch counters start at zero and are kept by triggers.
+INSERT INTO wave_coordination
+    (job_id, wave_number, record_type_id, record_type_name, dependency_level)
+VALUES (%(job_id)s, %(wave_number)s, %(record_type_id)s, %(record_type_name)s,
+        %(dependency_level)s)
+ON CONFLICT (job_id, wave_number) DO NOTHING;
+
+-- name: waves_snapshot
+-- The job's waves with their trigger-maintained counters: the coordinator's snapshot.
+SELECT wave_number, record_type_id, record_type_name, dependency_level, status,
+       total_batches, pending_batches, dispatched_batches, processing_batches,
+       completed_batches, failed_batches, last_completed_at, first_dispatched_at,
+       dispatch_lag_seconds
+FROM wave_coordination WHERE job_id = %(job_id)s ORDER BY wave_number;
+
+-- name: wave_mark_first_dispatch
+-- Stamp a wave's first dispatch and its dispatch lag (kept from the first dispatch on).
+UPDATE wave_coordination
+SET first_dispatched_at = coalesce(first_dispatched_at, clock_timestamp()),
+    dispatch_lag_seconds = coalesce(dispatch_lag_seconds, %(lag)s),
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s;
+
+-- name: plan_main_batches
+-- Cut one main record type's staging rows into batches of batch_size ids, in id order.
+-- Server-side and idempotent: re-planning inserts nothing new.
+INSERT INTO wave_batches
+    (job_id, batch_id, wave_number, record_type_id, chunk_ids_json, record_count,
+     needs_derivation)
+SELECT %(job_id)s,
+       %(prefix)s || '-' || lpad(g.grp::text, 6, '0'),
+       %(wave_number)s, %(record_type_id)s,
+       jsonb_agg(g.record_id ORDER BY g.record_id), count(*), %(needs_derivation)s
+FROM (
+    SELECT record_id, (row_number() OVER (ORDER BY record_id) - 1) / %(batch_size)s AS grp
+    FROM staging_records
+    WHERE job_id = %(job_id)s AND record_type_id = %(record_type_id)s
+) g
+GROUP BY g.grp
+ON CONFLICT (job_id, batch_id) DO NOTHING;
+
+-- name: batches_dispatch
+-- Move up to `limit` pending batches of a wave to dispatched, bumping each fencing token.
+UPDATE wave_batches b
+SET status = 'dispatched', dispatch_seq = b.dispatch_seq + 1,
+    dispatched_at = clock_timestamp(), started_at = NULL, heartbeat_at = NULL, worker_id = NULL,
+    updated_at = clock_timestamp()
+WHERE b.id IN (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND status = 'pending'
+    ORDER BY id LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.batch_id, b.wave_number, b.record_type_id, b.dispatch_seq, b.attempts,
+          b.needs_derivation, b.chunk_ids_json;
+
+-- name: batches_dispatched_list
+-- Batches currently handed to workers (dispatched or processing), for launchers to re-ensure.
+SELECT batch_id, wave_number, record_type_id, dispatch_seq, attempts, status
+FROM wave_batches
+WHERE job_id = %(job_id)s AND status IN ('dispatched', 'processing')
+ORDER BY id;
+
+-- name: batch_get
+-- One batch row.
+SELECT batch_id, wave_number, record_type_id, status, chunk_ids_json, record_count,
+       needs_derivation, dispatch_seq, attempts, worker_id, last_error, dispatched_at,
+       started_at, heartbeat_at, completed_at
+FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s;
+
+-- name: batch_claim
+-- A worker claims its dispatch: dispatched -> processing, counting the attempt.
+UPDATE wave_batches
+SET status = 'processing', attempts = attempts + 1, started_at = clock_timestamp(),
+    heartbeat_at = clock_timestamp(), worker_id = %(worker_id)s, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
+  AND status = 'dispatched'
+RETURNING record_type_id, chunk_ids_json, attempts;
+
+-- name: batch_lock
+-- Lock one batch row (a worker holds it while importing, so a concurrent requeue waits).
+SELECT status, dispatch_seq, record_type_id, chunk_ids_json
+FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s FOR UPDATE;
+
+-- name: batch_heartbeat
+-- A running worker's liveness signal; no status change, so no counter is touched.
+UPDATE wave_batches SET heartbeat_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
+  AND status = 'processing';
+
+-- name: batch_complete
+-- Record a completion for the current dispatch only; a second delivery updates nothing.
+UPDATE wave_batches
+SET status = 'completed', completed_at = clock_timestamp(), last_error = NULL,
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
+  AND status IN ('dispatched', 'processing')
+RETURNING wave_number, record_type_id;
+
+-- name: batch_fail
+-- Record a failed attempt for the current dispatch: back to pending, or failed when out of
+-- attempts. A dispatch that failed before its worker claimed it still counts an attempt.
+UPDATE wave_batches
+SET attempts = attempts + CASE WHEN status = 'dispatched' THEN 1 ELSE 0 END,
+    status = CASE
+        WHEN attempts + CASE WHEN status = 'dispatched' THEN 1 ELSE 0 END >= %(max_attempts)s
+        THEN 'failed' ELSE 'pending' END,
+    last_error = %(error)s, heartbeat_at = NULL, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
+  AND status IN ('dispatched', 'processing')
+RETURNING status, attempts;
+
+-- name: batches_demote_stale_processing
+-- Recovery: processing batches whose heartbeat is older than stale_after go back to pending
+-- (or to failed when the lost attempt was their last).
+UPDATE wave_batches
+SET status = CASE WHEN attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+    last_error = 'stale: no heartbeat for ' || %(stale_after)s || ' s (worker '
+                 || coalesce(worker_id, '?') || ')',
+    heartbeat_at = NULL, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND status = 'processing'
+  AND coalesce(heartbeat_at, started_at, dispatched_at)
+      < clock_timestamp() - make_interval(secs => %(stale_after)s)
+RETURNING batch_id, status, attempts;
+
+-- name: batches_requeue_stuck_dispatched
+-- Recovery: dispatched batches no worker claimed within stale_after go back to pending.
+UPDATE wave_batches
+SET status = 'pending', last_error = 'requeued: not claimed within ' || %(stale_after)s || ' s',
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND status = 'dispatched'
+  AND dispatched_at < clock_timestamp() - make_interval(secs => %(stale_after)s)
+RETURNING batch_id, status, attempts;
+
+-- name: batches_requeue_failed
+-- Retry failed batches (argo-retry style): back to pending with fresh attempts; completed
+-- batches are kept.
+UPDATE wave_batches
+SET status = 'pending', attempts = 0,
+    last_error = 'requeued by retry-failed; was: ' || coalesce(last_error, ''),
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND status = 'failed'
+RETURNING batch_id, status, attempts;
+
+-- name: batches_needing_derivation
+-- Completed parent batches whose derived batches have not been created yet.
+SELECT batch_id, record_type_id FROM wave_batches
+WHERE job_id = %(job_id)s AND needs_derivation AND status = 'completed'
+ORDER BY id LIMIT %(limit)s;
+
+-- name: batch_chunk_ids
+-- A batch's IN() id list from the database (the fallback when the cache has none).
+SELECT chunk_ids_json FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s;
+
+-- name: derived_batches_upsert
+-- Create the derived batches for one completed parent batch: its children in staging, grouped
+-- by parent id into batches of about batch_size records. Deterministic ids make it idempotent.
+INSERT INTO wave_batches
+    (job_id, batch_id, wave_number, record_type_id, chunk_ids_json, record_count,
+     parent_batch_id)
+SELECT %(job_id)s,
+       %(prefix)s || '-' || lpad(g.grp::text, 4, '0'),
+       %(wave_number)s, %(record_type_id)s,
+       jsonb_agg(g.parent_id ORDER BY g.parent_id), sum(g.n)::int, %(parent_batch_id)s
+FROM (
+    SELECT c.parent_id, c.n,
+           ((sum(c.n) OVER (ORDER BY c.parent_id) - c.n) / %(batch_size)s)::int AS grp
+    FROM (
+        SELECT parent_id, count(*) AS n FROM staging_records
+        WHERE job_id = %(job_id)s AND record_type_id = %(record_type_id)s
+          AND parent_id = ANY(%(parent_ids)s)
+        GROUP BY parent_id
+    ) c
+) g
+GROUP BY g.grp
+ON CONFLICT (job_id, batch_id) DO NOTHING
+RETURNING batch_id;
+
+-- name: batch_mark_derived
+-- The parent batch's derived batches exist now.
+UPDATE wave_batches
+SET needs_derivation = false, derived_created_at = clock_timestamp(),
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND needs_derivation;
+
+-- name: unfinished_by_type
+-- The completion guard's fresh look at the batches themselves: non-terminal batches per
+-- record type (the seed's `record_type_id = -13 AND status IN (...)` check, for all types).
+SELECT record_type_id, status, count(*) AS n FROM wave_batches
+WHERE job_id = %(job_id)s AND status IN ('pending', 'dispatched', 'processing')
+GROUP BY record_type_id, status;
+
+-- name: parent_threshold_reached_at
+-- When parents crossed the threshold: the completion time of the k-th completed parent batch.
+SELECT completed_at FROM wave_batches
+WHERE job_id = %(job_id)s AND record_type_id = ANY(%(parent_type_ids)s) AND status = 'completed'
+ORDER BY completed_at OFFSET %(k)s - 1 LIMIT 1;
+
+-- name: batches_by_type_status
+-- Operator view: batch counts by record type and status.
+SELECT record_type_id, status, count(*) AS n FROM wave_batches
+WHERE job_id = %(job_id)s GROUP BY record_type_id, status ORDER BY record_type_id, status;
+
+-- name: batches_stuck
+-- Operator view: batches that look stuck (no heartbeat / not claimed for stale_after).
+SELECT batch_id, record_type_id, status, attempts, worker_id, dispatched_at, heartbeat_at,
+       last_error
+FROM wave_batches
+WHERE job_id = %(job_id)s
+  AND ((status = 'processing' AND coalesce(heartbeat_at, started_at, dispatched_at)
+            < clock_timestamp() - make_interval(secs => %(stale_after)s))
+    OR (status = 'dispatched'
+        AND dispatched_at < clock_timestamp() - make_interval(secs => %(stale_after)s)))
+ORDER BY id LIMIT 50;
+
+-- name: batches_failed
+-- Operator view: failed batches with their last error.
+SELECT batch_id, record_type_id, attempts, last_error FROM wave_batches
+WHERE job_id = %(job_id)s AND status = 'failed' ORDER BY id LIMIT %(limit)s;
+
+-- name: derived_backlog
+-- Derived records' batches not yet completed, across running jobs (the backlog gauge).
+SELECT count(*) AS n FROM wave_batches b JOIN import_jobs j USING (job_id)
+WHERE j.status = 'running' AND b.record_type_id = ANY(%(derived_type_ids)s)
+  AND b.status IN ('pending', 'dispatched', 'processing');
+
+-- name: import_customers
+-- Reference worker: upsert a batch of customers from staging.
+INSERT INTO customers (id, name, imported_job)
+SELECT s.record_id, s.payload ->> 'name', s.job_id FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+  AND s.record_id = ANY(%(ids)s)
+ON CONFLICT (id) DO UPDATE SET name = excluded.name, imported_job = excluded.imported_job;
+
+-- name: import_transactions
+-- Reference worker: upsert a batch of transactions (their customer must exist).
+INSERT INTO transactions (id, record_type_id, customer_id, amount, payload, imported_job)
+SELECT s.record_id, s.record_type_id, s.parent_id, (s.payload ->> 'amount')::numeric,
+       s.payload, s.job_id
+FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+  AND s.record_id = ANY(%(ids)s)
+ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, payload = excluded.payload,
+    customer_id = excluded.customer_id, imported_job = excluded.imported_job;
+
+-- name: import_transaction_lines
+-- Reference worker: upsert the lines of a batch of parent transactions.
+INSERT INTO transaction_lines (id, transaction_id, amount, payload, imported_job)
+SELECT s.record_id, s.parent_id, (s.payload ->> 'amount')::numeric, s.payload, s.job_id
+FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+  AND s.parent_id = ANY(%(ids)s)
+ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, payload = excluded.payload,
+    transaction_id = excluded.transaction_id, imported_job = excluded.imported_job;
+
+-- name: invalid_staging_rows
+-- Reference worker: rows of the batch that cannot be imported, with the reason.
+SELECT s.record_id,
+       CASE
+           WHEN jsonb_typeof(s.payload) <> 'object' THEN 'payload is not an object'
+           WHEN %(needs_name)s AND coalesce(s.payload ->> 'name', '') = '' THEN 'missing name'
+           WHEN NOT %(needs_name)s AND (s.payload ->> 'amount') IS NULL THEN 'missing amount'
+           WHEN NOT %(needs_name)s
+                AND (s.payload ->> 'amount') !~ '^-?[0-9]{1,12}(\.[0-9]{1,2})?$'
+           THEN 'amount is not a number'
+           WHEN %(parent_table)s = 'customers' AND s.parent_id IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM customers c WHERE c.id = s.parent_id)
+           THEN 'parent customer ' || s.parent_id || ' not imported'
+           WHEN %(parent_table)s = 'transactions'
+                AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = s.parent_id)
+           THEN 'parent transaction ' || coalesce(s.parent_id::text, 'NULL') || ' not imported'
+       END AS problem
+FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+  AND (CASE WHEN %(by_parent)s THEN s.parent_id ELSE s.record_id END) = ANY(%(ids)s)
+ORDER BY s.record_id;
+
+-- name: staging_counts
+-- Verification: staging rows per record type for a job.
+SELECT record_type_id, count(*) AS n FROM staging_records WHERE job_id = %(job_id)s
+GROUP BY record_type_id ORDER BY record_type_id;
+
+-- name: target_counts
+-- Verification: rows a job imported into each target table.
+SELECT 'customers' AS target, count(*) AS n FROM customers WHERE imported_job = %(job_id)s
+UNION ALL
+SELECT 'transactions', count(*) FROM transactions WHERE imported_job = %(job_id)s
+UNION ALL
+SELECT 'transaction_lines', count(*) FROM transaction_lines WHERE imported_job = %(job_id)s;
+
+-- name: orphan_lines
+-- Verification: imported lines whose parent transaction is missing (must be zero).
+SELECT count(*) AS n FROM transaction_lines l
+WHERE l.imported_job = %(job_id)s
+  AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = l.transaction_id);
+
+-- name: lines_before_parent
+-- Verification: lines imported before their parent transaction (must be zero).
+SELECT count(*) AS n FROM transaction_lines l JOIN transactions t ON t.id = l.transaction_id
+WHERE l.imported_job = %(job_id)s AND l.imported_at < t.imported_at;
+
+-- name: counters_mismatch
+-- Verification: waves whose counters disagree with their batch rows (must be none).
+SELECT w.wave_number, w.total_batches, coalesce(b.n, 0) AS actual_total,
+       w.completed_batches, coalesce(b.completed, 0) AS actual_completed
+FROM wave_coordination w
+LEFT JOIN (
+    SELECT wave_number, count(*) AS n,
+           count(*) FILTER (WHERE status = 'pending') AS pending,
+           count(*) FILTER (WHERE status = 'dispatched') AS dispatched,
+           count(*) FILTER (WHERE status = 'processing') AS processing,
+           count(*) FILTER (WHERE status = 'completed') AS completed,
+           count(*) FILTER (WHERE status = 'failed') AS failed
+    FROM wave_batches WHERE job_id = %(job_id)s GROUP BY wave_number
+) b USING (wave_number)
+WHERE w.job_id = %(job_id)s
+  AND (w.total_batches, w.pending_batches, w.dispatched_batches, w.processing_batches,
+       w.completed_batches, w.failed_batches)
+      IS DISTINCT FROM (coalesce(b.n, 0)::int, coalesce(b.pending, 0)::int,
+       coalesce(b.dispatched, 0)::int, coalesce(b.processing, 0)::int,
+       coalesce(b.completed, 0)::int, coalesce(b.failed, 0)::int);

@@ -1,0 +1,91 @@
+"""`Engine`: one tenant's wave engine, wired together (pool, flags, events, coordinator,
+listeners, recovery, launcher). The local runner and the operator both drive this object."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from importwaves.db.connect import make_pool
+from importwaves.db.queries import Q
+from importwaves.engine.coordinator import Coordinator, RunResult
+from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
+from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
+from importwaves.engine.recovery import Recovery
+from importwaves.flags import DEFAULT_TTL, Flags
+from importwaves.launch.base import Launcher, RecordingLauncher
+from importwaves.log import event
+from importwaves.spec import ImportSpec
+
+log = logging.getLogger("importwaves.engine")
+
+
+class Engine:
+    def __init__(
+        self,
+        dsn: str,
+        tenant: str,
+        *,
+        redis_url: str | None = None,
+        launcher: Launcher | None = None,
+        pool_size: int = 8,
+        flag_ttl: int = DEFAULT_TTL,
+    ) -> None:
+        self.tenant = tenant
+        self.dsn = dsn
+        self.pool = make_pool(dsn, tenant, max_size=pool_size)
+        self.flags = Flags(redis_url, tenant, ttl=flag_ttl)
+        self.bus = EventBus()
+        self.launcher: Launcher = launcher or RecordingLauncher()
+        self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus, self.launcher)
+        self.listener = BatchCompletedListener(tenant, self.pool, self.flags, self.bus,
+                                               self.coordinator)
+        self.coordinator.on_launch_failure = self.listener.on_launch_failure
+        self.recovery = Recovery(tenant, self.pool, self.flags, self.coordinator)
+        self.bus.subscribe(DerivedWavesCreated, DerivedWavesCreatedListener(self.coordinator))
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def submit(self, job_id: str, spec: ImportSpec) -> bool:
+        """Register a job (idempotent) and make it planned; True when it was new. A changed spec
+        for an existing job is applied if it can be, else SpecChangeRefused says why."""
+        if spec.tenant != self.tenant:
+            raise ValueError(f"spec.tenant {spec.tenant!r} does not match engine tenant "
+                             f"{self.tenant!r}")
+        data = spec.model_dump(mode="json")
+        with self.pool.connection() as conn, conn.transaction():
+            created = conn.execute(Q("job_insert"), {"job_id": job_id, "spec": Jsonb(data)}
+                                   ).fetchone() is not None
+            if not created:
+                row = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
+                assert row is not None
+                old = ImportSpec.model_validate(row["spec"])
+                if old != spec:
+                    problems = spec_change_problems(old, spec, planned=row["planned_at"]
+                                                    is not None)
+                    if problems:
+                        raise SpecChangeRefused(problems)
+                    conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})
+                    event(log, "job_spec_updated", job_id=job_id, tenant=self.tenant)
+        if created:
+            event(log, "job_submitted", job_id=job_id, tenant=self.tenant)
+            self.flags.set_monitoring(job_id)
+        return created
+
+    def check(self, job_id: str, cause: str = "nudge") -> RunResult:
+        return self.coordinator.check_and_trigger_next_wave(job_id, cause=cause)
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self.pool.connection() as conn:
+            return conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()

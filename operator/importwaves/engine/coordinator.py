@@ -1,0 +1,217 @@
+"""`check_and_trigger_next_wave`: the one loop every stimulus ends in.
+
+Lock the job row, catch up on derived creation, read one snapshot, ask `decide`, apply its answer
+in the same transaction (dispatch, job status), commit; only then touch the outside world (cache
+flags, events, launching workers). Running it twice in a row does nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from importwaves import metrics
+from importwaves.db.connect import Conn
+from importwaves.db.queries import Q
+from importwaves.engine import derived
+from importwaves.engine.decide import decide
+from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.model import Decision, JobStatus, Outcome, Snapshot, WaveState
+from importwaves.engine.planner import plan
+from importwaves.engine.snapshot import read_snapshot
+from importwaves.flags import Flags
+from importwaves.launch.base import BatchDispatch, Launcher, LaunchFailure
+from importwaves.log import event
+from importwaves.spec import ImportSpec
+
+log = logging.getLogger("importwaves.coordinator")
+
+
+@dataclass
+class RunResult:
+    """What one coordinator run did."""
+
+    job_id: str
+    outcome: Outcome
+    reason: str = ""
+    dispatched: list[BatchDispatch] = field(default_factory=list)
+    derived_created: int = 0
+    launch_failures: list[LaunchFailure] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    decision: Decision | None = None
+    seconds: float = 0.0
+
+
+class GuardViolation(RuntimeError):
+    """The counters said "complete" but the batch rows disagree (never expected)."""
+
+
+class Coordinator:
+    def __init__(
+        self,
+        tenant: str,
+        pool: ConnectionPool[Conn],
+        flags: Flags,
+        bus: EventBus,
+        launcher: Launcher,
+    ) -> None:
+        self.tenant = tenant
+        self.pool = pool
+        self.flags = flags
+        self.bus = bus
+        self.launcher = launcher
+        # A launch failure is recorded by this callback (the listener's failure path).
+        self.on_launch_failure: Any = None
+
+    def check_and_trigger_next_wave(self, job_id: str, cause: str = "nudge") -> RunResult:
+        t0 = time.perf_counter()
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
+                if job is None:
+                    return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
+                spec = ImportSpec.model_validate(job["spec"])
+                if job["planned_at"] is None:
+                    plan(conn, job_id, spec)
+                created = derived.create_for_completed_parents(conn, job_id, spec, self.flags)
+                snap = read_snapshot(conn, job, spec)
+                decision = decide(snap)
+                if decision.job_status == JobStatus.COMPLETED:
+                    decision = self._verify_completion(conn, job_id, decision)
+                dispatched, parent_ids = self._dispatch(conn, job, spec, snap, decision)
+                if decision.job_status is not None and decision.job_status != snap.status:
+                    conn.execute(Q("job_set_status"), {
+                        "job_id": job_id, "status": decision.job_status.value,
+                        "reason": decision.reason,
+                    })
+        result = RunResult(
+            job_id, decision.outcome, decision.reason, dispatched, len(created.batch_ids),
+            snapshot=snap, decision=decision,
+        )
+        self._after_commit(spec, snap, decision, created, dispatched, parent_ids, cause, result)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    # -- inside the transaction ----------------------------------------------------------------
+    def _verify_completion(self, conn: Conn, job_id: str, decision: Decision) -> Decision:
+        """Decide "completed" only from a fresh look at the batch rows, in this transaction."""
+        rows = conn.execute(Q("unfinished_by_type"), {"job_id": job_id}).fetchall()
+        if not rows:
+            return decision
+        left = ", ".join(f"{r['n']} {r['status']} of type {r['record_type_id']}" for r in rows)
+        event(log, "completion_guard_counter_mismatch", logging.ERROR, job_id=job_id,
+              unfinished=left)
+        return replace(decision, outcome=Outcome.DERIVED_PENDING, job_status=None,
+                       reason=f"not completing: {left}", keep_monitoring=True)
+
+    def _dispatch(
+        self, conn: Conn, job: dict[str, Any], spec: ImportSpec, snap: Snapshot,
+        decision: Decision,
+    ) -> tuple[list[BatchDispatch], dict[str, list[int]]]:
+        out: list[BatchDispatch] = []
+        parent_ids: dict[str, list[int]] = {}
+        now: datetime | None = None
+        for d in decision.dispatches:
+            rows = conn.execute(Q("batches_dispatch"), {
+                "job_id": snap.job_id, "wave_number": d.wave_number, "limit": d.limit,
+            }).fetchall()
+            for r in rows:
+                out.append(BatchDispatch(snap.job_id, r["batch_id"], r["wave_number"],
+                                         r["record_type_id"], r["dispatch_seq"],
+                                         r["attempts"] + 1))
+                if r["needs_derivation"]:
+                    parent_ids[r["batch_id"]] = [int(x) for x in r["chunk_ids_json"]]
+            wave = snap.wave(d.wave_number)
+            if rows and wave.first_dispatched_at is None:
+                now = now or conn.execute(Q("db_now")).fetchone()["now"]  # type: ignore[index]
+                ready_at = self._ready_at(conn, job, spec, snap, wave)
+                lag = max(0.0, (now - ready_at).total_seconds()) if ready_at else None
+                conn.execute(Q("wave_mark_first_dispatch"), {
+                    "job_id": snap.job_id, "wave_number": d.wave_number, "lag": lag,
+                })
+                if lag is not None:
+                    conn.execute(Q("job_set_dispatch_lag"), {"job_id": snap.job_id, "lag": lag})
+                    level = "derived" if wave.is_derived else "main"
+                    metrics.DISPATCH_LAG.labels(self.tenant, level).observe(lag)
+        return out, parent_ids
+
+    def _ready_at(
+        self, conn: Conn, job: dict[str, Any], spec: ImportSpec, snap: Snapshot, wave: WaveState
+    ) -> datetime | None:
+        """When the wave became dispatchable: the previous main wave's last completion, or the
+        commit of the parent batch that took the parents over the threshold."""
+        if not wave.is_derived:
+            earlier = [w for w in snap.main_waves if w.wave_number < wave.wave_number]
+            if earlier:
+                return max(w.last_completed_at or job["planned_at"] for w in earlier)  # type: ignore[no-any-return]
+            return job["planned_at"]  # type: ignore[no-any-return]
+        gate = next(g for g in snap.gates if g.wave_number == wave.wave_number)
+        k = math.ceil(gate.threshold * gate.parent_total / 100)
+        if k <= 0:
+            return job["planned_at"]  # type: ignore[no-any-return]
+        dt = next(d for d in spec.derivedTypes
+                  if d.recordTypeId == wave.record_type_id)
+        row = conn.execute(Q("parent_threshold_reached_at"), {
+            "job_id": snap.job_id, "parent_type_ids": spec.parent_ids_of(dt), "k": k,
+        }).fetchone()
+        return row["completed_at"] if row else None
+
+    # -- after the commit ----------------------------------------------------------------------
+    def _after_commit(
+        self, spec: ImportSpec, snap: Snapshot, decision: Decision, created: derived.Created,
+        dispatched: list[BatchDispatch], parent_ids: dict[str, list[int]], cause: str,
+        result: RunResult,
+    ) -> None:
+        job_id = snap.job_id
+        if decision.keep_monitoring:
+            self.flags.set_monitoring(job_id)  # refreshes the TTL on every run
+        else:
+            self.flags.clear_monitoring(job_id)
+        if decision.derived_ready and decision.keep_monitoring:
+            if self.flags.derived_ready(job_id) is None:
+                # DB fallback (seed E): the gate is open in the DB, so restore the flag.
+                self.flags.set_derived_ready(job_id)
+                if self.flags.enabled:
+                    event(log, "derived_ready_flag_restored_from_db", job_id=job_id,
+                          tenant=self.tenant)
+        self.flags.cache_parent_ids(job_id, parent_ids)
+
+        guard = decision.guard
+        if guard is not None and guard.main_done:
+            metrics.GUARD_DECISIONS.labels(self.tenant, decision.outcome.value).inc()
+            event(log, "completion_guard", job_id=job_id, tenant=self.tenant,
+                  outcome=decision.outcome.value, derived_pending=guard.derived_unfinished > 0,
+                  derived_unfinished=guard.derived_unfinished,
+                  derived_active=guard.derived_active,
+                  awaiting_derivation=guard.awaiting_derivation, gates_open=guard.gates_open,
+                  monitoring_kept=decision.keep_monitoring, cause=cause)
+        by_wave: dict[int, int] = {}
+        for b in dispatched:
+            by_wave[b.wave_number] = by_wave.get(b.wave_number, 0) + 1
+        for wave_number, n in by_wave.items():
+            is_derived = snap.wave(wave_number).is_derived
+            metrics.DISPATCHED.labels(self.tenant, "derived" if is_derived else "main").inc(n)
+            event(log, "derived_wave_dispatched" if is_derived else "wave_dispatched",
+                  job_id=job_id, tenant=self.tenant, wave_number=wave_number,
+                  dispatched_batch_count=n, cause=cause)
+        if decision.job_status is not None and decision.job_status != snap.status:
+            event(log, f"job_{decision.job_status.value}", job_id=job_id, tenant=self.tenant,
+                  reason=decision.reason)
+
+        if created.batch_ids:
+            self.bus.emit(DerivedWavesCreated(self.tenant, job_id, tuple(sorted(
+                created.wave_numbers)), len(created.batch_ids), source="coordinator"))
+        if dispatched:
+            failures = self.launcher.launch(self.tenant, job_id, spec, dispatched)
+            result.launch_failures = failures
+            for f in failures:
+                event(log, "launch_failed", logging.WARNING, job_id=job_id,
+                      batch_id=f.batch.batch_id, error=f.error)
+                if self.on_launch_failure is not None:
+                    self.on_launch_failure(f)

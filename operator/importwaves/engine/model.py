@@ -1,0 +1,157 @@
+"""Plain data the engine passes around: one job's snapshot in, one decision out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+MAIN = -1  #: dependency_level of main (parent) waves
+DERIVED = -2  #: dependency_level of derived (TransactionLine) waves
+
+
+class JobStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SUSPENDED = "suspended"
+
+
+class Outcome(StrEnum):
+    """What one `check_and_trigger_next_wave` run found or did (the seed's return values)."""
+
+    NOT_FOUND = "not_found"
+    WAVE_TRIGGERED = "wave_triggered"
+    DERIVED_WAVE_TRIGGERED = "derived_wave_triggered"
+    DERIVED_PENDING = "derived_pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SUSPENDED = "suspended"
+
+
+@dataclass(frozen=True)
+class WaveState:
+    """One wave row with its trigger-maintained batch counters."""
+
+    wave_number: int
+    record_type_id: int
+    name: str
+    level: int
+    total: int = 0
+    pending: int = 0
+    dispatched: int = 0
+    processing: int = 0
+    completed: int = 0
+    failed: int = 0
+    first_dispatched_at: datetime | None = None
+    last_completed_at: datetime | None = None
+
+    @property
+    def active(self) -> int:
+        return self.dispatched + self.processing
+
+    @property
+    def unfinished(self) -> int:
+        """Batches still pending or handed to a worker."""
+        return self.pending + self.active
+
+    @property
+    def all_completed(self) -> bool:
+        return self.completed == self.total
+
+    @property
+    def is_derived(self) -> bool:
+        return self.level == DERIVED
+
+
+@dataclass(frozen=True)
+class DerivedGate:
+    """Parent completion for one derived wave, from the parents' wave counters."""
+
+    wave_number: int
+    parent_total: int
+    parent_completed: int
+    threshold: int
+
+    @property
+    def percent(self) -> float:
+        if self.parent_total == 0:
+            return 100.0
+        return 100.0 * self.parent_completed / self.parent_total
+
+    @property
+    def open(self) -> bool:
+        """Parents reached the completion threshold: derived batches may be dispatched."""
+        return self.parent_completed * 100 >= self.threshold * self.parent_total
+
+    @property
+    def parents_done(self) -> bool:
+        """Every parent batch completed: no more derived batches can appear."""
+        return self.parent_completed == self.parent_total
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a decision needs about one job, read under the job's lock."""
+
+    job_id: str
+    status: JobStatus
+    suspended: bool
+    parallelism: int
+    waves: tuple[WaveState, ...]
+    gates: tuple[DerivedGate, ...] = ()
+    #: completed parent batches whose derived batches do not exist yet
+    awaiting_derivation: int = 0
+
+    def wave(self, number: int) -> WaveState:
+        for w in self.waves:
+            if w.wave_number == number:
+                return w
+        raise KeyError(number)
+
+    @property
+    def main_waves(self) -> list[WaveState]:
+        return [w for w in self.waves if not w.is_derived]
+
+    @property
+    def derived_waves(self) -> list[WaveState]:
+        return [w for w in self.waves if w.is_derived]
+
+    @property
+    def active(self) -> int:
+        return sum(w.active for w in self.waves)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Hand up to `limit` pending batches of one wave to workers."""
+
+    wave_number: int
+    limit: int
+    derived: bool
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """The completion guard's view when the main waves are done (logged with every decision)."""
+
+    main_done: bool
+    derived_unfinished: int
+    derived_active: int
+    awaiting_derivation: int
+    gates_open: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: str
+    dispatches: tuple[Dispatch, ...] = ()
+    #: new job status to record, or None to leave it
+    job_status: JobStatus | None = None
+    guard: GuardReport | None = None
+    #: keep the monitoring flag alive (refresh its TTL) or clear it
+    keep_monitoring: bool = True
+    #: derived waves whose gate is open (their derived-ready flag is set)
+    derived_ready: tuple[int, ...] = field(default=())

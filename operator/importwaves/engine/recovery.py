@@ -1,0 +1,113 @@
+"""Recovery (the seed's `waves:reconcile`) and retry of failed batches.
+
+`reconcile` demotes stale `processing` batches (heartbeat older than staleAfterSeconds), requeues
+dispatched batches no worker claimed, refreshes the monitoring flag and forces a progression
+check, and reports every action it took. The periodic sweep runs the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from psycopg_pool import ConnectionPool
+
+from importwaves import metrics
+from importwaves.db.connect import Conn
+from importwaves.db.queries import Q
+from importwaves.engine.coordinator import Coordinator, RunResult
+from importwaves.engine.model import JobStatus
+from importwaves.flags import Flags
+from importwaves.log import event
+from importwaves.spec import ImportSpec
+
+log = logging.getLogger("importwaves.recovery")
+
+
+@dataclass
+class RecoveryReport:
+    job_id: str
+    actions: list[str] = field(default_factory=list)
+    demoted: int = 0
+    requeued: int = 0
+    failed: int = 0
+    result: RunResult | None = None
+
+
+class Recovery:
+    def __init__(
+        self, tenant: str, pool: ConnectionPool[Conn], flags: Flags, coordinator: Coordinator
+    ) -> None:
+        self.tenant = tenant
+        self.pool = pool
+        self.flags = flags
+        self.coordinator = coordinator
+
+    def reconcile(self, job_id: str, *, cause: str = "reconcile") -> RecoveryReport:
+        report = RecoveryReport(job_id)
+        with self.pool.connection() as conn, conn.transaction():
+            job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
+            if job is None:
+                report.actions.append(f"no job {job_id!r} in tenant {self.tenant!r}")
+                return report
+            spec = ImportSpec.model_validate(job["spec"])
+            params = {"job_id": job_id, "stale_after": spec.staleAfterSeconds,
+                      "max_attempts": spec.max_attempts}
+            for r in conn.execute(Q("batches_demote_stale_processing"), params).fetchall():
+                if r["status"] == "failed":
+                    report.failed += 1
+                    self._act(report, "stale_batch_failed", r["batch_id"],
+                              f"failed stale batch {r['batch_id']}: processing with no heartbeat "
+                              f"for {spec.staleAfterSeconds}s and no attempts left "
+                              f"({r['attempts']}/{spec.max_attempts})", cause)
+                else:
+                    report.demoted += 1
+                    self._act(report, "stale_batch_demoted", r["batch_id"],
+                              f"demoted batch {r['batch_id']} processing -> pending (no "
+                              f"heartbeat for {spec.staleAfterSeconds}s; attempt "
+                              f"{r['attempts']}/{spec.max_attempts})", cause)
+            for r in conn.execute(Q("batches_requeue_stuck_dispatched"), params).fetchall():
+                report.requeued += 1
+                self._act(report, "stuck_batch_requeued", r["batch_id"],
+                          f"requeued batch {r['batch_id']} dispatched -> pending (not claimed "
+                          f"within {spec.staleAfterSeconds}s)", cause)
+            status = job["status"]
+        stuck = report.demoted + report.requeued + report.failed
+        if stuck:
+            metrics.STUCK_DETECTED.labels(self.tenant, "stale").inc(stuck)
+        if status == JobStatus.RUNNING.value:
+            self.flags.set_monitoring(job_id)
+            if cause == "reconcile":
+                report.actions.append("refreshed the wave_monitoring_active flag")
+        result = self.coordinator.check_and_trigger_next_wave(job_id, cause=cause)
+        report.result = result
+        if result.dispatched:
+            self._act(report, "catch_up_dispatch", None,
+                      f"catch-up dispatch of {len(result.dispatched)} batch(es)", cause)
+        if cause == "reconcile":
+            report.actions.append(f"progression check: {result.outcome.value} ({result.reason})")
+        return report
+
+    def retry_failed(self, job_id: str) -> RecoveryReport:
+        """Requeue the failed batches of a job (completed ones are kept) and resume it."""
+        report = RecoveryReport(job_id)
+        with self.pool.connection() as conn, conn.transaction():
+            if conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone() is None:
+                report.actions.append(f"no job {job_id!r}")
+                return report
+            rows = conn.execute(Q("batches_requeue_failed"), {"job_id": job_id}).fetchall()
+            conn.execute(Q("job_set_status"), {
+                "job_id": job_id, "status": JobStatus.RUNNING.value,
+                "reason": f"retry-failed requeued {len(rows)} batch(es)"})
+        for r in rows:
+            self._act(report, "failed_batch_requeued", r["batch_id"],
+                      f"requeued failed batch {r['batch_id']}", "retry_failed")
+        report.requeued = len(rows)
+        report.result = self.coordinator.check_and_trigger_next_wave(job_id, cause="retry_failed")
+        return report
+
+    def _act(self, report: RecoveryReport, name: str, batch_id: str | None, text: str,
+             cause: str) -> None:
+        report.actions.append(text)
+        event(log, name, logging.WARNING if batch_id else logging.INFO, job_id=report.job_id,
+              tenant=self.tenant, batch_id=batch_id, action=text, cause=cause)

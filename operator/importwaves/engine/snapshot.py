@@ -1,0 +1,60 @@
+"""Read one job's snapshot (a handful of indexed queries, independent of job size)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from importwaves.db.connect import Conn
+from importwaves.db.queries import Q
+from importwaves.engine.model import DerivedGate, JobStatus, Snapshot, WaveState
+from importwaves.engine.planner import derived_wave_number
+from importwaves.spec import ImportSpec
+
+AWAITING_LIMIT = 1000
+
+
+def read_waves(conn: Conn, job_id: str) -> tuple[WaveState, ...]:
+    return tuple(
+        WaveState(
+            wave_number=r["wave_number"], record_type_id=r["record_type_id"],
+            name=r["record_type_name"], level=r["dependency_level"], total=r["total_batches"],
+            pending=r["pending_batches"], dispatched=r["dispatched_batches"],
+            processing=r["processing_batches"], completed=r["completed_batches"],
+            failed=r["failed_batches"], first_dispatched_at=r["first_dispatched_at"],
+            last_completed_at=r["last_completed_at"],
+        )
+        for r in conn.execute(Q("waves_snapshot"), {"job_id": job_id}).fetchall()
+    )
+
+
+def gates(spec: ImportSpec, waves: tuple[WaveState, ...]) -> tuple[DerivedGate, ...]:
+    by_type = {w.record_type_id: w for w in waves}
+    out = []
+    for dt in spec.derivedTypes:
+        parents = [by_type[rid] for rid in spec.parent_ids_of(dt) if rid in by_type]
+        out.append(DerivedGate(
+            wave_number=derived_wave_number(spec, dt.recordTypeId),
+            parent_total=sum(p.total for p in parents),
+            parent_completed=sum(p.completed for p in parents),
+            threshold=spec.completionThreshold,
+        ))
+    return tuple(out)
+
+
+def read_snapshot(conn: Conn, job: dict[str, Any], spec: ImportSpec) -> Snapshot:
+    job_id = job["job_id"]
+    waves = read_waves(conn, job_id)
+    awaiting = 0
+    if spec.derivedTypes:
+        awaiting = len(conn.execute(
+            Q("batches_needing_derivation"), {"job_id": job_id, "limit": AWAITING_LIMIT}
+        ).fetchall())
+    return Snapshot(
+        job_id=job_id,
+        status=JobStatus(job["status"]),
+        suspended=spec.suspend,
+        parallelism=spec.parallelism,
+        waves=waves,
+        gates=gates(spec, waves),
+        awaiting_derivation=awaiting,
+    )

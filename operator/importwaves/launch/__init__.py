@@ -1,0 +1,1 @@
+"""Launchers hand dispatched batches to workers: local processes or Kubernetes Jobs."""

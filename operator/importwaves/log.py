@@ -1,0 +1,49 @@
+"""Structured logs: one JSON object a line, with the fields the seed design asks for.
+
+Call `event(logger, "derived_dispatched", job_id=..., wave_number=..., batch_count=...)`; the
+event name and fields become top-level keys next to time, level and logger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def setup(level: str | int = "INFO", stream: Any = None) -> None:
+    """Send every importwaves log line to `stream` (stderr) as JSON."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("importwaves")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one structured event; `name` is both the message and the `event` field."""
+    if logger.isEnabledFor(level):
+        exc_info = fields.pop("exc_info", None)
+        extra = {(k if k not in _RESERVED else f"{k}_field"): v for k, v in fields.items()}
+        logger.log(level, name, extra={"event": name, **extra}, exc_info=exc_info, stacklevel=2)

@@ -1,0 +1,258 @@
+"""The import spec: one pydantic model shared by the engine, the CLI and the ImportJob CRD.
+
+Field names are camelCase because this model *is* the CRD's `spec` (the CRD schema is generated
+from it). Every rule that can be checked without a database lives here, so a bad spec fails with
+an error that names the field before anything touches a tenant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "DERIVED_RECORD_TYPE_ID",
+    "DerivedType",
+    "ImportSpec",
+    "RecordType",
+    "SpecError",
+    "WorkerPod",
+    "parse_spec",
+]
+
+#: The record type id of derived TransactionLine records (the seed's `-13`).
+DERIVED_RECORD_TYPE_ID = -13
+
+Name = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}$",
+        description="Record type name: a letter, then letters, digits or underscores (max 63).",
+    ),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class RecordType(_Model):
+    """A main (parent-first) record type: one wave of batches, imported in list order."""
+
+    name: Name
+    recordTypeId: int = Field(
+        description="Numeric record type id as stored in staging (e.g. -30 for SalesOrder).",
+        ge=-1_000_000,
+        le=1_000_000,
+    )
+    batchSize: int = Field(
+        default=1000, ge=1, le=100_000, description="Staging records per batch (1..100000)."
+    )
+    parentTypes: list[Name] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Main record types that must be imported before this one.",
+    )
+
+
+class DerivedType(_Model):
+    """A derived record type (TransactionLine): created only when its parents reach the threshold."""
+
+    name: Name = "TransactionLine"
+    recordTypeId: int = Field(
+        default=DERIVED_RECORD_TYPE_ID,
+        ge=-1_000_000,
+        le=1_000_000,
+        description="Numeric record type id of the derived records (-13 for TransactionLine).",
+    )
+    batchSize: int = Field(
+        default=2000, ge=1, le=100_000, description="Derived records per batch (1..100000)."
+    )
+    parentTypes: list[Name] = Field(
+        min_length=1,
+        max_length=32,
+        description="Main record types whose completion gates this derived type.",
+    )
+
+
+class WorkerPod(_Model):
+    """How worker pods are run on Kubernetes (ignored by the local runner)."""
+
+    image: str = Field(
+        default="importwaves:latest", min_length=1, max_length=512, description="Worker image."
+    )
+    command: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=lambda: ["importwaves", "worker"],
+        min_length=1,
+        max_length=64,
+        description="Container command; the worker contract is in the README.",
+    )
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=64, description="Container args."
+    )
+    env: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=128, description="Extra env vars (core/v1 EnvVar)."
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="Container resources (core/v1 ResourceRequirements)."
+    )
+    serviceAccountName: str | None = Field(
+        default=None, max_length=253, description="ServiceAccount the worker pods run as."
+    )
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict, description="Node selector for worker pods."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=64, description="Tolerations for worker pods."
+    )
+
+
+class ImportSpec(_Model):
+    """One import for one tenant."""
+
+    tenant: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,47}$",
+        description="Tenant name; also the tenant's PostgreSQL schema (lowercase, max 48).",
+    )
+    recordTypes: list[RecordType] = Field(
+        min_length=1, max_length=64, description="Main record types in parent-first order."
+    )
+    derivedTypes: list[DerivedType] = Field(
+        default_factory=list, max_length=16, description="Derived record types (TransactionLine)."
+    )
+    completionThreshold: int = Field(
+        default=100,
+        ge=1,
+        le=100,
+        description="Percent of parent batches that must be completed before derived dispatch.",
+    )
+    parallelism: int = Field(
+        default=4, ge=1, le=1000, description="Maximum worker batches running at once."
+    )
+    retries: int = Field(
+        default=3, ge=0, le=100, description="Retries per batch after its first attempt."
+    )
+    staleAfterSeconds: int = Field(
+        default=300,
+        ge=5,
+        le=86_400,
+        description="A processing batch with no heartbeat for this long is requeued.",
+    )
+    suspend: bool = Field(default=False, description="Dispatch nothing new while true.")
+    worker: WorkerPod = Field(default_factory=WorkerPod, description="Worker pod settings.")
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> ImportSpec:
+        check_graph(self)
+        return self
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+    def main_type(self, name: str) -> RecordType:
+        for rt in self.recordTypes:
+            if rt.name == name:
+                return rt
+        raise KeyError(name)
+
+    def parent_ids_of(self, derived: DerivedType) -> list[int]:
+        return [self.main_type(p).recordTypeId for p in derived.parentTypes]
+
+    def derived_parent_type_ids(self) -> set[int]:
+        """Record type ids of main types that gate at least one derived type."""
+        return {rid for d in self.derivedTypes for rid in self.parent_ids_of(d)}
+
+
+def check_graph(spec: ImportSpec) -> None:
+    """Names and ids unique, parents known, no cycle, main types listed parent-first."""
+    names: dict[str, str] = {}
+    ids: dict[int, str] = {}
+    for i, rt in enumerate(spec.recordTypes):
+        _unique(names, ids, rt.name, rt.recordTypeId, f"recordTypes.{i}")
+    for i, dt in enumerate(spec.derivedTypes):
+        _unique(names, ids, dt.name, dt.recordTypeId, f"derivedTypes.{i}")
+    main = {rt.name for rt in spec.recordTypes}
+    for i, dt in enumerate(spec.derivedTypes):
+        for p in dt.parentTypes:
+            if p not in main:
+                raise ValueError(
+                    f"derivedTypes.{i}.parentTypes: unknown parent type {p!r} "
+                    f"(known main types: {', '.join(sorted(main))})"
+                )
+    graph = {rt.name: list(rt.parentTypes) for rt in spec.recordTypes}
+    for i, rt in enumerate(spec.recordTypes):
+        for p in rt.parentTypes:
+            if p not in main:
+                raise ValueError(f"recordTypes.{i}.parentTypes: unknown parent type {p!r}")
+    cycle = _find_cycle(graph)
+    if cycle:
+        raise ValueError("recordTypes.parentTypes: dependency cycle " + " -> ".join(cycle))
+    seen: set[str] = set()
+    for i, rt in enumerate(spec.recordTypes):
+        for p in rt.parentTypes:
+            if p not in seen:
+                raise ValueError(
+                    f"recordTypes.{i}.parentTypes: {rt.name!r} depends on {p!r}, which is "
+                    "listed after it; list record types parent-first"
+                )
+        seen.add(rt.name)
+
+
+def _unique(names: dict[str, str], ids: dict[int, str], name: str, rid: int, loc: str) -> None:
+    if name in names:
+        raise ValueError(f"{loc}.name: duplicate record type name {name!r} (also {names[name]})")
+    if rid in ids:
+        raise ValueError(f"{loc}.recordTypeId: duplicate record type id {rid} (also {ids[rid]})")
+    names[name] = loc
+    ids[rid] = loc
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(graph, white)
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        color[node] = grey
+        stack.append(node)
+        for nxt in graph.get(node, []):
+            if color.get(nxt) == grey:
+                return [*stack[stack.index(nxt) :], nxt]
+            if color.get(nxt) == white:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        color[node] = black
+        return None
+
+    for n in graph:
+        if color[n] == white:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+class SpecError(ValueError):
+    """An import spec that cannot run, with one line per problem naming the field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid import spec: " + "; ".join(problems))
+
+
+def parse_spec(data: dict[str, Any]) -> ImportSpec:
+    """Validate a spec mapping; raise SpecError whose lines each name the offending field."""
+    try:
+        return ImportSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
+        raise SpecError(problems) from None

@@ -1,0 +1,217 @@
+"""The reference worker: import one batch's staging rows and record the completion atomically.
+
+Contract (also in the README): the worker gets its tenant DSN, tenant, job id, batch id and
+dispatch sequence (the fencing token), claims the batch (dispatched -> processing, counting the
+attempt), heartbeats while it runs, and in ONE transaction upserts the target rows and marks the
+batch completed. Exit codes:
+
+    0  the batch is completed (by this run or an earlier one)
+    1  this attempt failed; the failure (and its message) is recorded
+    2  bad invocation (missing settings)
+    3  fenced out: the batch belongs to a newer dispatch or is no longer dispatched; nothing done
+
+This module imports only psycopg so a worker process starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from importwaves.db.connect import connect
+from importwaves.db.queries import Q
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FENCED = 0, 1, 2, 3
+
+#: Record type id the reference import writes to `customers`; derived types go to
+#: `transaction_lines`; every other main type goes to `transactions`.
+CUSTOMER_RECORD_TYPE_ID = -2
+
+ENV = {
+    "dsn": "IMPORTWAVES_DSN",
+    "tenant": "IMPORTWAVES_TENANT",
+    "job_id": "IMPORTWAVES_JOB_ID",
+    "batch_id": "IMPORTWAVES_BATCH_ID",
+    "dispatch_seq": "IMPORTWAVES_DISPATCH_SEQ",
+}
+
+
+class BatchDataError(Exception):
+    """Staging rows of this batch cannot be imported; the message names the record ids."""
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    exit_code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    dsn: str
+    tenant: str
+    job_id: str
+    batch_id: str
+    dispatch_seq: int
+
+
+def run_batch(
+    item: WorkItem,
+    *,
+    worker_id: str | None = None,
+    heartbeat_every: float | None = None,
+    hold_seconds: float = 0.0,
+) -> WorkerResult:
+    """Run one batch to completion or recorded failure. Safe to call in threads."""
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    key = {"job_id": item.job_id, "batch_id": item.batch_id, "dispatch_seq": item.dispatch_seq}
+    with connect(item.dsn, item.tenant, autocommit=True) as conn:
+        job = conn.execute(Q("job_get"), {"job_id": item.job_id}).fetchone()
+        if job is None:
+            return WorkerResult(EXIT_FENCED, f"no job {item.job_id}")
+        spec: dict[str, Any] = job["spec"]
+        claimed = conn.execute(Q("batch_claim"), {**key, "worker_id": worker_id}).fetchone()
+        if claimed is None:
+            return _not_claimed(conn, item)
+        stale_after = float(spec.get("staleAfterSeconds", 300))
+        beat = _Heartbeat(item, key, heartbeat_every or max(0.5, min(10.0, stale_after / 5)))
+        beat.start()
+        try:
+            if hold_seconds:
+                time.sleep(hold_seconds)
+            _import_and_complete(conn, item, key, spec, claimed)
+        except _Fenced as exc:
+            return WorkerResult(EXIT_FENCED, str(exc))
+        except Exception as exc:  # any failure of this attempt is recorded, never swallowed
+            beat.stop()
+            message = _describe(exc)
+            max_attempts = int(spec.get("retries", 3)) + 1
+            row = conn.execute(Q("batch_fail"), {**key, "max_attempts": max_attempts,
+                                                 "error": message[:4000]}).fetchone()
+            state = row["status"] if row else "unchanged (fenced)"
+            return WorkerResult(EXIT_FAILED, f"batch {item.batch_id} failed ({state}): {message}")
+        finally:
+            beat.stop()
+    return WorkerResult(EXIT_OK, f"batch {item.batch_id} completed")
+
+
+def _import_and_complete(conn: psycopg.Connection[Any], item: WorkItem, key: dict[str, Any],
+                         spec: dict[str, Any], claimed: dict[str, Any]) -> None:
+    record_type_id = int(claimed["record_type_id"])
+    ids = [int(x) for x in claimed["chunk_ids_json"]]
+    derived_ids = {int(d.get("recordTypeId", -13)) for d in spec.get("derivedTypes", [])}
+    if record_type_id in derived_ids:
+        query, params = "import_transaction_lines", {"needs_name": False,
+                                                     "parent_table": "transactions",
+                                                     "by_parent": True}
+    elif record_type_id == CUSTOMER_RECORD_TYPE_ID:
+        query, params = "import_customers", {"needs_name": True, "parent_table": "",
+                                             "by_parent": False}
+    else:
+        query, params = "import_transactions", {"needs_name": False,
+                                                "parent_table": "customers", "by_parent": False}
+    base = {"job_id": item.job_id, "record_type_id": record_type_id, "ids": ids}
+    with conn.transaction():
+        lock = conn.execute(Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
+                            ).fetchone()
+        if lock is None or lock["status"] != "processing" or \
+                lock["dispatch_seq"] != item.dispatch_seq:
+            raise _Fenced(f"batch {item.batch_id} was requeued while this worker ran")
+        bad = [r for r in conn.execute(Q("invalid_staging_rows"), {**base, **params}).fetchall()
+               if r["problem"]]
+        if bad:
+            shown = "; ".join(f"record {r['record_id']}: {r['problem']}" for r in bad[:5])
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise BatchDataError(f"{len(bad)} invalid staging row(s): {shown}{more}")
+        conn.execute(Q(query), base)
+        if conn.execute(Q("batch_complete"), key).fetchone() is None:
+            raise _Fenced(f"batch {item.batch_id} completion was fenced out")
+
+
+class _Fenced(Exception):
+    pass
+
+
+def _not_claimed(conn: psycopg.Connection[Any], item: WorkItem) -> WorkerResult:
+    row = conn.execute(Q("batch_get"), {"job_id": item.job_id, "batch_id": item.batch_id}
+                       ).fetchone()
+    if row is None:
+        return WorkerResult(EXIT_FENCED, f"no batch {item.batch_id}")
+    if row["status"] == "completed":
+        return WorkerResult(EXIT_OK, f"batch {item.batch_id} already completed")
+    return WorkerResult(EXIT_FENCED, f"batch {item.batch_id} is {row['status']} with dispatch "
+                        f"{row['dispatch_seq']}; this worker had dispatch {item.dispatch_seq}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error):
+        diag = exc.diag
+        text = diag.message_primary or str(exc)
+        if diag.message_detail:
+            text += f" ({diag.message_detail})"
+        return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Heartbeat:
+    """Touches heartbeat_at on its own connection while the batch runs."""
+
+    def __init__(self, item: WorkItem, key: dict[str, Any], every: float) -> None:
+        self.item, self.key, self.every = item, key, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        conn = None
+        while not self._stop.wait(self.every):
+            try:
+                conn = conn or connect(self.item.dsn, self.item.tenant, autocommit=True)
+                conn.execute(Q("batch_heartbeat"), self.key)
+            except psycopg.Error:
+                if conn is not None:
+                    conn.close()
+                conn = None  # try again next beat; staleness is the engine's call
+        if conn is not None:
+            conn.close()
+
+
+def item_from_env(env: dict[str, str] | None = None) -> WorkItem:
+    env = dict(os.environ if env is None else env)
+    missing = [v for v in ENV.values() if not env.get(v)]
+    if missing:
+        raise ValueError("missing worker settings: " + ", ".join(missing))
+    return WorkItem(env[ENV["dsn"]], env[ENV["tenant"]], env[ENV["job_id"]],
+                    env[ENV["batch_id"]], int(env[ENV["dispatch_seq"]]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m importwaves.worker` (settings from the environment; see ENV)."""
+    try:
+        item = item_from_env()
+    except ValueError as exc:
+        print(f"importwaves worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    hold = float(os.environ.get("IMPORTWAVES_WORKER_HOLD_SECONDS", "0") or 0)
+    result = run_batch(item, hold_seconds=hold)
+    stream = sys.stdout if result.exit_code == EXIT_OK else sys.stderr
+    print(result.message, file=stream)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
