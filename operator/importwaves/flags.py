@@ -114,6 +114,15 @@ class Flags:
             return None
         return [int(x) for x in json.loads(raw)]
 
+    def ping(self) -> bool:
+        """True when Redis answers now (ignores the back-off)."""
+        if self._client is None:
+            return False
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
+
     def forget_job(self, job_id: str) -> None:
         """Drop every key of a job (used when its import is deleted)."""
         if not self._client or not self._usable():

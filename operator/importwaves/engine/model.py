@@ -38,6 +38,7 @@ class WaveState:
     record_type_id: int
     name: str
     level: int
+    status: str = "pending"  #: kept by the database from the counters (wave_status())
     total: int = 0
     pending: int = 0
     dispatched: int = 0

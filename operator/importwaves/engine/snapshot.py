@@ -17,7 +17,8 @@ def read_waves(conn: Conn, job_id: str) -> tuple[WaveState, ...]:
     return tuple(
         WaveState(
             wave_number=r["wave_number"], record_type_id=r["record_type_id"],
-            name=r["record_type_name"], level=r["dependency_level"], total=r["total_batches"],
+            name=r["record_type_name"], level=r["dependency_level"], status=r["status"],
+            total=r["total_batches"],
             pending=r["pending_batches"], dispatched=r["dispatched_batches"],
             processing=r["processing_batches"], completed=r["completed_batches"],
             failed=r["failed_batches"], first_dispatched_at=r["first_dispatched_at"],

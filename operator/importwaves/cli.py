@@ -1,0 +1,222 @@
+"""The `importwaves` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+
+from importwaves import log as iwlog
+
+DSN = click.option("--dsn", envvar="IMPORTWAVES_DSN", required=True,
+                   help="Tenant database DSN (env IMPORTWAVES_DSN).")
+TENANT = click.option("--tenant", envvar="IMPORTWAVES_TENANT", required=True,
+                      help="Tenant name = its schema (env IMPORTWAVES_TENANT).")
+REDIS = click.option("--redis-url", envvar="IMPORTWAVES_REDIS_URL", default=None,
+                     help="Redis URL for fast-path flags; omit to run cache-less.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="INFO", envvar="IMPORTWAVES_LOG_LEVEL", show_default=True)
+def main(log_level: str) -> None:
+    """importwaves: multi-wave, parent-first imports into multi-tenant PostgreSQL."""
+    iwlog.setup(log_level.upper())
+
+
+@main.command()
+@click.argument("direction", type=click.Choice(["up", "down", "status"]))
+@DSN
+@TENANT
+@click.option("--to", "target", type=int, default=None, help="Stop at this version.")
+def migrate(direction: str, dsn: str, tenant: str, target: int | None) -> None:
+    """Apply (up), revert (down) or list (status) the tenant migrations."""
+    from importwaves.db import migrate as m
+
+    with _db(dsn) as conn:
+        if direction == "up":
+            done = m.up(conn, tenant, target)
+            click.echo(f"applied {len(done)} migration(s) to {tenant}: "
+                       + (", ".join(f"{x.version:04d}_{x.name}" for x in done) or "none"))
+        elif direction == "down":
+            done = m.down(conn, tenant, target or 0)
+            click.echo(f"reverted {len(done)} migration(s) in {tenant}: "
+                       + (", ".join(f"{x.version:04d}_{x.name}" for x in done) or "none"))
+        else:
+            have = set(m.applied(conn, tenant))
+            for x in m.migrations():
+                click.echo(f"{x.version:04d}_{x.name}: {'applied' if x.version in have else 'pending'}")
+
+
+@main.command()
+def worker() -> None:
+    """Run one batch (settings from the IMPORTWAVES_* env; see the README's worker contract)."""
+    from importwaves.worker import main as worker_main
+
+    sys.exit(worker_main())
+
+
+@main.command()
+@click.argument("job_id")
+@DSN
+@TENANT
+@REDIS
+def reconcile(job_id: str, dsn: str, tenant: str, redis_url: str | None) -> None:
+    """Recover a stalled job: demote stale batches, requeue stuck ones, refresh monitoring,
+    force a progression check. Prints each action."""
+    from importwaves.engine.app import Engine
+
+    with _engine(dsn, tenant, redis_url, Engine) as engine:
+        report = engine.recovery.reconcile(job_id)
+    for action in report.actions:
+        click.echo(f"- {action}")
+    _warn_manual_dispatch(report.result)
+
+
+@main.command("retry-failed")
+@click.argument("job_id")
+@DSN
+@TENANT
+@REDIS
+def retry_failed(job_id: str, dsn: str, tenant: str, redis_url: str | None) -> None:
+    """Requeue a job's failed batches (completed ones are kept) and resume it."""
+    from importwaves.engine.app import Engine
+
+    with _engine(dsn, tenant, redis_url, Engine) as engine:
+        report = engine.recovery.retry_failed(job_id)
+    for action in report.actions:
+        click.echo(f"- {action}")
+    if report.result:
+        click.echo(f"- progression check: {report.result.outcome.value} ({report.result.reason})")
+    _warn_manual_dispatch(report.result)
+
+
+@main.command()
+@click.argument("job_id")
+@DSN
+@TENANT
+@REDIS
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(job_id: str, dsn: str, tenant: str, redis_url: str | None, as_json: bool) -> None:
+    """Waves and batches by type and status, cache flags with TTLs, parent completion against
+    the threshold, and batches that look stuck."""
+    from rich.console import Console
+
+    from importwaves.db.connect import connect
+    from importwaves.flags import Flags
+    from importwaves.report import job_report, render
+
+    flags = Flags(redis_url, tenant)
+    with _friendly_db_errors(), connect(dsn, tenant) as conn:
+        report = job_report(conn, flags, job_id)
+    if report is None:
+        raise click.ClickException(f"no job {job_id!r} in tenant {tenant!r}")
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), default=str, indent=2))
+    else:
+        Console().print(render(report))
+
+
+@main.command("run-local")
+@click.argument("job_id")
+@click.option("-f", "--file", "spec_file", type=click.Path(exists=True, dir_okay=False),
+              required=True, help="ImportJob manifest or bare spec (YAML/JSON).")
+@DSN
+@REDIS
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+def run_local(job_id: str, spec_file: str, dsn: str, redis_url: str | None,
+              timeout: float | None) -> None:
+    """Run an import to the end on this machine with local worker processes."""
+    from importwaves.db import migrate as m
+    from importwaves.engine.app import Engine
+    from importwaves.launch.local import LocalLauncher
+    from importwaves.runner import LocalRunner
+
+    spec = load_spec(Path(spec_file))
+    with _db(dsn) as conn:
+        m.up(conn, spec.tenant)
+    launcher = LocalLauncher(dsn)
+    with _engine(dsn, spec.tenant, redis_url, Engine, launcher=launcher) as engine:
+        engine.submit(job_id, spec)
+        stats = LocalRunner(engine, launcher, sweep_every=max(5.0, spec.staleAfterSeconds / 2)
+                            ).run(job_id, timeout=timeout)
+    click.echo(f"{job_id}: {stats.status} in {stats.seconds:.1f}s "
+               f"({stats.worker_runs} worker runs, {stats.worker_failures} failed)")
+    if stats.status != "completed":
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--orders", type=click.IntRange(1, 5_000_000), default=20_000, show_default=True,
+              help="Sales orders to generate (lines: 5 per order on average).")
+@click.option("--customers", type=click.IntRange(1), default=None,
+              help="Customers to generate (default: orders / 10).")
+@click.option("--parallelism", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--no-redis", is_flag=True, help="Run cache-less.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".demo"), show_default=True)
+@click.option("--keep", is_flag=True, help="Keep the database directory afterwards.")
+def demo(orders: int, customers: int | None, parallelism: int, no_redis: bool, workdir: Path,
+         keep: bool) -> None:
+    """Run the reference import locally on an embedded PostgreSQL and verify it."""
+    from rich.console import Console
+
+    from importwaves.demo import run_demo
+
+    sys.exit(run_demo(orders=orders, customers=customers, parallelism=parallelism,
+                      use_redis=not no_redis, workdir=workdir, keep=keep, console=Console()))
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def load_spec(path: Path) -> Any:
+    """An ImportJob manifest (its `spec`) or a bare spec, YAML or JSON."""
+    import yaml
+
+    from importwaves.spec import SpecError, parse_spec
+
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and data.get("kind") == "ImportJob":
+        data = data.get("spec")
+    if not isinstance(data, dict):
+        raise click.ClickException(f"{path}: expected a mapping (an ImportJob or its spec)")
+    try:
+        return parse_spec(data)
+    except SpecError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+
+
+class _friendly_db_errors:  # noqa: N801 - used as a context manager
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, psycopg.OperationalError):
+            raise click.ClickException(f"cannot reach the tenant database: {exc}".strip())
+        return False
+
+
+def _db(dsn: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise click.ClickException(f"cannot reach the tenant database: {exc}".strip()) from None
+
+
+def _engine(dsn: str, tenant: str, redis_url: str | None, cls: Any, **kw: Any) -> Any:
+    with _db(dsn):
+        pass  # fail fast with a clear message before the pool starts retrying
+    return cls(dsn, tenant, redis_url=redis_url, **kw)
+
+
+def _warn_manual_dispatch(result: Any) -> None:
+    if result is not None and result.dispatched:
+        click.echo(f"note: {len(result.dispatched)} batch(es) dispatched; the runner watching "
+                   "this job (`importwaves run-local` or the operator) launches their workers; "
+                   "unclaimed ones are requeued after staleAfterSeconds.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Run one import locally: the engine, a local launcher and a timer, in one event loop.
+
+The same stimuli as in the operator, on one thread: a worker exit feeds the batch-completed
+listener; a timer tick nudges `check_and_trigger_next_wave`; a periodic sweep runs recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from importwaves.db.queries import Q
+from importwaves.engine.app import Engine
+from importwaves.engine.model import Outcome
+from importwaves.launch.base import BatchDispatch
+from importwaves.launch.local import LocalLauncher
+from importwaves.log import event
+from importwaves.spec import ImportSpec
+from importwaves.worker import EXIT_FENCED, EXIT_OK
+
+log = logging.getLogger("importwaves.runner")
+
+TERMINAL = {Outcome.COMPLETED, Outcome.FAILED, Outcome.NOT_FOUND}
+
+
+@dataclass
+class RunStats:
+    status: str
+    seconds: float
+    worker_runs: int
+    worker_failures: int
+
+
+class LocalRunner:
+    def __init__(self, engine: Engine, launcher: LocalLauncher, *, tick: float = 1.0,
+                 sweep_every: float | None = None, poll: float = 0.005) -> None:
+        self.engine = engine
+        self.launcher = launcher
+        self.tick = tick
+        self.sweep_every = sweep_every
+        self.poll = poll
+
+    def run(self, job_id: str, *, timeout: float | None = None,
+            on_progress: Callable[[], None] | None = None,
+            progress_every: float = 0.25) -> RunStats:
+        t0 = time.monotonic()
+        runs = failures = 0
+        outcome = self.engine.check(job_id, cause="start").outcome
+        self.adopt_dispatched(job_id)
+        last_tick = last_sweep = last_progress = time.monotonic()
+        while True:
+            for f in self.launcher.poll():
+                runs += 1
+                b = f.batch
+                if f.exit_code == EXIT_OK:
+                    outcome = self.engine.listener.on_completed(
+                        job_id, b.batch_id, b.dispatch_seq).outcome
+                elif f.exit_code == EXIT_FENCED:
+                    event(log, "worker_fenced_out", job_id=job_id, batch_id=b.batch_id,
+                          output=f.output)
+                else:
+                    failures += 1
+                    outcome = self.engine.listener.on_failed(
+                        job_id, b.batch_id, b.dispatch_seq,
+                        f.output or f"worker exited with code {f.exit_code}").outcome
+            now = time.monotonic()
+            if now - last_tick >= self.tick:
+                last_tick = now
+                outcome = self.engine.check(job_id, cause="timer").outcome
+                self.adopt_dispatched(job_id)
+            if self.sweep_every is not None and now - last_sweep >= self.sweep_every:
+                last_sweep = now
+                swept = self.engine.recovery.reconcile(job_id, cause="sweep").result
+                outcome = swept.outcome if swept else outcome
+            if on_progress is not None and now - last_progress >= progress_every:
+                last_progress = now
+                on_progress()
+            if outcome in TERMINAL and not self.launcher.running(job_id):
+                break
+            if timeout is not None and now - t0 > timeout:
+                self.launcher.stop_all()
+                raise TimeoutError(f"import {job_id} did not finish within {timeout}s "
+                                   f"(last outcome {outcome.value})")
+            time.sleep(self.poll)
+        if on_progress is not None:
+            on_progress()
+        return RunStats(outcome.value, time.monotonic() - t0, runs, failures)
+
+    def adopt_dispatched(self, job_id: str) -> int:
+        """Launch workers for batches marked dispatched that no local worker runs (dispatched
+        by a `reconcile` command or a runner that died). Safe: the fencing token lets only the
+        current dispatch's worker act."""
+        mine = {b.batch_id for b in self.launcher.running(job_id)}
+        with self.engine.pool.connection() as conn:
+            rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
+            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+        orphans = [BatchDispatch(job_id, r["batch_id"], r["wave_number"], r["record_type_id"],
+                                 r["dispatch_seq"], r["attempts"] + 1)
+                   for r in rows if r["status"] == "dispatched" and r["batch_id"] not in mine]
+        if orphans and job is not None:
+            spec = ImportSpec.model_validate(job["spec"])
+            for f in self.launcher.launch(self.engine.tenant, job_id, spec, orphans):
+                self.engine.listener.on_launch_failure(f)
+            event(log, "dispatched_batches_adopted", job_id=job_id, count=len(orphans))
+        return len(orphans)
