@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,24 @@ import psycopg
 
 from importwaves import log as iwlog
 
-DSN = click.option("--dsn", envvar="IMPORTWAVES_DSN", required=True,
-                   help="Tenant database DSN (env IMPORTWAVES_DSN).")
-TENANT = click.option("--tenant", envvar="IMPORTWAVES_TENANT", required=True,
-                      help="Tenant name = its schema (env IMPORTWAVES_TENANT).")
-REDIS = click.option("--redis-url", envvar="IMPORTWAVES_REDIS_URL", default=None,
-                     help="Redis URL for fast-path flags; omit to run cache-less.")
+DSN = click.option(
+    "--dsn",
+    envvar="IMPORTWAVES_DSN",
+    required=True,
+    help="Tenant database DSN (env IMPORTWAVES_DSN).",
+)
+TENANT = click.option(
+    "--tenant",
+    envvar="IMPORTWAVES_TENANT",
+    required=True,
+    help="Tenant name = its schema (env IMPORTWAVES_TENANT).",
+)
+REDIS = click.option(
+    "--redis-url",
+    envvar="IMPORTWAVES_REDIS_URL",
+    default=None,
+    help="Redis URL for fast-path flags; omit to run cache-less.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,16 +53,22 @@ def migrate(direction: str, dsn: str, tenant: str, target: int | None) -> None:
     with _db(dsn) as conn:
         if direction == "up":
             done = m.up(conn, tenant, target)
-            click.echo(f"applied {len(done)} migration(s) to {tenant}: "
-                       + (", ".join(f"{x.version:04d}_{x.name}" for x in done) or "none"))
+            click.echo(
+                f"applied {len(done)} migration(s) to {tenant}: "
+                + (", ".join(f"{x.version:04d}_{x.name}" for x in done) or "none")
+            )
         elif direction == "down":
             done = m.down(conn, tenant, target or 0)
-            click.echo(f"reverted {len(done)} migration(s) in {tenant}: "
-                       + (", ".join(f"{x.version:04d}_{x.name}" for x in done) or "none"))
+            click.echo(
+                f"reverted {len(done)} migration(s) in {tenant}: "
+                + (", ".join(f"{x.version:04d}_{x.name}" for x in done) or "none")
+            )
         else:
             have = set(m.applied(conn, tenant))
             for x in m.migrations():
-                click.echo(f"{x.version:04d}_{x.name}: {'applied' if x.version in have else 'pending'}")
+                click.echo(
+                    f"{x.version:04d}_{x.name}: {'applied' if x.version in have else 'pending'}"
+                )
 
 
 @main.command()
@@ -122,13 +142,20 @@ def status(job_id: str, dsn: str, tenant: str, redis_url: str | None, as_json: b
 
 @main.command("run-local")
 @click.argument("job_id")
-@click.option("-f", "--file", "spec_file", type=click.Path(exists=True, dir_okay=False),
-              required=True, help="ImportJob manifest or bare spec (YAML/JSON).")
+@click.option(
+    "-f",
+    "--file",
+    "spec_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="ImportJob manifest or bare spec (YAML/JSON).",
+)
 @DSN
 @REDIS
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
-def run_local(job_id: str, spec_file: str, dsn: str, redis_url: str | None,
-              timeout: float | None) -> None:
+def run_local(
+    job_id: str, spec_file: str, dsn: str, redis_url: str | None, timeout: float | None
+) -> None:
     """Run an import to the end on this machine with local worker processes."""
     from importwaves.db import migrate as m
     from importwaves.engine.app import Engine
@@ -141,33 +168,59 @@ def run_local(job_id: str, spec_file: str, dsn: str, redis_url: str | None,
     launcher = LocalLauncher(dsn)
     with _engine(dsn, spec.tenant, redis_url, Engine, launcher=launcher) as engine:
         engine.submit(job_id, spec)
-        stats = LocalRunner(engine, launcher, sweep_every=max(5.0, spec.staleAfterSeconds / 2)
-                            ).run(job_id, timeout=timeout)
-    click.echo(f"{job_id}: {stats.status} in {stats.seconds:.1f}s "
-               f"({stats.worker_runs} worker runs, {stats.worker_failures} failed)")
+        stats = LocalRunner(engine, launcher, sweep_every=max(5.0, spec.staleAfterSeconds / 2)).run(
+            job_id, timeout=timeout
+        )
+    click.echo(
+        f"{job_id}: {stats.status} in {stats.seconds:.1f}s "
+        f"({stats.worker_runs} worker runs, {stats.worker_failures} failed)"
+    )
     if stats.status != "completed":
         sys.exit(1)
 
 
 @main.command()
-@click.option("--orders", type=click.IntRange(1, 5_000_000), default=20_000, show_default=True,
-              help="Sales orders to generate (lines: 5 per order on average).")
-@click.option("--customers", type=click.IntRange(1), default=None,
-              help="Customers to generate (default: orders / 10).")
+@click.option(
+    "--orders",
+    type=click.IntRange(1, 5_000_000),
+    default=20_000,
+    show_default=True,
+    help="Sales orders to generate (lines: 5 per order on average).",
+)
+@click.option(
+    "--customers",
+    type=click.IntRange(1),
+    default=None,
+    help="Customers to generate (default: orders / 10).",
+)
 @click.option("--parallelism", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--no-redis", is_flag=True, help="Run cache-less.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path(".demo"), show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".demo"),
+    show_default=True,
+)
 @click.option("--keep", is_flag=True, help="Keep the database directory afterwards.")
-def demo(orders: int, customers: int | None, parallelism: int, no_redis: bool, workdir: Path,
-         keep: bool) -> None:
+def demo(
+    orders: int, customers: int | None, parallelism: int, no_redis: bool, workdir: Path, keep: bool
+) -> None:
     """Run the reference import locally on an embedded PostgreSQL and verify it."""
     from rich.console import Console
 
     from importwaves.demo import run_demo
 
-    sys.exit(run_demo(orders=orders, customers=customers, parallelism=parallelism,
-                      use_redis=not no_redis, workdir=workdir, keep=keep, console=Console()))
+    sys.exit(
+        run_demo(
+            orders=orders,
+            customers=customers,
+            parallelism=parallelism,
+            use_redis=not no_redis,
+            workdir=workdir,
+            keep=keep,
+            console=Console(),
+        )
+    )
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -188,14 +241,12 @@ def load_spec(path: Path) -> Any:
         raise click.ClickException(f"{path}: {exc}") from None
 
 
-class _friendly_db_errors:  # noqa: N801 - used as a context manager
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, psycopg.OperationalError):
-            raise click.ClickException(f"cannot reach the tenant database: {exc}".strip())
-        return False
+@contextlib.contextmanager
+def _friendly_db_errors() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise click.ClickException(f"cannot reach the tenant database: {exc}".strip()) from None
 
 
 def _db(dsn: str) -> psycopg.Connection[Any]:
@@ -213,9 +264,11 @@ def _engine(dsn: str, tenant: str, redis_url: str | None, cls: Any, **kw: Any) -
 
 def _warn_manual_dispatch(result: Any) -> None:
     if result is not None and result.dispatched:
-        click.echo(f"note: {len(result.dispatched)} batch(es) dispatched; the runner watching "
-                   "this job (`importwaves run-local` or the operator) launches their workers; "
-                   "unclaimed ones are requeued after staleAfterSeconds.")
+        click.echo(
+            f"note: {len(result.dispatched)} batch(es) dispatched; the runner watching "
+            "this job (`importwaves run-local` or the operator) launches their workers; "
+            "unclaimed ones are requeued after staleAfterSeconds."
+        )
 
 
 if __name__ == "__main__":

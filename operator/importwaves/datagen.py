@@ -46,16 +46,23 @@ class DataSet:
     lines: int
 
 
-def generate(conn: psycopg.Connection[Any], job_id: str, *, orders: int = 20_000,
-             customers: int | None = None) -> DataSet:
+def generate(
+    conn: psycopg.Connection[Any],
+    job_id: str,
+    *,
+    orders: int = 20_000,
+    customers: int | None = None,
+) -> DataSet:
     customers = customers or max(1, orders // 10)
     params = {"job_id": job_id, "customers": customers, "orders": orders}
     with conn.transaction():
         conn.execute(_CUSTOMERS, params)
         conn.execute(_ORDERS, params)
         conn.execute(_LINES, params)
-        row = conn.execute("SELECT count(*) FROM staging_records WHERE job_id = %s AND "
-                           "record_type_id = -13", (job_id,)).fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM staging_records WHERE job_id = %s AND record_type_id = -13",
+            (job_id,),
+        ).fetchone()
     lines = int(next(iter(row.values())) if isinstance(row, dict) else row[0])  # type: ignore[index]
     return DataSet(customers, orders, lines)
 
@@ -66,12 +73,20 @@ def reference_spec(tenant: str, **overrides: Any) -> ImportSpec:
         "tenant": tenant,
         "recordTypes": [
             {"name": "Customer", "recordTypeId": CUSTOMER, "batchSize": 500},
-            {"name": "SalesOrder", "recordTypeId": SALES_ORDER, "batchSize": 500,
-             "parentTypes": ["Customer"]},
+            {
+                "name": "SalesOrder",
+                "recordTypeId": SALES_ORDER,
+                "batchSize": 500,
+                "parentTypes": ["Customer"],
+            },
         ],
         "derivedTypes": [
-            {"name": "TransactionLine", "recordTypeId": DERIVED_RECORD_TYPE_ID,
-             "batchSize": 2500, "parentTypes": ["SalesOrder"]},
+            {
+                "name": "TransactionLine",
+                "recordTypeId": DERIVED_RECORD_TYPE_ID,
+                "batchSize": 2500,
+                "parentTypes": ["SalesOrder"],
+            },
         ],
         "parallelism": 4,
     }

@@ -103,8 +103,10 @@ class Flags:
     def cache_parent_ids(self, job_id: str, ids_by_batch: dict[str, list[int]]) -> None:
         if not ids_by_batch or not self.enabled:
             return
-        mapping = {parent_ids_key(self.tenant, job_id, b): json.dumps(ids) for b, ids in
-                   ids_by_batch.items()}
+        mapping = {
+            parent_ids_key(self.tenant, job_id, b): json.dumps(ids)
+            for b, ids in ids_by_batch.items()
+        }
         self._pipeline_set(mapping)
 
     def parent_ids(self, job_id: str, batch_id: str) -> list[int] | None:
@@ -175,8 +177,13 @@ class Flags:
             first = not self._outage_logged
             self._outage_logged = True
         if first:
-            event(log, "cache_unavailable_fallback_to_db", logging.WARNING, tenant=self.tenant,
-                  error=f"{type(exc).__name__}: {exc}")
+            event(
+                log,
+                "cache_unavailable_fallback_to_db",
+                logging.WARNING,
+                tenant=self.tenant,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     def _recovered(self) -> None:
         if self._outage_logged:

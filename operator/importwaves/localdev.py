@@ -57,8 +57,19 @@ class LocalPostgres:
             f"-c fsync={'on' if self.fsync else 'off'} -c synchronous_commit="
             f"{'on' if self.fsync else 'off'} -c shared_buffers=128MB"
         )
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "60",
-                  "-o", opts, "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            opts,
+            "start",
+        )
         if not _wait_port(self.port, 30):
             raise RuntimeError(f"PostgreSQL did not listen on {self.port}; see {self.log_file}")
         return self
@@ -117,13 +128,27 @@ class LocalPostgres:
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
             self.log_file.touch()
             os.chown(self.log_file, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                  "--encoding=UTF8", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+        )
 
     def _run(self, exe: str, *args: str) -> None:
         kwargs: dict[str, Any] = {"user": self._user} if self._user else {}
-        proc = subprocess.run([str(self.bin_dir / exe), *args], capture_output=True, text=True,
-                              timeout=120, check=False, **kwargs)
+        proc = subprocess.run(
+            [str(self.bin_dir / exe), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            **kwargs,
+        )
         if proc.returncode != 0:
             tail = ""
             if self.log_file.exists():
@@ -151,11 +176,28 @@ class LocalRedis:
 
     def start(self) -> LocalRedis:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-               "--save", "", "--appendonly", "no", "--dir", str(self.work_dir),
-               "--logfile", str(self.log_file)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        cmd = [
+            str(self.binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.work_dir),
+            "--logfile",
+            str(self.log_file),
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         if not _wait_port(self.port, 15):
             raise RuntimeError(f"redis-server did not listen on {self.port}; see {self.log_file}")
         return self
@@ -220,8 +262,11 @@ def _ensure_user(name: str) -> None:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin",
-                        name], check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
 
 
 def _open_path_for_others(path: Path) -> None:
@@ -233,7 +278,7 @@ def _open_path_for_others(path: Path) -> None:
         for root, dirs, names in os.walk(path.parent):
             for d in dirs:
                 with contextlib.suppress(OSError):
-                    os.chmod(os.path.join(root, d), 0o755)
+                    os.chmod(os.path.join(root, d), 0o755)  # noqa: S103 - shipped binaries
             for n in names:
                 fp = os.path.join(root, n)
                 with contextlib.suppress(OSError):

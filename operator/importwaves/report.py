@@ -52,8 +52,9 @@ def job_report(conn: Conn, flags: Flags, job_id: str) -> JobReport | None:
     spec = ImportSpec.model_validate(job["spec"])
     waves = read_waves(conn, job_id)
     derived_ids = {d.recordTypeId for d in spec.derivedTypes}
-    by_type = [dict(r) for r in conn.execute(Q("batches_by_type_status"),
-                                             {"job_id": job_id}).fetchall()]
+    by_type = [
+        dict(r) for r in conn.execute(Q("batches_by_type_status"), {"job_id": job_id}).fetchall()
+    ]
     flag_states = [
         FlagState(MONITORING, flags.monitoring(job_id), flags.ttl_of(job_id, MONITORING)),
         FlagState(DERIVED_READY, flags.derived_ready(job_id), flags.ttl_of(job_id, DERIVED_READY)),
@@ -71,12 +72,19 @@ def job_report(conn: Conn, flags: Flags, job_id: str) -> JobReport | None:
         waves=list(waves),
         gates=list(gates(spec, waves)),
         batches_by_type=by_type,
-        derived_unfinished=[r for r in by_type if r["record_type_id"] in derived_ids
-                            and r["status"] != "completed"],
-        stuck=[dict(r) for r in conn.execute(Q("batches_stuck"), {
-            "job_id": job_id, "stale_after": spec.staleAfterSeconds}).fetchall()],
-        failed=[dict(r) for r in conn.execute(Q("batches_failed"), {
-            "job_id": job_id, "limit": 20}).fetchall()],
+        derived_unfinished=[
+            r for r in by_type if r["record_type_id"] in derived_ids and r["status"] != "completed"
+        ],
+        stuck=[
+            dict(r)
+            for r in conn.execute(
+                Q("batches_stuck"), {"job_id": job_id, "stale_after": spec.staleAfterSeconds}
+            ).fetchall()
+        ],
+        failed=[
+            dict(r)
+            for r in conn.execute(Q("batches_failed"), {"job_id": job_id, "limit": 20}).fetchall()
+        ],
         flags=flag_states,
         cache=cache,
     )
@@ -89,32 +97,61 @@ def render(report: JobReport) -> Any:
     from rich.text import Text
 
     head = Text.assemble(
-        ("job ", "bold"), (report.job_id, "bold cyan"), f"  tenant {report.tenant}  status ",
+        ("job ", "bold"),
+        (report.job_id, "bold cyan"),
+        f"  tenant {report.tenant}  status ",
         (report.status, "bold green" if report.status == "completed" else "bold yellow"),
         f"  ({report.status_reason})" if report.status_reason else "",
     )
     waves = Table(title="waves", title_justify="left")
-    for col in ("wave", "record type", "level", "status", "total", "pending", "dispatched",
-                "processing", "completed", "failed"):
-        waves.add_column(col, justify="right" if col not in ("record type", "status", "level")
-                         else "left")
+    for col in (
+        "wave",
+        "record type",
+        "level",
+        "status",
+        "total",
+        "pending",
+        "dispatched",
+        "processing",
+        "completed",
+        "failed",
+    ):
+        waves.add_column(
+            col, justify="right" if col not in ("record type", "status", "level") else "left"
+        )
     for w in report.waves:
-        waves.add_row(str(w.wave_number), f"{w.name} ({w.record_type_id})",
-                      "derived" if w.is_derived else "main", _wave_status(w), str(w.total),
-                      str(w.pending), str(w.dispatched), str(w.processing), str(w.completed),
-                      str(w.failed))
+        waves.add_row(
+            str(w.wave_number),
+            f"{w.name} ({w.record_type_id})",
+            "derived" if w.is_derived else "main",
+            _wave_status(w),
+            str(w.total),
+            str(w.pending),
+            str(w.dispatched),
+            str(w.processing),
+            str(w.completed),
+            str(w.failed),
+        )
     gates_t = Table(title="derived gates (parent completion vs threshold)", title_justify="left")
     for col in ("derived wave", "parents completed", "percent", "threshold", "gate"):
         gates_t.add_column(col)
     for g in report.gates:
-        gates_t.add_row(str(g.wave_number), f"{g.parent_completed}/{g.parent_total}",
-                        f"{g.percent:.1f}%", f"{g.threshold}%", "open" if g.open else "closed")
+        gates_t.add_row(
+            str(g.wave_number),
+            f"{g.parent_completed}/{g.parent_total}",
+            f"{g.percent:.1f}%",
+            f"{g.threshold}%",
+            "open" if g.open else "closed",
+        )
     flags_t = Table(title=f"cache flags (redis: {report.cache})", title_justify="left")
     for col in ("flag", "value", "ttl (s)"):
         flags_t.add_column(col)
     for f in report.flags:
-        flags_t.add_row(f.name, {True: "set", False: "false", None: "missing"}[f.value],
-                        "-" if f.ttl_seconds is None else str(f.ttl_seconds))
+        flags_t.add_row(
+            f.name,
+            {True: "set", False: "false", None: "missing"}[f.value],
+            "-" if f.ttl_seconds is None else str(f.ttl_seconds),
+        )
     parts: list[Any] = [head, waves, gates_t, flags_t]
     if report.derived_unfinished:
         t = Table(title="derived batches not completed", title_justify="left")
@@ -123,8 +160,10 @@ def render(report: JobReport) -> Any:
         for r in report.derived_unfinished:
             t.add_row(str(r["record_type_id"]), r["status"], str(r["n"]))
         parts.append(t)
-    for title, rows in (("batches that look stuck", report.stuck),
-                        ("failed batches", report.failed)):
+    for title, rows in (
+        ("batches that look stuck", report.stuck),
+        ("failed batches", report.failed),
+    ):
         if rows:
             t = Table(title=title, title_justify="left")
             for col in rows[0]:

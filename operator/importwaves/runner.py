@@ -34,17 +34,29 @@ class RunStats:
 
 
 class LocalRunner:
-    def __init__(self, engine: Engine, launcher: LocalLauncher, *, tick: float = 1.0,
-                 sweep_every: float | None = None, poll: float = 0.005) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        launcher: LocalLauncher,
+        *,
+        tick: float = 1.0,
+        sweep_every: float | None = None,
+        poll: float = 0.005,
+    ) -> None:
         self.engine = engine
         self.launcher = launcher
         self.tick = tick
         self.sweep_every = sweep_every
         self.poll = poll
 
-    def run(self, job_id: str, *, timeout: float | None = None,
-            on_progress: Callable[[], None] | None = None,
-            progress_every: float = 0.25) -> RunStats:
+    def run(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        on_progress: Callable[[], None] | None = None,
+        progress_every: float = 0.25,
+    ) -> RunStats:
         t0 = time.monotonic()
         runs = failures = 0
         outcome = self.engine.check(job_id, cause="start").outcome
@@ -56,15 +68,24 @@ class LocalRunner:
                 b = f.batch
                 if f.exit_code == EXIT_OK:
                     outcome = self.engine.listener.on_completed(
-                        job_id, b.batch_id, b.dispatch_seq).outcome
+                        job_id, b.batch_id, b.dispatch_seq
+                    ).outcome
                 elif f.exit_code == EXIT_FENCED:
-                    event(log, "worker_fenced_out", job_id=job_id, batch_id=b.batch_id,
-                          output=f.output)
+                    event(
+                        log,
+                        "worker_fenced_out",
+                        job_id=job_id,
+                        batch_id=b.batch_id,
+                        output=f.output,
+                    )
                 else:
                     failures += 1
                     outcome = self.engine.listener.on_failed(
-                        job_id, b.batch_id, b.dispatch_seq,
-                        f.output or f"worker exited with code {f.exit_code}").outcome
+                        job_id,
+                        b.batch_id,
+                        b.dispatch_seq,
+                        f.output or f"worker exited with code {f.exit_code}",
+                    ).outcome
             now = time.monotonic()
             if now - last_tick >= self.tick:
                 last_tick = now
@@ -81,8 +102,10 @@ class LocalRunner:
                 break
             if timeout is not None and now - t0 > timeout:
                 self.launcher.stop_all()
-                raise TimeoutError(f"import {job_id} did not finish within {timeout}s "
-                                   f"(last outcome {outcome.value})")
+                raise TimeoutError(
+                    f"import {job_id} did not finish within {timeout}s "
+                    f"(last outcome {outcome.value})"
+                )
             time.sleep(self.poll)
         if on_progress is not None:
             on_progress()
@@ -96,9 +119,18 @@ class LocalRunner:
         with self.engine.pool.connection() as conn:
             rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
             job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-        orphans = [BatchDispatch(job_id, r["batch_id"], r["wave_number"], r["record_type_id"],
-                                 r["dispatch_seq"], r["attempts"] + 1)
-                   for r in rows if r["status"] == "dispatched" and r["batch_id"] not in mine]
+        orphans = [
+            BatchDispatch(
+                job_id,
+                r["batch_id"],
+                r["wave_number"],
+                r["record_type_id"],
+                r["dispatch_seq"],
+                r["attempts"] + 1,
+            )
+            for r in rows
+            if r["status"] == "dispatched" and r["batch_id"] not in mine
+        ]
         if orphans and job is not None:
             spec = ImportSpec.model_validate(job["spec"])
             for f in self.launcher.launch(self.engine.tenant, job_id, spec, orphans):

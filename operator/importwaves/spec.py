@@ -57,7 +57,7 @@ class RecordType(_Model):
 
 
 class DerivedType(_Model):
-    """A derived record type (TransactionLine): created only when its parents reach the threshold."""
+    """A derived record type (TransactionLine), created once its parents reach the threshold."""
 
     name: Name = "TransactionLine"
     recordTypeId: int = Field(

@@ -27,15 +27,19 @@ class Verification:
 
 def verify_import(conn: Conn, job_id: str, spec: ImportSpec) -> Verification:
     v = Verification()
-    staging = {r["record_type_id"]: r["n"] for r in
-               conn.execute(Q("staging_counts"), {"job_id": job_id}).fetchall()}
-    target = {r["target"]: r["n"] for r in
-              conn.execute(Q("target_counts"), {"job_id": job_id}).fetchall()}
+    staging = {
+        r["record_type_id"]: r["n"]
+        for r in conn.execute(Q("staging_counts"), {"job_id": job_id}).fetchall()
+    }
+    target = {
+        r["target"]: r["n"] for r in conn.execute(Q("target_counts"), {"job_id": job_id}).fetchall()
+    }
     derived_ids = {d.recordTypeId for d in spec.derivedTypes}
     expected = {
         "customers": sum(n for t, n in staging.items() if t == CUSTOMER),
-        "transactions": sum(n for t, n in staging.items()
-                            if t != CUSTOMER and t not in derived_ids),
+        "transactions": sum(
+            n for t, n in staging.items() if t != CUSTOMER and t not in derived_ids
+        ),
         "transaction_lines": sum(n for t, n in staging.items() if t in derived_ids),
     }
     for table, want in expected.items():

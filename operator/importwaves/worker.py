@@ -93,8 +93,9 @@ def run_batch(
             beat.stop()
             message = _describe(exc)
             max_attempts = int(spec.get("retries", 3)) + 1
-            row = conn.execute(Q("batch_fail"), {**key, "max_attempts": max_attempts,
-                                                 "error": message[:4000]}).fetchone()
+            row = conn.execute(
+                Q("batch_fail"), {**key, "max_attempts": max_attempts, "error": message[:4000]}
+            ).fetchone()
             state = row["status"] if row else "unchanged (fenced)"
             return WorkerResult(EXIT_FAILED, f"batch {item.batch_id} failed ({state}): {message}")
         finally:
@@ -102,30 +103,47 @@ def run_batch(
     return WorkerResult(EXIT_OK, f"batch {item.batch_id} completed")
 
 
-def _import_and_complete(conn: psycopg.Connection[Any], item: WorkItem, key: dict[str, Any],
-                         spec: dict[str, Any], claimed: dict[str, Any]) -> None:
+def _import_and_complete(
+    conn: psycopg.Connection[Any],
+    item: WorkItem,
+    key: dict[str, Any],
+    spec: dict[str, Any],
+    claimed: dict[str, Any],
+) -> None:
     record_type_id = int(claimed["record_type_id"])
     ids = [int(x) for x in claimed["chunk_ids_json"]]
     derived_ids = {int(d.get("recordTypeId", -13)) for d in spec.get("derivedTypes", [])}
     if record_type_id in derived_ids:
-        query, params = "import_transaction_lines", {"needs_name": False,
-                                                     "parent_table": "transactions",
-                                                     "by_parent": True}
+        query, params = (
+            "import_transaction_lines",
+            {"needs_name": False, "parent_table": "transactions", "by_parent": True},
+        )
     elif record_type_id == CUSTOMER_RECORD_TYPE_ID:
-        query, params = "import_customers", {"needs_name": True, "parent_table": "",
-                                             "by_parent": False}
+        query, params = (
+            "import_customers",
+            {"needs_name": True, "parent_table": "", "by_parent": False},
+        )
     else:
-        query, params = "import_transactions", {"needs_name": False,
-                                                "parent_table": "customers", "by_parent": False}
+        query, params = (
+            "import_transactions",
+            {"needs_name": False, "parent_table": "customers", "by_parent": False},
+        )
     base = {"job_id": item.job_id, "record_type_id": record_type_id, "ids": ids}
     with conn.transaction():
-        lock = conn.execute(Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
-                            ).fetchone()
-        if lock is None or lock["status"] != "processing" or \
-                lock["dispatch_seq"] != item.dispatch_seq:
+        lock = conn.execute(
+            Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
+        ).fetchone()
+        if (
+            lock is None
+            or lock["status"] != "processing"
+            or lock["dispatch_seq"] != item.dispatch_seq
+        ):
             raise _Fenced(f"batch {item.batch_id} was requeued while this worker ran")
-        bad = [r for r in conn.execute(Q("invalid_staging_rows"), {**base, **params}).fetchall()
-               if r["problem"]]
+        bad = [
+            r
+            for r in conn.execute(Q("invalid_staging_rows"), {**base, **params}).fetchall()
+            if r["problem"]
+        ]
         if bad:
             shown = "; ".join(f"record {r['record_id']}: {r['problem']}" for r in bad[:5])
             more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -140,14 +158,18 @@ class _Fenced(Exception):
 
 
 def _not_claimed(conn: psycopg.Connection[Any], item: WorkItem) -> WorkerResult:
-    row = conn.execute(Q("batch_get"), {"job_id": item.job_id, "batch_id": item.batch_id}
-                       ).fetchone()
+    row = conn.execute(
+        Q("batch_get"), {"job_id": item.job_id, "batch_id": item.batch_id}
+    ).fetchone()
     if row is None:
         return WorkerResult(EXIT_FENCED, f"no batch {item.batch_id}")
     if row["status"] == "completed":
         return WorkerResult(EXIT_OK, f"batch {item.batch_id} already completed")
-    return WorkerResult(EXIT_FENCED, f"batch {item.batch_id} is {row['status']} with dispatch "
-                        f"{row['dispatch_seq']}; this worker had dispatch {item.dispatch_seq}")
+    return WorkerResult(
+        EXIT_FENCED,
+        f"batch {item.batch_id} is {row['status']} with dispatch "
+        f"{row['dispatch_seq']}; this worker had dispatch {item.dispatch_seq}",
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -195,8 +217,13 @@ def item_from_env(env: dict[str, str] | None = None) -> WorkItem:
     missing = [v for v in ENV.values() if not env.get(v)]
     if missing:
         raise ValueError("missing worker settings: " + ", ".join(missing))
-    return WorkItem(env[ENV["dsn"]], env[ENV["tenant"]], env[ENV["job_id"]],
-                    env[ENV["batch_id"]], int(env[ENV["dispatch_seq"]]))
+    return WorkItem(
+        env[ENV["dsn"]],
+        env[ENV["tenant"]],
+        env[ENV["job_id"]],
+        env[ENV["batch_id"]],
+        int(env[ENV["dispatch_seq"]]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ def set_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
 
 
-def connect(dsn: str, schema: str, *, autocommit: bool = False, timeout: float = 10) -> Conn:
+def connect(dsn: str, schema: str, *, autocommit: bool = False, timeout: int = 10) -> Conn:
     """One connection with search_path set to `schema` and dict rows."""
     conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row, connect_timeout=timeout)
     try:
@@ -31,7 +31,9 @@ def connect(dsn: str, schema: str, *, autocommit: bool = False, timeout: float =
     return conn
 
 
-def make_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 4) -> ConnectionPool[Conn]:
+def make_pool(
+    dsn: str, schema: str, *, min_size: int = 1, max_size: int = 4
+) -> ConnectionPool[Conn]:
     """A connection pool whose connections all live in `schema`."""
 
     def configure(conn: Conn) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, LiteralString, cast
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -89,7 +89,7 @@ def up(conn: psycopg.Connection[Any], schema: str, target: int | None = None) ->
                 "SELECT 1 FROM schema_migrations WHERE version = %s", (mig.version,)
             ).fetchone():
                 continue
-            conn.execute(cast(LiteralString, mig.up))
+            conn.execute(mig.up)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                 (mig.version, mig.name),
@@ -110,7 +110,7 @@ def down(conn: psycopg.Connection[Any], schema: str, target: int = 0) -> list[Mi
             if mig.version not in applied(conn, schema):
                 continue
             set_schema(conn, schema)
-            conn.execute(cast(LiteralString, mig.down))
+            conn.execute(mig.down)
             conn.execute("DELETE FROM schema_migrations WHERE version = %s", (mig.version,))
             reverted.append(mig)
     if target == 0 and applied(conn, schema) == []:

@@ -29,7 +29,7 @@ def all_queries() -> dict[str, LiteralString]:
     return parse(files("importwaves.db").joinpath("queries.sql").read_text(encoding="utf-8"))
 
 
-def Q(name: str) -> LiteralString:  # noqa: N802 - reads like a constant lookup at call sites
+def Q(name: str) -> LiteralString:
     """The statement called `name` in queries.sql."""
     try:
         return all_queries()[name]

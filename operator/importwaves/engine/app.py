@@ -41,8 +41,9 @@ class Engine:
         self.bus = EventBus()
         self.launcher: Launcher = launcher or RecordingLauncher()
         self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus, self.launcher)
-        self.listener = BatchCompletedListener(tenant, self.pool, self.flags, self.bus,
-                                               self.coordinator)
+        self.listener = BatchCompletedListener(
+            tenant, self.pool, self.flags, self.bus, self.coordinator
+        )
         self.coordinator.on_launch_failure = self.listener.on_launch_failure
         self.recovery = Recovery(tenant, self.pool, self.flags, self.coordinator)
         self.bus.subscribe(DerivedWavesCreated, DerivedWavesCreatedListener(self.coordinator))
@@ -61,19 +62,23 @@ class Engine:
         """Register a job (idempotent) and make it planned; True when it was new. A changed spec
         for an existing job is applied if it can be, else SpecChangeRefused says why."""
         if spec.tenant != self.tenant:
-            raise ValueError(f"spec.tenant {spec.tenant!r} does not match engine tenant "
-                             f"{self.tenant!r}")
+            raise ValueError(
+                f"spec.tenant {spec.tenant!r} does not match engine tenant {self.tenant!r}"
+            )
         data = spec.model_dump(mode="json")
         with self.pool.connection() as conn, conn.transaction():
-            created = conn.execute(Q("job_insert"), {"job_id": job_id, "spec": Jsonb(data)}
-                                   ).fetchone() is not None
+            created = (
+                conn.execute(Q("job_insert"), {"job_id": job_id, "spec": Jsonb(data)}).fetchone()
+                is not None
+            )
             if not created:
                 row = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
                 assert row is not None
                 old = ImportSpec.model_validate(row["spec"])
                 if old != spec:
-                    problems = spec_change_problems(old, spec, planned=row["planned_at"]
-                                                    is not None)
+                    problems = spec_change_problems(
+                        old, spec, planned=row["planned_at"] is not None
+                    )
                     if problems:
                         raise SpecChangeRefused(problems)
                     conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})

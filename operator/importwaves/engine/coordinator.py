@@ -71,28 +71,36 @@ class Coordinator:
 
     def check_and_trigger_next_wave(self, job_id: str, cause: str = "nudge") -> RunResult:
         t0 = time.perf_counter()
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
-                if job is None:
-                    return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-                spec = ImportSpec.model_validate(job["spec"])
-                if job["planned_at"] is None:
-                    plan(conn, job_id, spec)
-                created = derived.create_for_completed_parents(conn, job_id, spec, self.flags)
-                snap = read_snapshot(conn, job, spec)
-                decision = decide(snap)
-                if decision.job_status == JobStatus.COMPLETED:
-                    decision = self._verify_completion(conn, job_id, decision)
-                dispatched, parent_ids = self._dispatch(conn, job, spec, snap, decision)
-                if decision.job_status is not None and decision.job_status != snap.status:
-                    conn.execute(Q("job_set_status"), {
-                        "job_id": job_id, "status": decision.job_status.value,
+        with self.pool.connection() as conn, conn.transaction():
+            job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
+            if job is None:
+                return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
+            spec = ImportSpec.model_validate(job["spec"])
+            if job["planned_at"] is None:
+                plan(conn, job_id, spec)
+            created = derived.create_for_completed_parents(conn, job_id, spec, self.flags)
+            snap = read_snapshot(conn, job, spec)
+            decision = decide(snap)
+            if decision.job_status == JobStatus.COMPLETED:
+                decision = self._verify_completion(conn, job_id, decision)
+            dispatched, parent_ids = self._dispatch(conn, job, spec, snap, decision)
+            if decision.job_status is not None and decision.job_status != snap.status:
+                conn.execute(
+                    Q("job_set_status"),
+                    {
+                        "job_id": job_id,
+                        "status": decision.job_status.value,
                         "reason": decision.reason,
-                    })
+                    },
+                )
         result = RunResult(
-            job_id, decision.outcome, decision.reason, dispatched, len(created.batch_ids),
-            snapshot=snap, decision=decision,
+            job_id,
+            decision.outcome,
+            decision.reason,
+            dispatched,
+            len(created.batch_ids),
+            snapshot=snap,
+            decision=decision,
         )
         self._after_commit(spec, snap, decision, created, dispatched, parent_ids, cause, result)
         result.seconds = time.perf_counter() - t0
@@ -105,26 +113,48 @@ class Coordinator:
         if not rows:
             return decision
         left = ", ".join(f"{r['n']} {r['status']} of type {r['record_type_id']}" for r in rows)
-        event(log, "completion_guard_counter_mismatch", logging.ERROR, job_id=job_id,
-              unfinished=left)
-        return replace(decision, outcome=Outcome.DERIVED_PENDING, job_status=None,
-                       reason=f"not completing: {left}", keep_monitoring=True)
+        event(
+            log, "completion_guard_counter_mismatch", logging.ERROR, job_id=job_id, unfinished=left
+        )
+        return replace(
+            decision,
+            outcome=Outcome.DERIVED_PENDING,
+            job_status=None,
+            reason=f"not completing: {left}",
+            keep_monitoring=True,
+        )
 
     def _dispatch(
-        self, conn: Conn, job: dict[str, Any], spec: ImportSpec, snap: Snapshot,
+        self,
+        conn: Conn,
+        job: dict[str, Any],
+        spec: ImportSpec,
+        snap: Snapshot,
         decision: Decision,
     ) -> tuple[list[BatchDispatch], dict[str, list[int]]]:
         out: list[BatchDispatch] = []
         parent_ids: dict[str, list[int]] = {}
         now: datetime | None = None
         for d in decision.dispatches:
-            rows = conn.execute(Q("batches_dispatch"), {
-                "job_id": snap.job_id, "wave_number": d.wave_number, "limit": d.limit,
-            }).fetchall()
+            rows = conn.execute(
+                Q("batches_dispatch"),
+                {
+                    "job_id": snap.job_id,
+                    "wave_number": d.wave_number,
+                    "limit": d.limit,
+                },
+            ).fetchall()
             for r in rows:
-                out.append(BatchDispatch(snap.job_id, r["batch_id"], r["wave_number"],
-                                         r["record_type_id"], r["dispatch_seq"],
-                                         r["attempts"] + 1))
+                out.append(
+                    BatchDispatch(
+                        snap.job_id,
+                        r["batch_id"],
+                        r["wave_number"],
+                        r["record_type_id"],
+                        r["dispatch_seq"],
+                        r["attempts"] + 1,
+                    )
+                )
                 if r["needs_derivation"]:
                     parent_ids[r["batch_id"]] = [int(x) for x in r["chunk_ids_json"]]
             wave = snap.wave(d.wave_number)
@@ -132,9 +162,14 @@ class Coordinator:
                 now = now or conn.execute(Q("db_now")).fetchone()["now"]  # type: ignore[index]
                 ready_at = self._ready_at(conn, job, spec, snap, wave)
                 lag = max(0.0, (now - ready_at).total_seconds()) if ready_at else None
-                conn.execute(Q("wave_mark_first_dispatch"), {
-                    "job_id": snap.job_id, "wave_number": d.wave_number, "lag": lag,
-                })
+                conn.execute(
+                    Q("wave_mark_first_dispatch"),
+                    {
+                        "job_id": snap.job_id,
+                        "wave_number": d.wave_number,
+                        "lag": lag,
+                    },
+                )
                 if lag is not None:
                     conn.execute(Q("job_set_dispatch_lag"), {"job_id": snap.job_id, "lag": lag})
                     level = "derived" if wave.is_derived else "main"
@@ -149,23 +184,33 @@ class Coordinator:
         if not wave.is_derived:
             earlier = [w for w in snap.main_waves if w.wave_number < wave.wave_number]
             if earlier:
-                return max(w.last_completed_at or job["planned_at"] for w in earlier)  # type: ignore[no-any-return]
+                return max(w.last_completed_at or job["planned_at"] for w in earlier)
             return job["planned_at"]  # type: ignore[no-any-return]
         gate = next(g for g in snap.gates if g.wave_number == wave.wave_number)
         k = math.ceil(gate.threshold * gate.parent_total / 100)
         if k <= 0:
             return job["planned_at"]  # type: ignore[no-any-return]
-        dt = next(d for d in spec.derivedTypes
-                  if d.recordTypeId == wave.record_type_id)
-        row = conn.execute(Q("parent_threshold_reached_at"), {
-            "job_id": snap.job_id, "parent_type_ids": spec.parent_ids_of(dt), "k": k,
-        }).fetchone()
+        dt = next(d for d in spec.derivedTypes if d.recordTypeId == wave.record_type_id)
+        row = conn.execute(
+            Q("parent_threshold_reached_at"),
+            {
+                "job_id": snap.job_id,
+                "parent_type_ids": spec.parent_ids_of(dt),
+                "k": k,
+            },
+        ).fetchone()
         return row["completed_at"] if row else None
 
     # -- after the commit ----------------------------------------------------------------------
     def _after_commit(
-        self, spec: ImportSpec, snap: Snapshot, decision: Decision, created: derived.Created,
-        dispatched: list[BatchDispatch], parent_ids: dict[str, list[int]], cause: str,
+        self,
+        spec: ImportSpec,
+        snap: Snapshot,
+        decision: Decision,
+        created: derived.Created,
+        dispatched: list[BatchDispatch],
+        parent_ids: dict[str, list[int]],
+        cause: str,
         result: RunResult,
     ) -> None:
         job_id = snap.job_id
@@ -173,45 +218,76 @@ class Coordinator:
             self.flags.set_monitoring(job_id)  # refreshes the TTL on every run
         else:
             self.flags.clear_monitoring(job_id)
-        if decision.derived_ready and decision.keep_monitoring:
-            if self.flags.derived_ready(job_id) is None:
-                # DB fallback (seed E): the gate is open in the DB, so restore the flag.
-                self.flags.set_derived_ready(job_id)
-                if self.flags.enabled:
-                    event(log, "derived_ready_flag_restored_from_db", job_id=job_id,
-                          tenant=self.tenant)
+        gate_open = decision.derived_ready and decision.keep_monitoring
+        if gate_open and self.flags.derived_ready(job_id) is None:
+            # DB fallback (seed E): the gate is open in the DB, so restore the flag.
+            self.flags.set_derived_ready(job_id)
+            if self.flags.enabled:
+                event(log, "derived_ready_flag_restored_from_db", job_id=job_id, tenant=self.tenant)
         self.flags.cache_parent_ids(job_id, parent_ids)
 
         guard = decision.guard
         if guard is not None and guard.main_done:
             metrics.GUARD_DECISIONS.labels(self.tenant, decision.outcome.value).inc()
-            event(log, "completion_guard", job_id=job_id, tenant=self.tenant,
-                  outcome=decision.outcome.value, derived_pending=guard.derived_unfinished > 0,
-                  derived_unfinished=guard.derived_unfinished,
-                  derived_active=guard.derived_active,
-                  awaiting_derivation=guard.awaiting_derivation, gates_open=guard.gates_open,
-                  monitoring_kept=decision.keep_monitoring, cause=cause)
+            event(
+                log,
+                "completion_guard",
+                job_id=job_id,
+                tenant=self.tenant,
+                outcome=decision.outcome.value,
+                derived_pending=guard.derived_unfinished > 0,
+                derived_unfinished=guard.derived_unfinished,
+                derived_active=guard.derived_active,
+                awaiting_derivation=guard.awaiting_derivation,
+                gates_open=guard.gates_open,
+                monitoring_kept=decision.keep_monitoring,
+                cause=cause,
+            )
         by_wave: dict[int, int] = {}
         for b in dispatched:
             by_wave[b.wave_number] = by_wave.get(b.wave_number, 0) + 1
         for wave_number, n in by_wave.items():
             is_derived = snap.wave(wave_number).is_derived
             metrics.DISPATCHED.labels(self.tenant, "derived" if is_derived else "main").inc(n)
-            event(log, "derived_wave_dispatched" if is_derived else "wave_dispatched",
-                  job_id=job_id, tenant=self.tenant, wave_number=wave_number,
-                  dispatched_batch_count=n, cause=cause)
+            event(
+                log,
+                "derived_wave_dispatched" if is_derived else "wave_dispatched",
+                job_id=job_id,
+                tenant=self.tenant,
+                wave_number=wave_number,
+                dispatched_batch_count=n,
+                cause=cause,
+            )
         if decision.job_status is not None and decision.job_status != snap.status:
-            event(log, f"job_{decision.job_status.value}", job_id=job_id, tenant=self.tenant,
-                  reason=decision.reason)
+            event(
+                log,
+                f"job_{decision.job_status.value}",
+                job_id=job_id,
+                tenant=self.tenant,
+                reason=decision.reason,
+            )
 
         if created.batch_ids:
-            self.bus.emit(DerivedWavesCreated(self.tenant, job_id, tuple(sorted(
-                created.wave_numbers)), len(created.batch_ids), source="coordinator"))
+            self.bus.emit(
+                DerivedWavesCreated(
+                    self.tenant,
+                    job_id,
+                    tuple(sorted(created.wave_numbers)),
+                    len(created.batch_ids),
+                    source="coordinator",
+                )
+            )
         if dispatched:
             failures = self.launcher.launch(self.tenant, job_id, spec, dispatched)
             result.launch_failures = failures
             for f in failures:
-                event(log, "launch_failed", logging.WARNING, job_id=job_id,
-                      batch_id=f.batch.batch_id, error=f.error)
+                event(
+                    log,
+                    "launch_failed",
+                    logging.WARNING,
+                    job_id=job_id,
+                    batch_id=f.batch.batch_id,
+                    error=f.error,
+                )
                 if self.on_launch_failure is not None:
                     self.on_launch_failure(f)

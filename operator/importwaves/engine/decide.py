@@ -59,9 +59,7 @@ def decide(snap: Snapshot) -> Decision:
             dispatches.append(Dispatch(w.wave_number, n, derived=True))
             capacity -= n
 
-    derived_complete = all(
-        w.all_completed and gates[w.wave_number].parents_done for w in derived
-    )
+    derived_complete = all(w.all_completed and gates[w.wave_number].parents_done for w in derived)
     if main_done and derived_complete and snap.awaiting_derivation == 0:
         return Decision(
             Outcome.COMPLETED,

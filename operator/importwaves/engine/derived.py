@@ -78,16 +78,29 @@ def _derive_one(
         if record_type_id not in spec.parent_ids_of(dt):
             continue
         wave = derived_wave_number(spec, dt.recordTypeId)
-        rows = conn.execute(Q("derived_batches_upsert"), {
-            "job_id": job_id, "prefix": f"{dt.name}-{batch_id}", "wave_number": wave,
-            "record_type_id": dt.recordTypeId, "batch_size": dt.batchSize,
-            "parent_ids": ids, "parent_batch_id": batch_id,
-        }).fetchall()
+        rows = conn.execute(
+            Q("derived_batches_upsert"),
+            {
+                "job_id": job_id,
+                "prefix": f"{dt.name}-{batch_id}",
+                "wave_number": wave,
+                "record_type_id": dt.recordTypeId,
+                "batch_size": dt.batchSize,
+                "parent_ids": ids,
+                "parent_batch_id": batch_id,
+            },
+        ).fetchall()
         if rows:
             out.batch_ids += [r["batch_id"] for r in rows]
             out.wave_numbers.add(wave)
     conn.execute(Q("batch_mark_derived"), {"job_id": job_id, "batch_id": batch_id})
     if out.batch_ids:
-        event(log, "derived_batches_upserted", job_id=job_id, parent_batch_id=batch_id,
-              created_batches=len(out.batch_ids), parent_ids_from_db=bool(out.db_fallbacks))
+        event(
+            log,
+            "derived_batches_upserted",
+            job_id=job_id,
+            parent_batch_id=batch_id,
+            created_batches=len(out.batch_ids),
+            parent_ids_from_db=bool(out.db_fallbacks),
+        )
     return out

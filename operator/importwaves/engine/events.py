@@ -56,7 +56,12 @@ class EventBus:
                     try:
                         handler(current)
                     except Exception:
-                        event(log, "event_handler_failed", logging.ERROR,
-                              event_type=type(current).__name__, exc_info=True)
+                        event(
+                            log,
+                            "event_handler_failed",
+                            logging.ERROR,
+                            event_type=type(current).__name__,
+                            exc_info=True,
+                        )
         finally:
             self._local.queue = None

@@ -5,9 +5,16 @@ from __future__ import annotations
 from importwaves.spec import ImportSpec
 
 #: Fields that may change while an import runs; everything else shapes the plan.
-MUTABLE_FIELDS = frozenset({
-    "parallelism", "retries", "staleAfterSeconds", "suspend", "worker", "completionThreshold",
-})
+MUTABLE_FIELDS = frozenset(
+    {
+        "parallelism",
+        "retries",
+        "staleAfterSeconds",
+        "suspend",
+        "worker",
+        "completionThreshold",
+    }
+)
 
 
 class SpecChangeRefused(ValueError):
@@ -19,8 +26,11 @@ class SpecChangeRefused(ValueError):
 def spec_change_problems(old: ImportSpec, new: ImportSpec, *, planned: bool) -> list[str]:
     """Why `new` cannot replace `old` for a running import (empty when it can)."""
     if not planned:
-        return [] if old.tenant == new.tenant else [
-            f"tenant cannot change (was {old.tenant!r}, now {new.tenant!r})"]
+        return (
+            []
+            if old.tenant == new.tenant
+            else [f"tenant cannot change (was {old.tenant!r}, now {new.tenant!r})"]
+        )
     problems = []
     for name in ImportSpec.model_fields:
         if name in MUTABLE_FIELDS:

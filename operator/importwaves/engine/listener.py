@@ -47,19 +47,32 @@ class BatchCompletedListener:
         """A worker reported success (or its pod exited 0). Idempotent."""
         with self.pool.connection() as conn:
             with conn.transaction():
-                recorded = conn.execute(Q("batch_complete"), {
-                    "job_id": job_id, "batch_id": batch_id, "dispatch_seq": dispatch_seq,
-                }).fetchone()
+                recorded = conn.execute(
+                    Q("batch_complete"),
+                    {
+                        "job_id": job_id,
+                        "batch_id": batch_id,
+                        "dispatch_seq": dispatch_seq,
+                    },
+                ).fetchone()
             # --- committed: everything below sees this completion ---
-            batch = conn.execute(Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
-                                 ).fetchone()
+            batch = conn.execute(
+                Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
+            ).fetchone()
             job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
             conn.commit()
             if batch is None or job is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
             metrics.COMPLETIONS.labels(self.tenant).inc()
-            event(log, "batch_completed", logging.DEBUG, job_id=job_id, batch_id=batch_id,
-                  recorded_by="listener" if recorded else "worker", status=batch["status"])
+            event(
+                log,
+                "batch_completed",
+                logging.DEBUG,
+                job_id=job_id,
+                batch_id=batch_id,
+                recorded_by="listener" if recorded else "worker",
+                status=batch["status"],
+            )
             spec = ImportSpec.model_validate(job["spec"])
             if batch["record_type_id"] in spec.derived_parent_type_ids():
                 self._derived_after_parent(conn, job_id, spec, batch)
@@ -72,13 +85,27 @@ class BatchCompletedListener:
             if job is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
             spec = ImportSpec.model_validate(job["spec"])
-            row = conn.execute(Q("batch_fail"), {
-                "job_id": job_id, "batch_id": batch_id, "dispatch_seq": dispatch_seq,
-                "max_attempts": spec.max_attempts, "error": error[:4000],
-            }).fetchone()
+            row = conn.execute(
+                Q("batch_fail"),
+                {
+                    "job_id": job_id,
+                    "batch_id": batch_id,
+                    "dispatch_seq": dispatch_seq,
+                    "max_attempts": spec.max_attempts,
+                    "error": error[:4000],
+                },
+            ).fetchone()
         if row is not None:
-            event(log, "batch_attempt_failed", logging.WARNING, job_id=job_id,
-                  batch_id=batch_id, now=row["status"], attempts=row["attempts"], error=error)
+            event(
+                log,
+                "batch_attempt_failed",
+                logging.WARNING,
+                job_id=job_id,
+                batch_id=batch_id,
+                now=row["status"],
+                attempts=row["attempts"],
+                error=error,
+            )
         return self.coordinator.check_and_trigger_next_wave(job_id, cause="batch_failed")
 
     def on_launch_failure(self, failure: LaunchFailure) -> None:
@@ -88,10 +115,16 @@ class BatchCompletedListener:
             if job is None:
                 return
             spec = ImportSpec.model_validate(job["spec"])
-            conn.execute(Q("batch_fail"), {
-                "job_id": b.job_id, "batch_id": b.batch_id, "dispatch_seq": b.dispatch_seq,
-                "max_attempts": spec.max_attempts, "error": f"launch failed: {failure.error}",
-            })
+            conn.execute(
+                Q("batch_fail"),
+                {
+                    "job_id": b.job_id,
+                    "batch_id": b.batch_id,
+                    "dispatch_seq": b.dispatch_seq,
+                    "max_attempts": spec.max_attempts,
+                    "error": f"launch failed: {failure.error}",
+                },
+            )
         # The next timer tick or completion re-dispatches; no recursion from inside a launch.
 
     # -- seed A: post-commit derived initialization ---------------------------------------------
@@ -109,14 +142,26 @@ class BatchCompletedListener:
         if open_gates:
             self.flags.set_derived_ready(job_id)
             self.flags.set_monitoring(job_id)
-            event(log, "derived_initialized", job_id=job_id, tenant=self.tenant,
-                  parent_batch_id=batch["batch_id"],
-                  parent_completion_percent=round(min(g.percent for g in open_gates), 2),
-                  threshold=spec.completionThreshold, created_batches=len(created.batch_ids))
+            event(
+                log,
+                "derived_initialized",
+                job_id=job_id,
+                tenant=self.tenant,
+                parent_batch_id=batch["batch_id"],
+                parent_completion_percent=round(min(g.percent for g in open_gates), 2),
+                threshold=spec.completionThreshold,
+                created_batches=len(created.batch_ids),
+            )
         if created.batch_ids:
-            self.bus.emit(DerivedWavesCreated(
-                self.tenant, job_id, tuple(sorted(created.wave_numbers)),
-                len(created.batch_ids), source="listener"))
+            self.bus.emit(
+                DerivedWavesCreated(
+                    self.tenant,
+                    job_id,
+                    tuple(sorted(created.wave_numbers)),
+                    len(created.batch_ids),
+                    source="listener",
+                )
+            )
 
 
 class DerivedWavesCreatedListener:
@@ -126,10 +171,18 @@ class DerivedWavesCreatedListener:
         self.coordinator = coordinator
 
     def __call__(self, evt: DerivedWavesCreated) -> RunResult:
-        result = self.coordinator.check_and_trigger_next_wave(evt.job_id,
-                                                              cause="derived_waves_created")
-        event(log, "derived_waves_created_handled", job_id=evt.job_id, tenant=evt.tenant,
-              wave_numbers=list(evt.wave_numbers), batch_count=evt.batch_count,
-              source=evt.source, outcome=result.outcome.value,
-              dispatched_batch_count=len(result.dispatched))
+        result = self.coordinator.check_and_trigger_next_wave(
+            evt.job_id, cause="derived_waves_created"
+        )
+        event(
+            log,
+            "derived_waves_created_handled",
+            job_id=evt.job_id,
+            tenant=evt.tenant,
+            wave_numbers=list(evt.wave_numbers),
+            batch_count=evt.batch_count,
+            source=evt.source,
+            outcome=result.outcome.value,
+            dispatched_batch_count=len(result.dispatched),
+        )
         return result

@@ -50,16 +50,28 @@ def plan(conn: Conn, job_id: str, spec: ImportSpec) -> int:
     parents = spec.derived_parent_type_ids()
     created = 0
     for w in wave_plan(spec):
-        conn.execute(Q("wave_insert"), {
-            "job_id": job_id, "wave_number": w.wave_number, "record_type_id": w.record_type_id,
-            "record_type_name": w.name, "dependency_level": w.level,
-        })
+        conn.execute(
+            Q("wave_insert"),
+            {
+                "job_id": job_id,
+                "wave_number": w.wave_number,
+                "record_type_id": w.record_type_id,
+                "record_type_name": w.name,
+                "dependency_level": w.level,
+            },
+        )
         if w.level == MAIN:
-            cur = conn.execute(Q("plan_main_batches"), {
-                "job_id": job_id, "prefix": w.name, "wave_number": w.wave_number,
-                "record_type_id": w.record_type_id, "batch_size": w.batch_size,
-                "needs_derivation": w.record_type_id in parents,
-            })
+            cur = conn.execute(
+                Q("plan_main_batches"),
+                {
+                    "job_id": job_id,
+                    "prefix": w.name,
+                    "wave_number": w.wave_number,
+                    "record_type_id": w.record_type_id,
+                    "batch_size": w.batch_size,
+                    "needs_derivation": w.record_type_id in parents,
+                },
+            )
             created += max(cur.rowcount, 0)
     conn.execute(Q("job_set_planned"), {"job_id": job_id})
     event(log, "job_planned", job_id=job_id, waves=len(wave_plan(spec)), main_batches=created)

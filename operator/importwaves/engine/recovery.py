@@ -51,26 +51,44 @@ class Recovery:
                 report.actions.append(f"no job {job_id!r} in tenant {self.tenant!r}")
                 return report
             spec = ImportSpec.model_validate(job["spec"])
-            params = {"job_id": job_id, "stale_after": spec.staleAfterSeconds,
-                      "max_attempts": spec.max_attempts}
+            params = {
+                "job_id": job_id,
+                "stale_after": spec.staleAfterSeconds,
+                "max_attempts": spec.max_attempts,
+            }
             for r in conn.execute(Q("batches_demote_stale_processing"), params).fetchall():
                 if r["status"] == "failed":
                     report.failed += 1
-                    self._act(report, "stale_batch_failed", r["batch_id"],
-                              f"failed stale batch {r['batch_id']}: processing with no heartbeat "
-                              f"for {spec.staleAfterSeconds}s and no attempts left "
-                              f"({r['attempts']}/{spec.max_attempts})", cause)
+                    self._act(
+                        report,
+                        "stale_batch_failed",
+                        r["batch_id"],
+                        f"failed stale batch {r['batch_id']}: processing with no heartbeat "
+                        f"for {spec.staleAfterSeconds}s and no attempts left "
+                        f"({r['attempts']}/{spec.max_attempts})",
+                        cause,
+                    )
                 else:
                     report.demoted += 1
-                    self._act(report, "stale_batch_demoted", r["batch_id"],
-                              f"demoted batch {r['batch_id']} processing -> pending (no "
-                              f"heartbeat for {spec.staleAfterSeconds}s; attempt "
-                              f"{r['attempts']}/{spec.max_attempts})", cause)
+                    self._act(
+                        report,
+                        "stale_batch_demoted",
+                        r["batch_id"],
+                        f"demoted batch {r['batch_id']} processing -> pending (no "
+                        f"heartbeat for {spec.staleAfterSeconds}s; attempt "
+                        f"{r['attempts']}/{spec.max_attempts})",
+                        cause,
+                    )
             for r in conn.execute(Q("batches_requeue_stuck_dispatched"), params).fetchall():
                 report.requeued += 1
-                self._act(report, "stuck_batch_requeued", r["batch_id"],
-                          f"requeued batch {r['batch_id']} dispatched -> pending (not claimed "
-                          f"within {spec.staleAfterSeconds}s)", cause)
+                self._act(
+                    report,
+                    "stuck_batch_requeued",
+                    r["batch_id"],
+                    f"requeued batch {r['batch_id']} dispatched -> pending (not claimed "
+                    f"within {spec.staleAfterSeconds}s)",
+                    cause,
+                )
             status = job["status"]
         stuck = report.demoted + report.requeued + report.failed
         if stuck:
@@ -82,8 +100,13 @@ class Recovery:
         result = self.coordinator.check_and_trigger_next_wave(job_id, cause=cause)
         report.result = result
         if result.dispatched:
-            self._act(report, "catch_up_dispatch", None,
-                      f"catch-up dispatch of {len(result.dispatched)} batch(es)", cause)
+            self._act(
+                report,
+                "catch_up_dispatch",
+                None,
+                f"catch-up dispatch of {len(result.dispatched)} batch(es)",
+                cause,
+            )
         if cause == "reconcile":
             report.actions.append(f"progression check: {result.outcome.value} ({result.reason})")
         return report
@@ -96,18 +119,37 @@ class Recovery:
                 report.actions.append(f"no job {job_id!r}")
                 return report
             rows = conn.execute(Q("batches_requeue_failed"), {"job_id": job_id}).fetchall()
-            conn.execute(Q("job_set_status"), {
-                "job_id": job_id, "status": JobStatus.RUNNING.value,
-                "reason": f"retry-failed requeued {len(rows)} batch(es)"})
+            conn.execute(
+                Q("job_set_status"),
+                {
+                    "job_id": job_id,
+                    "status": JobStatus.RUNNING.value,
+                    "reason": f"retry-failed requeued {len(rows)} batch(es)",
+                },
+            )
         for r in rows:
-            self._act(report, "failed_batch_requeued", r["batch_id"],
-                      f"requeued failed batch {r['batch_id']}", "retry_failed")
+            self._act(
+                report,
+                "failed_batch_requeued",
+                r["batch_id"],
+                f"requeued failed batch {r['batch_id']}",
+                "retry_failed",
+            )
         report.requeued = len(rows)
         report.result = self.coordinator.check_and_trigger_next_wave(job_id, cause="retry_failed")
         return report
 
-    def _act(self, report: RecoveryReport, name: str, batch_id: str | None, text: str,
-             cause: str) -> None:
+    def _act(
+        self, report: RecoveryReport, name: str, batch_id: str | None, text: str, cause: str
+    ) -> None:
         report.actions.append(text)
-        event(log, name, logging.WARNING if batch_id else logging.INFO, job_id=report.job_id,
-              tenant=self.tenant, batch_id=batch_id, action=text, cause=cause)
+        event(
+            log,
+            name,
+            logging.WARNING if batch_id else logging.INFO,
+            job_id=report.job_id,
+            tenant=self.tenant,
+            batch_id=batch_id,
+            action=text,
+            cause=cause,
+        )

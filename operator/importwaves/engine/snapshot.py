@@ -16,12 +16,18 @@ AWAITING_LIMIT = 1000
 def read_waves(conn: Conn, job_id: str) -> tuple[WaveState, ...]:
     return tuple(
         WaveState(
-            wave_number=r["wave_number"], record_type_id=r["record_type_id"],
-            name=r["record_type_name"], level=r["dependency_level"], status=r["status"],
+            wave_number=r["wave_number"],
+            record_type_id=r["record_type_id"],
+            name=r["record_type_name"],
+            level=r["dependency_level"],
+            status=r["status"],
             total=r["total_batches"],
-            pending=r["pending_batches"], dispatched=r["dispatched_batches"],
-            processing=r["processing_batches"], completed=r["completed_batches"],
-            failed=r["failed_batches"], first_dispatched_at=r["first_dispatched_at"],
+            pending=r["pending_batches"],
+            dispatched=r["dispatched_batches"],
+            processing=r["processing_batches"],
+            completed=r["completed_batches"],
+            failed=r["failed_batches"],
+            first_dispatched_at=r["first_dispatched_at"],
             last_completed_at=r["last_completed_at"],
         )
         for r in conn.execute(Q("waves_snapshot"), {"job_id": job_id}).fetchall()
@@ -33,12 +39,14 @@ def gates(spec: ImportSpec, waves: tuple[WaveState, ...]) -> tuple[DerivedGate, 
     out = []
     for dt in spec.derivedTypes:
         parents = [by_type[rid] for rid in spec.parent_ids_of(dt) if rid in by_type]
-        out.append(DerivedGate(
-            wave_number=derived_wave_number(spec, dt.recordTypeId),
-            parent_total=sum(p.total for p in parents),
-            parent_completed=sum(p.completed for p in parents),
-            threshold=spec.completionThreshold,
-        ))
+        out.append(
+            DerivedGate(
+                wave_number=derived_wave_number(spec, dt.recordTypeId),
+                parent_total=sum(p.total for p in parents),
+                parent_completed=sum(p.completed for p in parents),
+                threshold=spec.completionThreshold,
+            )
+        )
     return tuple(out)
 
 
@@ -47,9 +55,11 @@ def read_snapshot(conn: Conn, job: dict[str, Any], spec: ImportSpec) -> Snapshot
     waves = read_waves(conn, job_id)
     awaiting = 0
     if spec.derivedTypes:
-        awaiting = len(conn.execute(
-            Q("batches_needing_derivation"), {"job_id": job_id, "limit": AWAITING_LIMIT}
-        ).fetchall())
+        awaiting = len(
+            conn.execute(
+                Q("batches_needing_derivation"), {"job_id": job_id, "limit": AWAITING_LIMIT}
+            ).fetchall()
+        )
     return Snapshot(
         job_id=job_id,
         status=JobStatus(job["status"]),

@@ -27,24 +27,36 @@ class Finished:
 class LocalLauncher:
     """Runs `python -m importwaves.worker` per batch with the worker contract's env."""
 
-    def __init__(self, dsn: str, *, python: str = sys.executable,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, dsn: str, *, python: str = sys.executable, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.dsn = dsn
         self.python = python
         self.extra_env = dict(extra_env or {})
         self._running: dict[tuple[str, str], tuple[BatchDispatch, subprocess.Popen[str]]] = {}
 
-    def launch(self, tenant: str, job_id: str, spec: ImportSpec,
-               batches: Sequence[BatchDispatch]) -> list[LaunchFailure]:
+    def launch(
+        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
+    ) -> list[LaunchFailure]:
         failures = []
         for b in batches:
-            env = {**os.environ, **self.extra_env,
-                   ENV["dsn"]: self.dsn, ENV["tenant"]: tenant, ENV["job_id"]: job_id,
-                   ENV["batch_id"]: b.batch_id, ENV["dispatch_seq"]: str(b.dispatch_seq)}
+            env = {
+                **os.environ,
+                **self.extra_env,
+                ENV["dsn"]: self.dsn,
+                ENV["tenant"]: tenant,
+                ENV["job_id"]: job_id,
+                ENV["batch_id"]: b.batch_id,
+                ENV["dispatch_seq"]: str(b.dispatch_seq),
+            }
             try:
                 proc = subprocess.Popen(
-                    [self.python, "-m", "importwaves.worker"], env=env, text=True,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    [self.python, "-m", "importwaves.worker"],
+                    env=env,
+                    text=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
                 )
             except OSError as exc:
                 failures.append(LaunchFailure(b, f"{type(exc).__name__}: {exc}"))
@@ -53,8 +65,15 @@ class LocalLauncher:
             if old is not None and old[1].poll() is None:  # a fenced-out predecessor
                 old[1].kill()
             self._running[(job_id, b.batch_id)] = (b, proc)
-            event(log, "worker_started", logging.DEBUG, job_id=job_id, batch_id=b.batch_id,
-                  dispatch_seq=b.dispatch_seq, pid=proc.pid)
+            event(
+                log,
+                "worker_started",
+                logging.DEBUG,
+                job_id=job_id,
+                batch_id=b.batch_id,
+                dispatch_seq=b.dispatch_seq,
+                pid=proc.pid,
+            )
         return failures
 
     def poll(self) -> list[Finished]:
