@@ -225,7 +225,9 @@ SELECT %(job_id)s,
        jsonb_agg(g.parent_id ORDER BY g.parent_id), sum(g.n)::int, %(parent_batch_id)s
 FROM (
     SELECT c.parent_id, c.n,
-           ((sum(c.n) OVER (ORDER BY c.parent_id) - c.n) / %(batch_size)s)::int AS grp
+           -- sum(bigint) is numeric: cast back so the division truncates instead of rounding
+           -- (rounding would cut a half-size first batch and one batch too many).
+           ((sum(c.n) OVER (ORDER BY c.parent_id) - c.n)::bigint / %(batch_size)s)::int AS grp
     FROM (
         SELECT parent_id, count(*) AS n FROM staging_records
         WHERE job_id = %(job_id)s AND record_type_id = %(record_type_id)s

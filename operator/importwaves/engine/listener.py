@@ -74,8 +74,14 @@ class BatchCompletedListener:
                 status=batch["status"],
             )
             spec = ImportSpec.model_validate(job["spec"])
+            created = None
             if batch["record_type_id"] in spec.derived_parent_type_ids():
-                self._derived_after_parent(conn, job_id, spec, batch)
+                created = self._derived_after_parent(conn, job_id, spec, batch)
+        # Emit only once the connection is back in the pool: the DerivedWavesCreated handler
+        # runs the coordinator, which borrows a connection of its own; holding this one meanwhile
+        # lets `pool size` concurrent completions exhaust the pool and stall on each other.
+        if created is not None:
+            self.bus.emit(created)
         return self.coordinator.check_and_trigger_next_wave(job_id, cause="batch_completed")
 
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
@@ -130,10 +136,12 @@ class BatchCompletedListener:
     # -- seed A: post-commit derived initialization ---------------------------------------------
     def _derived_after_parent(
         self, conn: Conn, job_id: str, spec: ImportSpec, batch: dict[str, Any]
-    ) -> None:
+    ) -> DerivedWavesCreated | None:
+        """Create derived batches after the parent's completion committed; return the
+        DerivedWavesCreated event for the caller to emit (after it released `conn`)."""
         with conn.transaction():
             if conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone() is None:
-                return
+                return None
             created = derived.create_for_batch(conn, job_id, spec, self.flags, batch)
             # Recompute parent completion from the DB, after the commit above.
             open_gates = [g for g in gates(spec, read_waves(conn, job_id)) if g.open]
@@ -152,16 +160,15 @@ class BatchCompletedListener:
                 threshold=spec.completionThreshold,
                 created_batches=len(created.batch_ids),
             )
-        if created.batch_ids:
-            self.bus.emit(
-                DerivedWavesCreated(
-                    self.tenant,
-                    job_id,
-                    tuple(sorted(created.wave_numbers)),
-                    len(created.batch_ids),
-                    source="listener",
-                )
-            )
+        if not created.batch_ids:
+            return None
+        return DerivedWavesCreated(
+            self.tenant,
+            job_id,
+            tuple(sorted(created.wave_numbers)),
+            len(created.batch_ids),
+            source="listener",
+        )
 
 
 class DerivedWavesCreatedListener:
