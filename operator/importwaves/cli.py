@@ -223,6 +223,41 @@ def demo(
     )
 
 
+@main.command()
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch this namespace (repeatable); default: IMPORTWAVES_NAMESPACES or all.",
+)
+@click.option("--standalone", is_flag=True, help="No peering (only for a single local run).")
+def run(namespaces: tuple[str, ...], standalone: bool) -> None:
+    """Run the operator (kopf): reconcile ImportJobs in the cluster."""
+    import kopf
+
+    from importwaves.k8s import handlers
+
+    settings = handlers.SETTINGS
+    watched = namespaces or settings.namespaces
+    peering = "" if standalone else settings.peering
+    kopf.run(
+        clusterwide=not watched,
+        namespaces=watched,
+        standalone=not peering,
+        peering_name=peering or None,
+        priority=settings.priority,
+        liveness_endpoint=settings.liveness or None,
+    )
+
+
+@main.command()
+def crd() -> None:
+    """Print the ImportJob CRD (generated from the spec model)."""
+    from importwaves.k8s.crd import crd_yaml
+
+    click.echo(crd_yaml(), nl=False)
+
+
 # -- helpers ---------------------------------------------------------------------------------
 def load_spec(path: Path) -> Any:
     """An ImportJob manifest (its `spec`) or a bare spec, YAML or JSON."""

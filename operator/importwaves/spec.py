@@ -18,6 +18,7 @@ __all__ = [
     "RecordType",
     "SpecError",
     "WorkerPod",
+    "format_validation_error",
     "parse_spec",
 ]
 
@@ -245,14 +246,23 @@ class SpecError(ValueError):
         super().__init__("invalid import spec: " + "; ".join(problems))
 
 
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each starting with the dotted path of the field."""
+    return "; ".join(_problems(exc))
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
+    return problems
+
+
 def parse_spec(data: dict[str, Any]) -> ImportSpec:
     """Validate a spec mapping; raise SpecError whose lines each name the offending field."""
     try:
         return ImportSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg)
-        raise SpecError(problems) from None
+        raise SpecError(_problems(exc)) from None

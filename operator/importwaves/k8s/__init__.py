@@ -1,0 +1,1 @@
+"""Kubernetes side: the ImportJob CRD, the kopf operator and its pure helpers."""

@@ -1,0 +1,334 @@
+"""The ImportJob CRD, generated from the pydantic spec model (one source of truth).
+
+`importwaves crd` prints it; `crds/importjob.yaml` is its committed output and a test keeps the
+two identical. Cross-field rules that OpenAPI cannot say are CEL rules (x-kubernetes-validations);
+what CEL cannot say cheaply (dependency cycles) is checked by the engine and reported with the
+`Invalid` condition.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from importwaves.spec import ImportSpec
+
+GROUP = "importwaves.io"
+VERSION = "v1alpha1"
+PLURAL = "importjobs"
+KIND = "ImportJob"
+
+
+class DatabaseRef(BaseModel):
+    """Where the tenant database credentials live (a Secret in the ImportJob's namespace)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secretName: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the Secret holding the tenant database DSN.",
+    )
+    key: str = Field(
+        default="dsn",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key in the Secret whose value is the DSN (postgresql://...).",
+    )
+
+
+class ImportJobSpec(ImportSpec):
+    """The ImportJob `spec`: the import spec plus where its database credentials are."""
+
+    database: DatabaseRef = Field(
+        description="Tenant database credentials, by Secret reference only (never inline)."
+    )
+    importId: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$",
+        description="Import id keying the staging rows and the job in the tenant database "
+        "(default: <namespace>.<name>). Re-applying an ImportJob with the same id resumes or "
+        "reports that import; a new id runs a new one.",
+    )
+
+    def engine_spec(self) -> ImportSpec:
+        return ImportSpec.model_validate(self.model_dump(exclude={"database", "importId"}))
+
+    def job_id(self, namespace: str, name: str) -> str:
+        return self.importId or f"{namespace}.{name}"
+
+
+CEL_RULES: list[dict[str, str]] = [
+    {
+        "rule": "self.recordTypes.all(r, self.recordTypes.exists_one(x, x.name == r.name))",
+        "message": "recordTypes: names must be unique",
+        "fieldPath": ".recordTypes",
+    },
+    {
+        "rule": "self.recordTypes.all(r, self.recordTypes.exists_one(x, "
+        "x.recordTypeId == r.recordTypeId))",
+        "message": "recordTypes: recordTypeId values must be unique",
+        "fieldPath": ".recordTypes",
+    },
+    {
+        "rule": "!has(self.derivedTypes) || self.derivedTypes.all(d, d.parentTypes.all(p, "
+        "self.recordTypes.exists(r, r.name == p)))",
+        "message": "derivedTypes: every parentTypes entry must name a main record type",
+        "fieldPath": ".derivedTypes",
+    },
+    {
+        "rule": "self.recordTypes.all(r, !has(r.parentTypes) || r.parentTypes.all(p, "
+        "self.recordTypes.exists(x, x.name == p)))",
+        "message": "recordTypes: every parentTypes entry must name a main record type",
+        "fieldPath": ".recordTypes",
+    },
+    {
+        "rule": "has(self.importId) == has(oldSelf.importId) && "
+        "(!has(self.importId) || self.importId == oldSelf.importId)",
+        "message": "importId is immutable: create a new ImportJob for another import",
+        "fieldPath": ".importId",
+    },
+    {
+        "rule": "self.tenant == oldSelf.tenant",
+        "message": "tenant is immutable: create a new ImportJob for another tenant",
+        "fieldPath": ".tenant",
+    },
+]
+
+_KEEP = {
+    "type",
+    "description",
+    "properties",
+    "required",
+    "items",
+    "enum",
+    "default",
+    "format",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "pattern",
+    "nullable",
+    "additionalProperties",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-validations",
+}
+
+
+def structural(schema: dict[str, Any]) -> dict[str, Any]:
+    """Turn a pydantic JSON schema into a Kubernetes structural schema (no $ref, no anyOf)."""
+    defs = schema.get("$defs", {})
+
+    def conv(node: dict[str, Any]) -> dict[str, Any]:
+        node = copy.deepcopy(node)
+        if "$ref" in node:
+            target = conv(defs[node.pop("$ref").split("/")[-1]])
+            if node.get("description"):
+                target["description"] = node["description"]
+            if "default" in node:
+                target["default"] = node["default"]
+            return target
+        if "anyOf" in node:  # Optional[X] -> X, nullable
+            options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+            if len(options) != 1:
+                raise ValueError(f"cannot express anyOf {options} structurally")
+            inner = conv(options[0])
+            inner.update({k: v for k, v in node.items() if k in ("description", "default")})
+            inner["nullable"] = True
+            if inner.get("default") is None:
+                inner.pop("default", None)
+            return inner
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key not in _KEEP:
+                continue
+            if key == "properties":
+                out[key] = {k: conv(v) for k, v in value.items()}
+            elif key == "items":
+                out[key] = conv(value)
+            elif key == "additionalProperties":
+                if value is False:
+                    continue  # structural schemas prune unknown fields already
+                if value is True or value == {}:
+                    out["x-kubernetes-preserve-unknown-fields"] = True
+                else:
+                    out[key] = conv(value)
+            else:
+                out[key] = value
+        if (
+            out.get("type") == "object"
+            and "properties" not in out
+            and "additionalProperties" not in out
+        ):
+            out["x-kubernetes-preserve-unknown-fields"] = True
+        return out
+
+    return conv(schema)
+
+
+def spec_schema() -> dict[str, Any]:
+    schema = structural(ImportJobSpec.model_json_schema(mode="validation"))
+    schema["description"] = (
+        "One import for one tenant: main record types imported parent-first in waves, then "
+        "derived TransactionLine waves once parents reach the completion threshold."
+    )
+    schema["x-kubernetes-validations"] = CEL_RULES
+    return schema
+
+
+def status_schema() -> dict[str, Any]:
+    cond = {
+        "type": "object",
+        "required": ["type", "status", "reason", "message", "lastTransitionTime"],
+        "properties": {
+            "type": {"type": "string", "description": "Condition type (PascalCase)."},
+            "status": {
+                "type": "string",
+                "enum": ["True", "False", "Unknown"],
+                "description": "True, False or Unknown.",
+            },
+            "reason": {"type": "string", "description": "One CamelCase word."},
+            "message": {"type": "string", "description": "A sentence for humans."},
+            "lastTransitionTime": {
+                "type": "string",
+                "format": "date-time",
+                "description": "When status last changed.",
+            },
+            "observedGeneration": {
+                "type": "integer",
+                "format": "int64",
+                "description": "The spec generation this was computed for.",
+            },
+        },
+    }
+    counter = {
+        "type": "object",
+        "properties": {
+            "done": {"type": "integer", "description": "Completed."},
+            "total": {"type": "integer", "description": "All."},
+        },
+    }
+    return {
+        "type": "object",
+        "description": "Observed state, computed from the tenant database.",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "summary": {
+                "type": "string",
+                "description": "One word: Pending, Running, "
+                "DerivedPending, Completed, Failed, Suspended, Invalid, Blocked.",
+            },
+            "jobId": {
+                "type": "string",
+                "description": "The engine's job id in the tenant "
+                "database (for `importwaves status`).",
+            },
+            "observedGeneration": {
+                "type": "integer",
+                "format": "int64",
+                "description": "Last spec generation reconciled.",
+            },
+            "conditions": {
+                "type": "array",
+                "items": cond,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+                "description": "Kubernetes-style conditions.",
+            },
+            "waves": {**counter, "description": "Waves completed / total."},
+            "batches": {**counter, "description": "Batches completed / total."},
+            "wavesText": {"type": "string", "description": "waves done/total"},
+            "batchesText": {"type": "string", "description": "batches done/total"},
+            "derivedPending": {
+                "type": "integer",
+                "description": "Derived (-13) batches pending or active.",
+            },
+            "failedBatches": {"type": "integer", "description": "Batches out of attempts."},
+            "activeBatches": {"type": "integer", "description": "Batches handed to workers."},
+            "lastDispatchLagSeconds": {
+                "type": "number",
+                "description": "Most recent wave dispatch lag.",
+            },
+            "handledReconcile": {
+                "type": "string",
+                "description": "Last handled value of the importwaves.io/reconcile annotation.",
+            },
+            "handledRetryFailed": {
+                "type": "string",
+                "description": "Last handled value of the importwaves.io/retry-failed annotation.",
+            },
+        },
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": PLURAL,
+                "singular": "importjob",
+                "kind": KIND,
+                "shortNames": ["ij"],
+                "categories": ["importwaves"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Status", "type": "string", "jsonPath": ".status.summary"},
+                        {"name": "Waves", "type": "string", "jsonPath": ".status.wavesText"},
+                        {"name": "Batches", "type": "string", "jsonPath": ".status.batchesText"},
+                        {
+                            "name": "Derived-Pending",
+                            "type": "integer",
+                            "jsonPath": ".status.derivedPending",
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "ImportJob: a multi-wave, parent-first import into one "
+                            "tenant's PostgreSQL database.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": "API version."},
+                                "kind": {"type": "string", "description": "ImportJob."},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    import yaml
+
+    header = (
+        "# Generated by `importwaves crd` from the pydantic model in "
+        "operator/importwaves/k8s/crd.py.\n# Do not edit: change the model and "
+        "regenerate (a test keeps this file in step).\n"
+    )
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=100)

@@ -1,0 +1,116 @@
+"""Every kopf decorator of the operator, each one line of work: gather, call, apply.
+
+The work lives in k8s/operator.py (ImportJobOperator); decisions live in the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from importwaves import metrics
+from importwaves.k8s.crd import GROUP, PLURAL, VERSION
+from importwaves.k8s.jobs import LABEL_IMPORTJOB
+from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
+from importwaves.settings import Settings
+
+log = logging.getLogger("importwaves.handlers")
+
+SETTINGS = Settings()
+_state: dict[str, ImportJobOperator] = {}
+
+
+def _op() -> ImportJobOperator:
+    return _state["operator"]
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 30
+    settings.batching.error_delays = (1, 2, 5, 10, 20, 30, 60)
+    if SETTINGS.peering:
+        settings.peering.name = SETTINGS.peering
+        settings.peering.priority = SETTINGS.priority
+        settings.peering.mandatory = True
+    else:
+        settings.peering.standalone = True
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    _state["operator"] = ImportJobOperator(SETTINGS, client.ApiClient())
+    if SETTINGS.metrics_port:
+        metrics.serve(SETTINGS.metrics_port)
+
+
+@kopf.on.cleanup()
+def cleanup(**_: Any) -> None:
+    op = _state.pop("operator", None)
+    if op is not None:
+        op.close()
+
+
+@kopf.on.probe(id="engines")
+def probe(**_: Any) -> int:
+    return len(_state)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def changed(body: kopf.Body, patch: kopf.Patch, reason: str, retry: int, **_: Any) -> None:
+    _apply(body, patch, _reconcile(body, str(reason)), retry)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False)
+def tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    _apply(body, patch, _reconcile(body, "timer"), 0)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_IMPORTJOB: kopf.PRESENT})
+def worker_job(body: kopf.Body, **_: Any) -> None:
+    owner = _op().on_job_finished(dict(body))
+    if owner is not None and owner[1]:
+        _op().refresh_status(*owner)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def deleted(body: kopf.Body, **_: Any) -> None:
+    _op().forget(dict(body.spec), body.metadata.namespace or "", body.metadata.name or "")
+
+
+def _reconcile(body: kopf.Body, cause: str) -> ReconcileResult:
+    meta = body.metadata
+    return _op().reconcile(
+        namespace=meta.namespace or "",
+        name=meta.name or "",
+        uid=meta.uid or "",
+        generation=int(meta.get("generation") or 0),
+        spec=dict(body.spec),
+        status=dict(body.status),
+        annotations=dict(meta.annotations),
+        cause=cause,
+    )
+
+
+def _apply(body: kopf.Body, patch: kopf.Patch, result: ReconcileResult, retry: int) -> None:
+    old = dict(body.status)
+    changed = {k: v for k, v in result.status.items() if old.get(k) != v}
+    if changed:
+        patch.status.update(changed)
+    for e in result.events:
+        kopf.event(body, type=e.type, reason=e.reason, message=e.message)
+    if result.problem is not None and not result.problem.is_spec:
+        delay = min(SETTINGS.max_backoff, 2.0 ** min(retry + 1, 6))
+        raise kopf.TemporaryError(result.problem.message, delay=delay)

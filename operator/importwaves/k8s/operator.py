@@ -1,0 +1,425 @@
+"""What the operator does for an ImportJob; kopf handlers (k8s/handlers.py) only call this.
+
+Level-based: every call re-reads the ImportJob's Secret, the tenant database and the worker Jobs,
+and converges. Finished Jobs feed the batch-completed listener and are then deleted; dispatched
+batches without a Job get one (a restart or an API hiccup between dispatch and launch loses
+nothing); Jobs of an outdated dispatch are deleted. Status and Events come back to the handler as
+data, to be written once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import psycopg
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from importwaves.db import migrate
+from importwaves.db.queries import Q
+from importwaves.engine.app import Engine
+from importwaves.engine.coordinator import RunResult
+from importwaves.engine.jobs import SpecChangeRefused
+from importwaves.engine.model import Outcome
+from importwaves.engine.snapshot import read_snapshot
+from importwaves.flags import Flags
+from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
+from importwaves.k8s.jobs import (
+    ANN_RECONCILE,
+    ANN_RETRY_FAILED,
+    ANN_SECRET,
+    ANN_SECRET_KEY,
+    ANN_TENANT,
+    LABEL_IMPORTJOB,
+    Owner,
+    read_job,
+)
+from importwaves.k8s.status import JobView, Problem, ProblemKind, compute_status, now_iso
+from importwaves.launch.base import BatchDispatch
+from importwaves.launch.kubernetes import KubernetesLauncher
+from importwaves.log import event
+from importwaves.settings import Settings
+from importwaves.spec import ImportSpec, format_validation_error
+
+log = logging.getLogger("importwaves.operator")
+
+
+@dataclass
+class KubeEvent:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class ReconcileResult:
+    status: dict[str, Any]
+    events: list[KubeEvent] = field(default_factory=list)
+    problem: Problem | None = None
+
+
+class ProblemError(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+class ImportJobOperator:
+    def __init__(self, settings: Settings, api: client.ApiClient) -> None:
+        self.settings = settings
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.launcher = KubernetesLauncher(api)
+        self._engines: dict[tuple[str, str], Engine] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for engine in self._engines.values():
+                engine.close()
+            self._engines.clear()
+
+    # -- the ImportJob reconcile ----------------------------------------------------------------
+    def reconcile(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        generation: int,
+        spec: dict[str, Any],
+        status: dict[str, Any],
+        annotations: dict[str, str],
+        cause: str,
+    ) -> ReconcileResult:
+        events: list[KubeEvent] = []
+        problem: Problem | None = None
+        old = dict(status or {})
+        try:
+            ij = ImportJobSpec.model_validate(dict(spec))
+        except ValidationError as exc:
+            problem = Problem(ProblemKind.INVALID_SPEC, format_validation_error(exc))
+            return self._done(old, generation, None, problem, events)
+        job_id = ij.job_id(namespace, name)
+        try:
+            engine = self.engine_for(self.read_dsn(namespace, ij.database), ij.tenant)
+        except ProblemError as exc:
+            return self._done(old, generation, None, exc.problem, events)
+        owner = Owner(namespace, name, uid, ij.tenant, ij.database, ij.worker)
+        self.launcher.register(job_id, owner)
+        try:
+            engine.submit(job_id, ij.engine_spec())
+        except SpecChangeRefused as exc:
+            problem = Problem(ProblemKind.SPEC_CHANGE_REFUSED, str(exc))
+        except psycopg.OperationalError as exc:
+            return self._done(old, generation, None, _db_problem(exc), events)
+
+        new_fields: dict[str, Any] = {}
+        try:
+            rec = annotations.get(ANN_RECONCILE)
+            if rec and rec != old.get("handledReconcile"):
+                report = engine.recovery.reconcile(job_id, cause="reconcile")
+                events.append(
+                    KubeEvent("Normal", "ManualReconcile", "; ".join(report.actions)[:1000])
+                )
+                new_fields["handledReconcile"] = rec
+            retry = annotations.get(ANN_RETRY_FAILED)
+            if retry and retry != old.get("handledRetryFailed"):
+                report = engine.recovery.retry_failed(job_id)
+                events.append(
+                    KubeEvent(
+                        "Normal", "RetryFailed", f"requeued {report.requeued} failed batch(es)"
+                    )
+                )
+                new_fields["handledRetryFailed"] = retry
+            events += self.sync_jobs(engine, owner, job_id)
+            sweep = engine.recovery.reconcile(job_id, cause=cause)
+            events += _recovery_events(
+                sweep.actions if sweep.demoted or sweep.requeued or sweep.failed else []
+            )
+            if sweep.result is not None:
+                events += _run_events(sweep.result, old.get("summary"))
+            view = self.view(engine, job_id)
+        except psycopg.OperationalError as exc:
+            return self._done(old, generation, None, _db_problem(exc), events)
+        result = self._done(old, generation, view, problem, events)
+        result.status.update(new_fields)
+        return result
+
+    def _done(
+        self,
+        old: dict[str, Any],
+        generation: int,
+        view: JobView | None,
+        problem: Problem | None,
+        events: list[KubeEvent],
+    ) -> ReconcileResult:
+        new = compute_status(old, generation=generation, now=now_iso(), view=view, problem=problem)
+        if problem is not None and old.get("summary") != new["summary"]:
+            events.append(KubeEvent("Warning", problem.kind.value, problem.message[:1000]))
+        return ReconcileResult(new, events, problem)
+
+    def view(self, engine: Engine, job_id: str) -> JobView | None:
+        with engine.pool.connection() as conn:
+            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+            if job is None:
+                return None
+            snap = read_snapshot(conn, job, ImportSpec.model_validate(job["spec"]))
+        outcome = {
+            "completed": Outcome.COMPLETED,
+            "failed": Outcome.FAILED,
+            "suspended": Outcome.SUSPENDED,
+        }.get(job["status"], Outcome.IN_PROGRESS)
+        return JobView(
+            job_id, snap, outcome, job["status_reason"], job["last_dispatch_lag_seconds"]
+        )
+
+    # -- worker Jobs -----------------------------------------------------------------------------
+    def sync_jobs(self, engine: Engine, owner: Owner, job_id: str) -> list[KubeEvent]:
+        """Record finished Jobs, launch dispatched batches that lack one, drop outdated ones."""
+        events: list[KubeEvent] = []
+        jobs = self.batch.list_namespaced_job(
+            owner.namespace, label_selector=f"{LABEL_IMPORTJOB}={owner.name}"
+        )
+        live: set[tuple[str, int]] = set()
+        for obj in jobs.items:
+            body = _as_dict(self.api, obj)
+            r = read_job(body)
+            if r is None:
+                continue
+            if r.job_id != job_id:  # left by an earlier ImportJob of the same name
+                self._delete_job(owner.namespace, r.name)
+                continue
+            if r.finished:
+                self._record(engine, job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
+                self._delete_job(owner.namespace, r.name)
+            else:
+                live.add((r.batch_id, r.dispatch_seq))
+        with engine.pool.connection() as conn:
+            rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
+        current = {(row["batch_id"], row["dispatch_seq"]) for row in rows}
+        adopted = 0
+        for row in rows:
+            if row["status"] == "dispatched" and (row["batch_id"], row["dispatch_seq"]) not in live:
+                b = BatchDispatch(
+                    job_id,
+                    row["batch_id"],
+                    row["wave_number"],
+                    row["record_type_id"],
+                    row["dispatch_seq"],
+                    row["attempts"] + 1,
+                )
+                try:
+                    adopted += int(self.launcher.create(owner, b))
+                except ApiException as exc:
+                    event(
+                        log,
+                        "job_create_failed",
+                        logging.WARNING,
+                        job_id=job_id,
+                        batch_id=b.batch_id,
+                        status=exc.status,
+                        error=str(exc.reason),
+                    )
+        for obj in jobs.items:
+            body = _as_dict(self.api, obj)
+            r = read_job(body)
+            if (
+                r
+                and r.job_id == job_id
+                and not r.finished
+                and (r.batch_id, r.dispatch_seq) not in current
+            ):
+                self._delete_job(owner.namespace, r.name)  # fenced out: a newer dispatch exists
+        if adopted:
+            events.append(
+                KubeEvent(
+                    "Normal",
+                    "JobsAdopted",
+                    f"created {adopted} missing worker Job(s) for dispatched batches",
+                )
+            )
+        return events
+
+    def on_job_finished(self, job: dict[str, Any]) -> tuple[str, str] | None:
+        """A worker Job finished: record it, delete it. Returns the ImportJob (ns, name)."""
+        r = read_job(job)
+        if r is None or not r.finished:
+            return None
+        meta = job["metadata"]
+        ns = meta["namespace"]
+        ann = meta.get("annotations") or {}
+        ref = DatabaseRef(secretName=ann[ANN_SECRET], key=ann.get(ANN_SECRET_KEY, "dsn"))
+        engine = self.engine_for(self.read_dsn(ns, ref), ann[ANN_TENANT])
+        self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
+        self._delete_job(ns, r.name)
+        return ns, (meta.get("labels") or {}).get(LABEL_IMPORTJOB, "")
+
+    def refresh_status(self, namespace: str, name: str) -> None:
+        """Recompute an ImportJob's status from the database and write it if it changed."""
+        try:
+            obj = cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        meta, old = obj["metadata"], obj.get("status") or {}
+        try:
+            ij = ImportJobSpec.model_validate(obj["spec"])
+            engine = self.engine_for(self.read_dsn(namespace, ij.database), ij.tenant)
+            view = self.view(engine, ij.job_id(namespace, name))
+        except (ValidationError, ProblemError, psycopg.OperationalError):
+            return  # the ImportJob's own reconcile reports these
+        new = compute_status(
+            old, generation=meta.get("generation", 0), now=now_iso(), view=view, problem=None
+        )
+        if any(old.get(k) != v for k, v in new.items()):
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": new}
+            )
+
+    def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
+        """Drop the Redis keys of a deleted ImportJob (its tenant data stays)."""
+        try:
+            ij = ImportJobSpec.model_validate(spec)
+        except ValidationError:
+            return
+        if self.settings.redis_url:
+            Flags(self.settings.redis_url, ij.tenant).forget_job(ij.job_id(namespace, name))
+
+    def _record(
+        self, engine: Engine, job_id: str, batch_id: str, seq: int, ok: bool, message: str
+    ) -> RunResult:
+        if ok:
+            return engine.listener.on_completed(job_id, batch_id, seq)
+        return engine.listener.on_failed(job_id, batch_id, seq, message)
+
+    def _delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # -- tenants -------------------------------------------------------------------------------
+    def read_dsn(self, namespace: str, ref: DatabaseRef) -> str:
+        try:
+            secret = self.core.read_namespaced_secret(ref.secretName, namespace)
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                raise ProblemError(
+                    Problem(
+                        ProblemKind.SECRET_MISSING,
+                        (
+                            f"Secret {namespace}/{ref.secretName} "
+                            + ("not found" if exc.status == 404 else "cannot be read (forbidden)")
+                            + "; "
+                            f"create it with key {ref.key!r} holding the tenant DSN."
+                        ),
+                    )
+                ) from None
+            raise
+        raw = (secret.data or {}).get(ref.key)
+        if not raw:
+            raise ProblemError(
+                Problem(
+                    ProblemKind.SECRET_MISSING,
+                    (
+                        f"Secret {namespace}/{ref.secretName} has no key {ref.key!r} (the tenant "
+                        "DSN)."
+                    ),
+                )
+            )
+        return base64.b64decode(raw).decode().strip()
+
+    def engine_for(self, dsn: str, tenant: str) -> Engine:
+        key = (dsn, tenant)
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is not None:
+                return engine
+            try:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                    applied = migrate.up(conn, tenant)
+            except psycopg.OperationalError as exc:
+                raise ProblemError(_db_problem(exc)) from None
+            except psycopg.Error as exc:
+                raise ProblemError(
+                    Problem(
+                        ProblemKind.MIGRATION_FAILED, (f"migrating tenant {tenant!r} failed: {exc}")
+                    )
+                ) from None
+            if applied:
+                event(
+                    log,
+                    "tenant_migrated",
+                    tenant=tenant,
+                    migrations=[f"{m.version:04d}_{m.name}" for m in applied],
+                )
+            engine = Engine(
+                dsn,
+                tenant,
+                redis_url=self.settings.redis_url,
+                launcher=self.launcher,
+                pool_size=self.settings.pool_size,
+                flag_ttl=self.settings.flag_ttl,
+            )
+            self._engines[key] = engine
+            return engine
+
+
+def _db_problem(exc: psycopg.Error) -> Problem:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return Problem(
+        ProblemKind.DATABASE_UNREACHABLE,
+        f"the tenant database is unreachable: {text}; retrying with back-off",
+    )
+
+
+def _recovery_events(actions: list[str]) -> list[KubeEvent]:
+    return [KubeEvent("Warning", "RecoveryAction", a[:1000]) for a in actions]
+
+
+def _run_events(result: RunResult, old_summary: str | None) -> list[KubeEvent]:
+    out = []
+    by_wave: dict[int, int] = {}
+    for b in result.dispatched:
+        by_wave[b.wave_number] = by_wave.get(b.wave_number, 0) + 1
+    for wave, n in sorted(by_wave.items()):
+        out.append(
+            KubeEvent("Normal", "WaveDispatched", f"dispatched {n} batch(es) of wave {wave}")
+        )
+    guard = result.decision.guard if result.decision else None
+    if (
+        guard is not None
+        and guard.main_done
+        and result.outcome in (Outcome.DERIVED_PENDING, Outcome.DERIVED_WAVE_TRIGGERED)
+        and old_summary != "DerivedPending"
+    ):
+        out.append(
+            KubeEvent(
+                "Normal",
+                "CompletionGuard",
+                (
+                    "main waves done; not completing: "
+                    f"{guard.derived_unfinished} derived batch(es) pending or active"
+                ),
+            )
+        )
+    return out
+
+
+def _as_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
+    """A kubernetes-client model as the API's own camelCase dict."""
+    out: dict[str, Any] = api.sanitize_for_serialization(obj)
+    return out

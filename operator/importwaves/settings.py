@@ -1,0 +1,38 @@
+"""Operator settings from the environment (one typed object, loaded at startup)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"IMPORTWAVES_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Redis URL for fast-path flags; empty runs cache-less (the DB answers every read).
+    redis_url: str | None = field(default_factory=lambda: _env("REDIS_URL", "") or None)
+    #: Seconds between level-based reconciles of every ImportJob (timer).
+    timer_interval: float = field(default_factory=lambda: float(_env("TIMER_INTERVAL", "10")))
+    #: Port of the Prometheus /metrics endpoint (0 disables it).
+    metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "9090")))
+    #: Liveness endpoint URL served by kopf.
+    liveness: str = field(default_factory=lambda: _env("LIVENESS", "http://0.0.0.0:8080/healthz"))
+    #: Namespaces to watch (comma-separated); empty watches the whole cluster.
+    namespaces: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            n.strip() for n in _env("NAMESPACES", "").split(",") if n.strip()
+        )
+    )
+    #: kopf peering object name (one active operator at a time); empty disables peering.
+    peering: str = field(default_factory=lambda: _env("PEERING", "importwaves"))
+    #: This operator's peering priority (the highest active one works, others wait).
+    priority: int = field(default_factory=lambda: int(_env("PRIORITY", "0")))
+    #: Connections per tenant database pool.
+    pool_size: int = field(default_factory=lambda: int(_env("POOL_SIZE", "4")))
+    #: TTL of the Redis flags in seconds (the seed's 7200).
+    flag_ttl: int = field(default_factory=lambda: int(_env("FLAG_TTL", "7200")))
+    #: Longest back-off between retries of an ImportJob whose database or Secret is unavailable.
+    max_backoff: float = field(default_factory=lambda: float(_env("MAX_BACKOFF", "60")))
