@@ -109,6 +109,21 @@ def small_spec(tenant: str, **overrides: Any) -> ImportSpec:
     return reference_spec(tenant, **base)
 
 
+def setup_job(
+    engine: Engine, job_id: str, orders: int = 300, **spec_overrides: Any
+) -> tuple[DataSet, ImportSpec]:
+    """Stage datagen rows for `job_id` and submit it with `small_spec`."""
+    ds = stage(engine.dsn, engine.tenant, job_id, orders)
+    spec = small_spec(engine.tenant, **spec_overrides)
+    assert engine.submit(job_id, spec)
+    return ds, spec
+
+
+def launched(engine: Engine, record_type_id: int | None = None) -> list[BatchDispatch]:
+    out = list(engine.launcher.launched)  # type: ignore[attr-defined]
+    return [b for b in out if record_type_id is None or b.record_type_id == record_type_id]
+
+
 def lines_of(order: int) -> int:
     """Lines datagen stages for order `order`."""
     return 1 + (7 * order) % 9
@@ -380,6 +395,19 @@ def assert_verified(dsn: str, tenant: str, job_id: str, spec: ImportSpec) -> Non
     with tenant_conn(dsn, tenant) as conn:
         v = verify_import(conn, job_id, spec)
     assert v.ok, v.failures()
+
+
+def assert_complete(engine: Engine, job_id: str, ds: DataSet, spec: ImportSpec) -> None:
+    """The import finished with every row, the exact batch rows, exact counters, each batch
+    dispatched once per attempt, and the parallelism cap held."""
+    dsn, tenant = engine.dsn, engine.tenant
+    assert_verified(dsn, tenant, job_id, spec)
+    assert dict(rows_by_type(dsn, tenant, job_id)) == expected_batches(ds, spec)
+    assert counters_mismatch(dsn, tenant, job_id) == []
+    assert_no_duplicate_dispatch(engine.launcher, dsn, tenant, job_id)  # type: ignore[arg-type]
+    launcher = engine.launcher
+    if isinstance(launcher, TrackingLauncher):
+        assert 0 < launcher.max_active <= spec.parallelism
 
 
 def assert_no_duplicate_dispatch(
