@@ -391,6 +391,14 @@ def batches(dsn: str, tenant: str, job_id: str) -> list[dict[str, Any]]:
         ).fetchall()
 
 
+def last_batch_id(dsn: str, tenant: str, job_id: str, record_type_id: int) -> str:
+    """The highest batch id of a record type (the last one its wave dispatches)."""
+    ids = [
+        b["batch_id"] for b in batches(dsn, tenant, job_id) if b["record_type_id"] == record_type_id
+    ]
+    return max(ids)
+
+
 def assert_verified(dsn: str, tenant: str, job_id: str, spec: ImportSpec) -> None:
     with tenant_conn(dsn, tenant) as conn:
         v = verify_import(conn, job_id, spec)
