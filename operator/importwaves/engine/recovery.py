@@ -115,18 +115,22 @@ class Recovery:
         """Requeue the failed batches of a job (completed ones are kept) and resume it."""
         report = RecoveryReport(job_id)
         with self.pool.connection() as conn, conn.transaction():
-            if conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone() is None:
+            job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
+            if job is None:
                 report.actions.append(f"no job {job_id!r}")
                 return report
             rows = conn.execute(Q("batches_requeue_failed"), {"job_id": job_id}).fetchall()
-            conn.execute(
-                Q("job_set_status"),
-                {
-                    "job_id": job_id,
-                    "status": JobStatus.RUNNING.value,
-                    "reason": f"retry-failed requeued {len(rows)} batch(es)",
-                },
-            )
+            # Reopen only a job there is something to retry for: a completed job with no failed
+            # batch stays completed (re-running it would flip it to running and re-stamp it).
+            if rows or job["status"] == JobStatus.FAILED.value:
+                conn.execute(
+                    Q("job_set_status"),
+                    {
+                        "job_id": job_id,
+                        "status": JobStatus.RUNNING.value,
+                        "reason": f"retry-failed requeued {len(rows)} batch(es)",
+                    },
+                )
         for r in rows:
             self._act(
                 report,
