@@ -1,0 +1,237 @@
+"""Recovery: a worker killed mid-batch, a dispatch nobody claimed, failed batches and retries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from helpers import (
+    CUSTOMER,
+    LINE,
+    MONITORING,
+    SALES_ORDER,
+    assert_complete,
+    batches,
+    drive,
+    flag_ttl,
+    job_status,
+    launched,
+    setup_job,
+    tenant_conn,
+    wait_until,
+)
+from importwaves.db.queries import Q
+from importwaves.engine.model import Outcome
+from importwaves.worker import ENV, EXIT_FENCED, WorkItem, run_batch
+
+pytestmark = pytest.mark.integration
+
+
+def batch_row(dsn: str, tenant: str, batch_id: str) -> dict[str, Any]:
+    return next(b for b in batches(dsn, tenant, "job") if b["batch_id"] == batch_id)
+
+
+def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
+    engine, dsn, tenant, redis_url
+) -> None:
+    ds, spec = setup_job(engine, "job", staleAfterSeconds=5)
+    (b,) = engine.check("job", "start").dispatched
+    assert b.record_type_id == CUSTOMER
+    env = {
+        **os.environ,
+        ENV["dsn"]: dsn,
+        ENV["tenant"]: tenant,
+        ENV["job_id"]: "job",
+        ENV["batch_id"]: b.batch_id,
+        ENV["dispatch_seq"]: str(b.dispatch_seq),
+        "IMPORTWAVES_WORKER_HOLD_SECONDS": "30",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "importwaves.worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: batch_row(dsn, tenant, b.batch_id)["status"] == "processing",
+            timeout=20,
+            what="the worker to claim its batch",
+        )
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+    claimed = batch_row(dsn, tenant, b.batch_id)
+    assert (claimed["attempts"], claimed["dispatch_seq"]) == (1, 1)
+
+    # Heartbeat still fresh: reconcile touches nothing.
+    early = engine.recovery.reconcile("job")
+    assert early.demoted == early.requeued == early.failed == 0
+    assert early.result is not None and early.result.dispatched == []
+    assert batch_row(dsn, tenant, b.batch_id)["status"] == "processing"
+
+    # Once the heartbeat is older than staleAfterSeconds the batch shows as stuck ...
+    def stuck() -> list[dict[str, Any]]:
+        with tenant_conn(dsn, tenant) as conn:
+            return conn.execute(Q("batches_stuck"), {"job_id": "job", "stale_after": 5}).fetchall()
+
+    rows = wait_until(stuck, timeout=15, every=0.1, what="the batch to go stale")
+    assert [r["batch_id"] for r in rows] == [b.batch_id]
+    # ... and reconcile demotes it, says so, and dispatches it again at once.
+    report = engine.recovery.reconcile("job")
+    assert report.demoted == 1 and report.failed == 0
+    assert any(
+        a.startswith(f"demoted batch {b.batch_id} processing -> pending") for a in report.actions
+    ), report.actions
+    assert "catch-up dispatch of 1 batch(es)" in report.actions
+    assert "refreshed the wave_monitoring_active flag" in report.actions
+    assert report.result is not None
+    assert [(x.batch_id, x.dispatch_seq) for x in report.result.dispatched] == [(b.batch_id, 2)]
+    assert "stale: no heartbeat" in (batch_row(dsn, tenant, b.batch_id)["last_error"] or "")
+
+    # The killed worker's dispatch is fenced out if it ever comes back.
+    late = run_batch(WorkItem(dsn, tenant, "job", b.batch_id, b.dispatch_seq))
+    assert late.exit_code == EXIT_FENCED
+
+    assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
+    final = batch_row(dsn, tenant, b.batch_id)
+    assert (final["status"], final["attempts"], final["dispatch_seq"]) == ("completed", 2, 2)
+    assert_complete(engine, "job", ds, spec)
+
+
+def test_stale_claim_on_last_attempt_fails_and_retry_failed_resumes(
+    engine, dsn, tenant, redis_url
+) -> None:
+    ds, spec = setup_job(engine, "job", staleAfterSeconds=5, retries=0)
+    (b,) = engine.check("job", "start").dispatched
+    with tenant_conn(dsn, tenant) as conn:
+        claimed = conn.execute(
+            Q("batch_claim"),
+            {
+                "job_id": "job",
+                "batch_id": b.batch_id,
+                "dispatch_seq": b.dispatch_seq,
+                "worker_id": "lost-pod",
+            },
+        ).fetchone()
+        assert claimed is not None and claimed["attempts"] == 1
+        # the worker died 10 s ago (heartbeats change no status: counters are untouched)
+        conn.execute(
+            "UPDATE wave_batches SET heartbeat_at = heartbeat_at - interval '10 s', "
+            "started_at = started_at - interval '10 s' WHERE batch_id = %s",
+            (b.batch_id,),
+        )
+    report = engine.recovery.reconcile("job")
+    assert report.failed == 1 and report.demoted == 0
+    assert any("no attempts left (1/1)" in a for a in report.actions), report.actions
+    assert report.result is not None and report.result.outcome == Outcome.FAILED
+    assert job_status(dsn, tenant, "job") == "failed"
+    assert flag_ttl(redis_url, tenant, "job", MONITORING) == -2
+    row = batch_row(dsn, tenant, b.batch_id)
+    assert row["status"] == "failed" and "worker lost-pod" in row["last_error"]
+
+    retry = engine.recovery.retry_failed("job")
+    assert retry.requeued == 1
+    assert retry.actions == [f"requeued failed batch {b.batch_id}"]
+    assert retry.result is not None and retry.result.outcome == Outcome.WAVE_TRIGGERED
+    assert job_status(dsn, tenant, "job") == "running"
+    assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
+    assert_complete(engine, "job", ds, spec)
+
+
+def test_dispatch_nobody_claimed_is_requeued(engine, dsn, tenant, redis_url) -> None:
+    ds, spec = setup_job(engine, "job", staleAfterSeconds=5)
+    (b,) = engine.check("job", "start").dispatched
+    with tenant_conn(dsn, tenant) as conn:
+        conn.execute(
+            "UPDATE wave_batches SET dispatched_at = dispatched_at - interval '10 s' "
+            "WHERE batch_id = %s",
+            (b.batch_id,),
+        )
+    report = engine.recovery.reconcile("job")
+    assert report.requeued == 1
+    assert any(
+        a.startswith(f"requeued batch {b.batch_id} dispatched -> pending") for a in report.actions
+    )
+    assert report.result is not None
+    assert [(x.batch_id, x.dispatch_seq) for x in report.result.dispatched] == [(b.batch_id, 2)]
+    assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
+    assert batch_row(dsn, tenant, b.batch_id)["attempts"] == 1  # never claimed before
+    assert_complete(engine, "job", ds, spec)
+
+
+BAD_DATA = {
+    # name: (record type, record id, breaking SQL, fixing SQL, expected problem)
+    "order_without_amount": (
+        SALES_ORDER,
+        150,
+        "UPDATE staging_records SET payload = payload - 'amount' WHERE record_type_id = -30 "
+        "AND record_id = 150",
+        'UPDATE staging_records SET payload = payload || \'{"amount": "1.00"}\' '
+        "WHERE record_type_id = -30 AND record_id = 150",
+        "record 150: missing amount",
+    ),
+    "order_of_unknown_customer": (
+        SALES_ORDER,
+        250,
+        "UPDATE staging_records SET parent_id = 999999 WHERE record_type_id = -30 "
+        "AND record_id = 250",
+        "UPDATE staging_records SET parent_id = 1 WHERE record_type_id = -30 AND record_id = 250",
+        "record 250: parent customer 999999 not imported",
+    ),
+    "line_with_bad_amount": (
+        LINE,
+        42,
+        'UPDATE staging_records SET payload = payload || \'{"amount": "lots"}\' '
+        "WHERE record_type_id = -13 AND record_id = 42",
+        'UPDATE staging_records SET payload = payload || \'{"amount": "2.50"}\' '
+        "WHERE record_type_id = -13 AND record_id = 42",
+        "record 42: amount is not a number",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_row_is_retried_then_fails_the_job_and_retry_failed_completes_it(
+    engine, dsn, tenant, redis_url, case: str
+) -> None:
+    rid, record_id, breaking, fixing, problem = BAD_DATA[case]
+    ds, spec = setup_job(engine, "job", retries=2)
+    with tenant_conn(dsn, tenant) as conn:
+        assert conn.execute(breaking).rowcount == 1
+    r = drive(engine, dsn, tenant, "job")
+    assert r.outcome == Outcome.FAILED
+    assert job_status(dsn, tenant, "job") == "failed"
+    assert flag_ttl(redis_url, tenant, "job", MONITORING) == -2
+
+    failed = [b for b in batches(dsn, tenant, "job") if b["status"] == "failed"]
+    assert len(failed) == 1
+    bad = failed[0]
+    assert bad["record_type_id"] == rid
+    assert bad["attempts"] == spec.max_attempts == 3
+    assert bad["dispatch_seq"] == 3
+    assert f"record {record_id}:" in bad["last_error"]  # the error names the record
+    assert problem in bad["last_error"]
+    attempts = [x.dispatch_seq for x in launched(engine) if x.batch_id == bad["batch_id"]]
+    assert attempts == [1, 2, 3]  # retried up to `retries`, then given up
+    failing_runs = [run for run in r.runs if run.batch.batch_id == bad["batch_id"]]
+    assert [run.worker.exit_code for run in failing_runs if run.worker] == [1, 1, 1]
+    with tenant_conn(dsn, tenant) as conn:
+        assert conn.execute(Q("orphan_lines"), {"job_id": "job"}).fetchone()["n"] == 0
+        if rid == SALES_ORDER:  # parent-first: no line of any order before the parents finish
+            lines = conn.execute(Q("target_counts"), {"job_id": "job"}).fetchall()
+            assert {x["target"]: x["n"] for x in lines}["transaction_lines"] == 0
+
+    with tenant_conn(dsn, tenant) as conn:
+        assert conn.execute(fixing).rowcount == 1
+    retry = engine.recovery.retry_failed("job")
+    assert retry.requeued == 1
+    assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
+    row = batch_row(dsn, tenant, bad["batch_id"])
+    assert (row["status"], row["attempts"], row["dispatch_seq"]) == ("completed", 1, 4)
+    assert_complete(engine, "job", ds, spec)
