@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,25 @@ class ClusterError(RuntimeError):
     pass
 
 
+# argv: owner pid, kwok cluster dir, component pids. Exits once the cluster dir is gone
+# (normal teardown); kills the components if the owner dies first.
+_REAPER = """
+import os, signal, sys, time
+owner, cluster_dir, pids = int(sys.argv[1]), sys.argv[2], [int(p) for p in sys.argv[3:]]
+while os.path.isdir(cluster_dir):
+    try:
+        os.kill(owner, 0)
+    except ProcessLookupError:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        break
+    time.sleep(1)
+"""
+
+
 @dataclass
 class Cluster:
     """One kwokctl-managed cluster. Create with `Cluster.start()`, end with `.stop()`."""
@@ -126,6 +146,8 @@ class Cluster:
             # Everything kwokctl writes (cluster dirs, its cache) stays in our temp dir.
             "KWOK_WORKDIR": str(workdir / "kwok"),
             "KWOK_KUBECTL_BINARY": str(bin_dir / "kubectl"),
+            # Tells kwokctl which flags the binaries understand (it has no CLI flag for it).
+            "KWOK_KUBE_VERSION": f"v{versions['K8S_VERSION']}",
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         cluster = cls(
@@ -138,6 +160,7 @@ class Cluster:
         )
         try:
             cluster._create(timeout)
+            cluster._start_reaper()
             cluster._add_kwok_node()
         except BaseException:
             cluster.stop()
@@ -152,7 +175,6 @@ class Cluster:
             "cluster",
             f"--name={self.name}",
             "--runtime=binary",
-            f"--kube-version=v{self.kube_version}",
             f"--kubeconfig={self.kubeconfig}",
             f"--etcd-binary={b / 'etcd'}",
             f"--kube-apiserver-binary={b / 'kube-apiserver'}",
@@ -163,10 +185,7 @@ class Cluster:
             # gives kube-controller-manager the service-account signing key.
             "--kube-authorization=true",
             "--kube-admission=true",
-            # kwok must leave the local kubelet's node (and its pods) alone.
-            "--extra-args=kwok-controller=manage-all-nodes=false",
-            f"--extra-args=kwok-controller=manage-nodes-with-annotation-selector="
-            f"{KWOK_NODE_ANNOTATION}=fake",
+            f"--config={self._write_kwokctl_config()}",
             f"--wait={int(timeout)}s",
         ]
         proc = subprocess.run(
@@ -178,6 +197,44 @@ class Cluster:
                 f"kwokctl create cluster failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
                 f"\ncomponent logs: {self.logs_dir}"
             )
+
+    def _start_reaper(self) -> None:
+        """kwokctl daemonizes the components: if this (pytest) process dies without running
+        its teardown, a tiny watchdog kills them so no cluster outlives the session."""
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _REAPER,
+                str(os.getpid()),
+                str(self.workdir / "kwok" / "clusters" / self.name),
+                *map(str, self._component_pids()),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _write_kwokctl_config(self) -> Path:
+        """Options with no CLI flag: listen on loopback only, and keep kwok away from every
+        node but the annotated fake ones (the binary runtime defaults to all nodes, which
+        would include the local kubelet's node and its pods)."""
+        path = self.workdir / "kwokctl-config.yaml"
+        path.write_text(
+            "apiVersion: config.kwok.x-k8s.io/v1alpha1\n"
+            "kind: KwokctlConfiguration\n"
+            "options:\n"
+            "  bindAddress: 127.0.0.1\n"
+            "componentsPatches:\n"
+            "- name: kwok-controller\n"
+            "  extraArgs:\n"
+            "  - key: manage-all-nodes\n"
+            '    value: "false"\n'
+            "  - key: manage-nodes-with-annotation-selector\n"
+            f"    value: {KWOK_NODE_ANNOTATION}=fake\n"
+        )
+        return path
 
     def _add_kwok_node(self) -> None:
         from kubernetes import client
@@ -202,11 +259,15 @@ class Cluster:
             wait_node_ready(core, KWOK_NODE_NAME, timeout=60)
 
     def stop(self) -> None:
-        """Stop every component; idempotent. Leaves `self.workdir` (and its logs) in place."""
-        if not (self.workdir / "kwok" / "clusters" / self.name).exists():
+        """Stop every component; idempotent. Removes kwok's cluster dir (logs included:
+        call `save_logs` first to keep them); leaves the rest of `self.workdir`."""
+        cluster_dir = self.workdir / "kwok" / "clusters" / self.name
+        if not cluster_dir.exists():
             return
+        pids = self._component_pids()
+        proc = None
         with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(
+            proc = subprocess.run(
                 [str(self.bin_dir / "kwokctl"), "delete", "cluster", f"--name={self.name}"],
                 check=False,
                 env=self.env,
@@ -214,17 +275,22 @@ class Cluster:
                 text=True,
                 timeout=60,
             )
-        # kwokctl removes the cluster dir (logs included) on success; if it could not, make
-        # sure no component outlives us.
-        self._kill_leftovers()
+        if proc is not None:
+            (self.workdir / "kwokctl-delete.log").write_text(
+                f"rc={proc.returncode}\n{proc.stdout}{proc.stderr}"
+            )
+        # Make sure no component outlives us, whatever kwokctl managed to do.
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
-    def _kill_leftovers(self) -> None:
+    def _component_pids(self) -> list[int]:
         pids_dir = self.workdir / "kwok" / "clusters" / self.name / "pids"
-        if not pids_dir.is_dir():
-            return
-        for pidfile in pids_dir.glob("*.pid"):
+        out = []
+        for pidfile in pids_dir.glob("*.pid") if pids_dir.is_dir() else []:
             with contextlib.suppress(ValueError, OSError):
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+                out.append(int(pidfile.read_text().strip()))
+        return out
 
     def save_logs(self, dest: Path) -> Path:
         """Copy component logs (and the kwokctl config) to `dest`; return it."""

@@ -148,6 +148,7 @@ class LocalKubelet:
         path_prefix: list[str] | None = None,
         heartbeat_interval: float = 10.0,
         capacity: dict[str, str] | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         from kubernetes import client
 
@@ -160,6 +161,8 @@ class LocalKubelet:
             path_prefix if path_prefix is not None else [str(Path(sys.prefix) / "bin")]
         )
         self.heartbeat_interval = heartbeat_interval
+        #: Added to every pod's environment (the pod's own env wins), e.g. for coverage.
+        self.extra_env = dict(extra_env or {})
         self.capacity = capacity or {
             "cpu": "64",
             "memory": "256Gi",
@@ -545,6 +548,7 @@ class LocalKubelet:
         for k in ("HOME", "LANG", "LC_ALL", "TMPDIR", "TZ"):
             if k in os.environ:
                 out[k] = os.environ[k]
+        out.update(self.extra_env)
         return out
 
 
@@ -571,6 +575,7 @@ class _PodRunner(threading.Thread):
         self._done_lock = threading.Lock()
         self._last_waiting: str | None = None
         self.restart_count = 0
+        self.last_state: dict[str, Any] | None = None
         self.start_time = _now()
 
     # control (called from other threads) -----------------------------------------------
@@ -653,7 +658,6 @@ class _PodRunner(threading.Thread):
             return
         cwd = self.container.get("workingDir") or str(workdir)
         log_path = workdir / f"{self.container['name']}.log"
-        last_state: dict[str, Any] | None = None
         while True:
             started = _now()
             with log_path.open("ab") as out:
@@ -673,7 +677,7 @@ class _PodRunner(threading.Thread):
                     return
             if self._stopping():
                 self._signal_stop()
-            self._patch_running(started, last_state)
+            self._patch_running(started)
             rc = self._wait()
             finished = _now()
             if self._killed.is_set():
@@ -688,7 +692,7 @@ class _PodRunner(threading.Thread):
             if not restart:
                 self._patch_terminal(rc, reason, failed=rc != 0, started=started)
                 return
-            last_state = {
+            self.last_state = {
                 "terminated": {
                     "exitCode": rc,
                     "reason": reason,
@@ -726,7 +730,7 @@ class _PodRunner(threading.Thread):
 
     # status ---------------------------------------------------------------------------
 
-    def _container_status(self, state: dict[str, Any], ready: bool, last: Any = None) -> Any:
+    def _container_status(self, state: dict[str, Any], ready: bool) -> Any:
         c = self.container
         st: dict[str, Any] = {
             "name": c["name"],
@@ -738,8 +742,8 @@ class _PodRunner(threading.Thread):
             "restartCount": self.restart_count,
             "state": state,
         }
-        if last:
-            st["lastState"] = last
+        if self.last_state:
+            st["lastState"] = self.last_state
         return st
 
     def _conditions(self, ready: bool, reason: str | None = None) -> list[dict[str, Any]]:
@@ -766,6 +770,10 @@ class _PodRunner(threading.Thread):
         status.setdefault("hostIP", POD_IP)
         status.setdefault("hostIPs", [{"ip": POD_IP}])
         status.setdefault("startTime", self.start_time)
+        # Replace (not merge) the container statuses: a merged state would keep the previous
+        # `running` next to the new `terminated`. Conditions merge by type (others' stay).
+        if "containerStatuses" in status:
+            status["containerStatuses"] = [*status["containerStatuses"], {"$patch": "replace"}]
         try:
             self.kubelet.core.patch_namespaced_pod_status(
                 self.pod_name,
@@ -794,7 +802,7 @@ class _PodRunner(threading.Thread):
             }
         )
 
-    def _patch_running(self, started: str, last: Any) -> None:
+    def _patch_running(self, started: str) -> None:
         self._patch(
             {
                 "phase": "Running",
@@ -802,7 +810,7 @@ class _PodRunner(threading.Thread):
                 "podIPs": [{"ip": POD_IP}],
                 "conditions": self._conditions(True),
                 "containerStatuses": [
-                    self._container_status({"running": {"startedAt": started}}, True, last)
+                    self._container_status({"running": {"startedAt": started}}, True)
                 ],
             }
         )

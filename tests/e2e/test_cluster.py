@@ -6,6 +6,7 @@ Pending -> Running -> Succeeded; the real kube-controller-manager does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
+from urllib3.exceptions import ProtocolError
 
 from .cluster import KWOK_NODE_NAME, KWOK_POD_PLACEMENT, Cluster
 from .waits import job_condition, wait_for, wait_job_finished
@@ -71,7 +73,8 @@ def test_crd_create_list_watch(k8s_cluster: Cluster, namespace: str) -> None:
         ready = threading.Event()
 
         def consume() -> None:
-            with k8s_cluster.api_client() as wapi:
+            with k8s_cluster.api_client() as wapi, contextlib.suppress(ProtocolError):
+                # (w.stop() shuts the socket down: the stream then ends with ProtocolError.)
                 wco = client.CustomObjectsApi(wapi)
                 ready.set()
                 for ev in w.stream(

@@ -87,6 +87,23 @@ def test_failing_pod_fails_job_per_backoff_limit(
             assert local_kubelet.pod_log(namespace, pod.metadata.name) == "boom\n"
 
 
+def test_on_failure_restarts_in_place(
+    k8s_cluster: Cluster, local_kubelet: LocalKubelet, namespace: str
+) -> None:
+    with k8s_cluster.api_client() as api:
+        core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        job = _job("flaky", "[ -f marker ] && exit 0; touch marker; exit 3", backoff_limit=2)
+        job["spec"]["template"]["spec"]["restartPolicy"] = "OnFailure"
+        batch.create_namespaced_job(namespace, job)
+        done = wait_job_finished(batch, namespace, "flaky")
+        assert job_condition(done) == "Complete", done.status
+        (pod,) = _job_pods(core, namespace, "flaky")
+        cs = pod.status.container_statuses[0]
+        assert cs.restart_count == 1
+        assert cs.last_state.terminated.exit_code == 3
+        assert cs.state.terminated.exit_code == 0
+
+
 def test_env_sources_and_expansion(
     k8s_cluster: Cluster, local_kubelet: LocalKubelet, namespace: str
 ) -> None:
@@ -172,7 +189,8 @@ def test_pod_deletion_kills_process(
                         {
                             "name": "main",
                             "image": "ignored",
-                            "command": ["sh", "-c", "echo $$ > pid; exec sleep 300"],
+                            # `$$$$`: Kubernetes expands `$$` to `$`, so sh sees `$$`.
+                            "command": ["sh", "-c", "echo $$$$ > pid; exec sleep 300"],
                         }
                     ],
                 },
