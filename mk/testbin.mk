@@ -1,7 +1,7 @@
 # Kubernetes test binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kubectl, helm, kwok, kwokctl) built from Go modules into a cache dir outside the repo.
 # Pinned versions: hack/testbin/versions.env. A warm `make testbin` is a no-op.
-#   make testbin          build what is missing (cold: ~20 min on 2 cores)
+#   make testbin          build what is missing (cold: ~7 min on 2 cores, warm: ~10 ms)
 #   make testbin-dir      print the bin dir
 #   make testbin-clean    drop the built binaries (Go's module and build caches stay)
 TESTBIN_DIR := $(shell bash hack/testbin/bindir.sh)

@@ -44,7 +44,7 @@ BINARIES = (
     "kwokctl",
 )
 BUILD_HINT = (
-    "build them with `make testbin` (or `hack/testbin/build.sh`; cold build ~20 min, "
+    "build them with `make testbin` (or `hack/testbin/build.sh`; cold build ~7 min on 2 cores, "
     "needs Go >= 1.26 and the Go module proxy), or point IMPORTWAVES_TESTBIN at a directory "
     "holding them"
 )
