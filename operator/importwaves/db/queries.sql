@@ -89,7 +89,8 @@ INSERT INTO wave_batches
     (job_id, batch_id, wave_number, record_type_id, chunk_ids_json, record_count,
      needs_derivation)
 SELECT %(job_id)s,
-       %(prefix)s || '-' || lpad(g.grp::text, 6, '0'),
+       -- lpad truncates longer strings: never let it (a cut id collides and is dropped)
+       %(prefix)s || '-' || lpad(g.grp::text, greatest(6, length(g.grp::text)), '0'),
        %(wave_number)s, %(record_type_id)s,
        jsonb_agg(g.record_id ORDER BY g.record_id), count(*), %(needs_derivation)s
 FROM (
@@ -220,7 +221,9 @@ INSERT INTO wave_batches
     (job_id, batch_id, wave_number, record_type_id, chunk_ids_json, record_count,
      parent_batch_id)
 SELECT %(job_id)s,
-       %(prefix)s || '-' || lpad(g.grp::text, 4, '0'),
+       -- grp is (records before) / batch_size, sparse: it passes 9999 in a wide parent batch,
+       -- and lpad would cut it to a colliding id whose batch ON CONFLICT then silently drops
+       %(prefix)s || '-' || lpad(g.grp::text, greatest(4, length(g.grp::text)), '0'),
        %(wave_number)s, %(record_type_id)s,
        jsonb_agg(g.parent_id ORDER BY g.parent_id), sum(g.n)::int, %(parent_batch_id)s
 FROM (
