@@ -1,0 +1,101 @@
+"""Row 1's peer: a Celery chord on the same Redis. Runs ONLY in bench/.venv-celery.
+
+Celery pins python-dateutil 2.9 and `kubernetes` needs >= 3, so Celery cannot share the
+project's virtualenv; run.py creates bench/.venv-celery and drives this module through it:
+
+    python -m bench.celery_peer worker --redis URL          a real `celery worker` (prefork, 2)
+    python -m bench.celery_peer drive --redis URL --n 50    chords one after another, JSON out
+
+Each chord is a group of 20 parent tasks whose callback dispatches the derived group (20 tasks).
+A parent stamps time.time() as the last thing before it returns; the callback stamps
+time.time() as the first thing it does. lag = callback start - latest parent return. The driver
+waits for the derived group too, so chords do not overlap (as the importwaves imports do not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from celery import Celery, chord, group
+from celery.result import GroupResult
+
+PARENTS = 20
+REDIS_URL = os.environ.get("BENCH_CELERY_REDIS", "redis://127.0.0.1:6379/1")
+
+app = Celery("bench_celery_peer", broker=REDIS_URL, backend=REDIS_URL)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    result_expires=600,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task(name="bench.parent")
+def parent(i: int) -> float:
+    _ = i * i
+    return time.time()
+
+
+@app.task(name="bench.derived")
+def derived(i: int) -> int:
+    return i
+
+
+@app.task(name="bench.callback")
+def callback(returns: list[float]) -> dict[str, Any]:
+    started = time.time()
+    lag = started - max(returns)
+    res = group(derived.s(i) for i in range(PARENTS)).apply_async()
+    res.save()
+    return {"lag_s": lag, "derived_group": res.id}
+
+
+def drive(n: int, warmup: int) -> list[float]:
+    lags: list[float] = []
+    for k in range(n + warmup):
+        result = chord(parent.s(i) for i in range(PARENTS))(callback.s())
+        out = result.get(timeout=60, interval=0.001)
+        derived_group = GroupResult.restore(out["derived_group"], app=app)
+        if derived_group is not None:
+            derived_group.get(timeout=60, interval=0.001)
+        if k >= warmup:
+            lags.append(float(out["lag_s"]))
+    return lags
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.celery_peer")
+    ap.add_argument("mode", choices=["worker", "drive"])
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--concurrency", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.mode == "worker":
+        app.worker_main(
+            [
+                "worker",
+                "--pool=prefork",
+                f"--concurrency={args.concurrency}",
+                "--loglevel=WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )
+        return 0
+    lags = drive(args.n, args.warmup)
+    json.dump({"lags_s": lags}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

