@@ -83,8 +83,7 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
                 shutil.copytree(kubelet_dir, dest / "localkubelet", dirs_exist_ok=True)
             _report(request.config, f"\ne2e: tests failed; cluster logs kept in {dest}")
         cluster.stop()
-        if not failed:
-            shutil.rmtree(cluster.workdir, ignore_errors=True)
+        shutil.rmtree(cluster.workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
