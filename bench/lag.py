@@ -79,6 +79,8 @@ class JobTrace:
     derived_launches: list[float] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
+    inflight: int = 0
+    finished: bool = False
 
     @property
     def lag(self) -> float | None:
@@ -109,6 +111,7 @@ class ThreadLauncher:
         trace = self.traces[job_id]
         with self._lock:
             trace.derived_launches += [now for b in batches if b.record_type_id == DERIVED]
+            trace.inflight += len(batches)
         for b in batches:
             self.pool.submit(self._run, tenant, b)
         return []
@@ -131,10 +134,15 @@ class ThreadLauncher:
                     b.job_id, b.batch_id, b.dispatch_seq, result.message
                 )
             if out.outcome.value in ("completed", "failed"):
-                trace.done.set()
+                trace.finished = True
         except Exception as exc:  # a benchmark must say what broke, not hang
             trace.error = f"{type(exc).__name__}: {exc}"
             trace.done.set()
+        finally:
+            with self._lock:
+                trace.inflight -= 1
+                if trace.finished and trace.inflight == 0:
+                    trace.done.set()  # the import is over and no worker of it still runs
 
 
 def stage_jobs(dsn: str, tenant: str, job_ids: Sequence[str]) -> None:
@@ -164,18 +172,19 @@ def run_listener_path(
 ) -> list[dict[str, Any]]:
     """Run the imports one after another through the listener path; one row per import."""
     traces = {j: JobTrace(j) for j in job_ids}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="worker") as pool:
-        launcher = ThreadLauncher(dsn, pool, traces, notify=True)
-        engine = Engine(dsn, tenant, redis_url=redis_url, launcher=launcher, pool_size=8)
-        launcher.engine = engine
-        try:
-            for job_id in job_ids:
-                engine.submit(job_id, lag_spec(tenant, parallelism))
-                engine.check(job_id, cause="start")
-                if not traces[job_id].done.wait(120):
-                    raise TimeoutError(f"import {job_id} did not finish in 120 s")
-        finally:
-            engine.close()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="worker")
+    launcher = ThreadLauncher(dsn, pool, traces, notify=True)
+    engine = Engine(dsn, tenant, redis_url=redis_url, launcher=launcher, pool_size=8)
+    launcher.engine = engine
+    try:
+        for job_id in job_ids:
+            engine.submit(job_id, lag_spec(tenant, parallelism))
+            engine.check(job_id, cause="start")
+            if not traces[job_id].done.wait(120):
+                raise TimeoutError(f"import {job_id} did not finish in 120 s")
+    finally:
+        pool.shutdown(wait=True)
+        engine.close()
     return _rows(dsn, tenant, traces)
 
 
@@ -193,31 +202,32 @@ def run_timer_only(
     """No listener: a per-job timer calls check_and_trigger_next_wave every `interval` s."""
     traces = {j: JobTrace(j) for j in job_ids}
     rng = random.Random(seed)  # noqa: S311 - start jitter, not cryptography
-    with ThreadPoolExecutor(max_workers=6, thread_name_prefix="worker") as pool:
-        launcher = ThreadLauncher(dsn, pool, traces, notify=False)
-        engine = Engine(dsn, tenant, redis_url=redis_url, launcher=launcher, pool_size=16)
-        launcher.engine = engine
+    pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="worker")
+    launcher = ThreadLauncher(dsn, pool, traces, notify=False)
+    engine = Engine(dsn, tenant, redis_url=redis_url, launcher=launcher, pool_size=16)
+    launcher.engine = engine
 
-        def timer(job_id: str) -> None:
-            trace = traces[job_id]
-            engine.submit(job_id, lag_spec(tenant, parallelism))
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                out = engine.check(job_id, cause="timer")
-                if out.outcome.value in ("completed", "failed"):
-                    break
-                time.sleep(interval)
-            else:
-                trace.error = "timed out"
-            trace.done.set()
+    def timer(job_id: str) -> None:
+        trace = traces[job_id]
+        engine.submit(job_id, lag_spec(tenant, parallelism))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            out = engine.check(job_id, cause="timer")
+            if out.outcome.value in ("completed", "failed"):
+                break
+            time.sleep(interval)
+        else:
+            trace.error = "timed out"
+        trace.done.set()
 
-        try:
-            with ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="timer") as timers:
-                for job_id in job_ids:
-                    time.sleep(rng.uniform(0, interval / concurrent * 2))
-                    timers.submit(timer, job_id)
-        finally:
-            engine.close()
+    try:
+        with ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="timer") as timers:
+            for job_id in job_ids:
+                time.sleep(rng.uniform(0, interval / concurrent * 2))
+                timers.submit(timer, job_id)
+    finally:
+        pool.shutdown(wait=True)
+        engine.close()
     return _rows(dsn, tenant, traces)
 
 
