@@ -32,13 +32,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str | int = "INFO", stream: Any = None) -> None:
-    """Send every importwaves log line to `stream` (stderr) as JSON."""
+    """Send every importwaves and kopf log line to `stream` (stderr) as JSON."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("importwaves")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    for name in ("importwaves", "kopf"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:

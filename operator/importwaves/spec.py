@@ -29,9 +29,17 @@ Name = Annotated[
     str,
     Field(
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}$",
+        max_length=63,
         description="Record type name: a letter, then letters, digits or underscores (max 63).",
     ),
 ]
+
+
+#: Kubernetes list semantics for the CRD: entries keyed (and kept unique) by name.
+_LIST_MAP_BY_NAME: dict[str, Any] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["name"],
+}
 
 
 class _Model(BaseModel):
@@ -117,10 +125,16 @@ class ImportSpec(_Model):
         description="Tenant name; also the tenant's PostgreSQL schema (lowercase, max 48).",
     )
     recordTypes: list[RecordType] = Field(
-        min_length=1, max_length=64, description="Main record types in parent-first order."
+        min_length=1,
+        max_length=64,
+        description="Main record types in parent-first order.",
+        json_schema_extra=_LIST_MAP_BY_NAME,
     )
     derivedTypes: list[DerivedType] = Field(
-        default_factory=list, max_length=16, description="Derived record types (TransactionLine)."
+        default_factory=list,
+        max_length=16,
+        description="Derived record types (TransactionLine).",
+        json_schema_extra=_LIST_MAP_BY_NAME,
     )
     completionThreshold: int = Field(
         default=100,

@@ -66,11 +66,6 @@ class ImportJobSpec(ImportSpec):
 
 CEL_RULES: list[dict[str, str]] = [
     {
-        "rule": "self.recordTypes.all(r, self.recordTypes.exists_one(x, x.name == r.name))",
-        "message": "recordTypes: names must be unique",
-        "fieldPath": ".recordTypes",
-    },
-    {
         "rule": "self.recordTypes.all(r, self.recordTypes.exists_one(x, "
         "x.recordTypeId == r.recordTypeId))",
         "message": "recordTypes: recordTypeId values must be unique",
@@ -121,6 +116,8 @@ _KEEP = {
     "additionalProperties",
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 }
 
 

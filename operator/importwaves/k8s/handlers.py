@@ -39,12 +39,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30
     settings.batching.error_delays = (1, 2, 5, 10, 20, 30, 60)
-    if SETTINGS.peering:
-        settings.peering.name = SETTINGS.peering
-        settings.peering.priority = SETTINGS.priority
-        settings.peering.mandatory = True
-    else:
-        settings.peering.standalone = True
+    # Peering (name, priority, standalone) comes from `importwaves run` via kopf.run().
     try:
         config.load_incluster_config()
     except config.ConfigException:

@@ -285,7 +285,13 @@ class ImportJobOperator:
         )
         if any(old.get(k) != v for k, v in new.items()):
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": new}
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": new},
+                _content_type="application/merge-patch+json",
             )
 
     def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
