@@ -80,13 +80,39 @@ def worker() -> None:
 
 
 @main.command()
-@click.argument("job_id")
-@DSN
-@TENANT
+@click.argument("job_id", required=False)
+@click.option("--dsn", envvar="IMPORTWAVES_DSN", help="Tenant database DSN (env IMPORTWAVES_DSN).")
+@click.option("--tenant", envvar="IMPORTWAVES_TENANT", help="Tenant name = its schema.")
 @REDIS
-def reconcile(job_id: str, dsn: str, tenant: str, redis_url: str | None) -> None:
+@click.option(
+    "--importjob",
+    metavar="NAMESPACE/NAME",
+    help="Reconcile a cluster object instead: annotate it so the operator runs the "
+    "reconcile, and wait for its report.",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="With --importjob: seconds to wait for the operator.",
+)
+def reconcile(
+    job_id: str | None,
+    dsn: str | None,
+    tenant: str | None,
+    redis_url: str | None,
+    importjob: str | None,
+    wait_s: float,
+) -> None:
     """Recover a stalled job: demote stale batches, requeue stuck ones, refresh monitoring,
     force a progression check. Prints each action."""
+    if importjob:
+        _reconcile_cluster_object(importjob, wait_s)
+        return
+    if not (job_id and dsn and tenant):
+        raise click.UsageError("give JOB_ID with --dsn and --tenant, or --importjob NS/NAME")
     from importwaves.engine.app import Engine
 
     with _engine(dsn, tenant, redis_url, Engine) as engine:
@@ -94,6 +120,51 @@ def reconcile(job_id: str, dsn: str, tenant: str, redis_url: str | None) -> None
     for action in report.actions:
         click.echo(f"- {action}")
     _warn_manual_dispatch(report.result)
+
+
+def _reconcile_cluster_object(ref: str, wait_s: float) -> None:
+    import time
+
+    from kubernetes import client, config
+
+    from importwaves.k8s.crd import GROUP, PLURAL, VERSION
+    from importwaves.k8s.jobs import ANN_RECONCILE
+
+    namespace, _, name = ref.partition("/")
+    if not name:
+        raise click.UsageError("--importjob takes NAMESPACE/NAME")
+    config.load_kube_config()  # type: ignore[no-untyped-call]
+    api = client.CustomObjectsApi()
+    value = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    api.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"metadata": {"annotations": {ANN_RECONCILE: value}}},
+        _content_type="application/merge-patch+json",
+    )
+    click.echo(f"annotated {ref} with {ANN_RECONCILE}={value}; waiting for the operator")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        obj: Any = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if (obj.get("status") or {}).get("handledReconcile") == value:
+            events = client.CoreV1Api().list_namespaced_event(
+                namespace, field_selector=f"involvedObject.name={name},reason=ManualReconcile"
+            )
+            latest = max(
+                events.items, key=lambda e: e.last_timestamp or e.event_time or 0, default=None
+            )
+            for action in latest.message.split("; ") if latest else []:
+                click.echo(f"- {action}")
+            click.echo(f"status: {obj['status'].get('summary')}")
+            return
+        time.sleep(1)
+    raise click.ClickException(
+        f"the operator did not handle the reconcile within {wait_s}s "
+        "(is it running and watching this namespace?)"
+    )
 
 
 @main.command("retry-failed")

@@ -91,6 +91,7 @@ class LocalRunner:
                 last_tick = now
                 outcome = self.engine.check(job_id, cause="timer").outcome
                 self.adopt_dispatched(job_id)
+                self.engine.update_gauges()
             if self.sweep_every is not None and now - last_sweep >= self.sweep_every:
                 last_sweep = now
                 swept = self.engine.recovery.reconcile(job_id, cause="sweep").result

@@ -10,10 +10,6 @@ VALUES (%(job_id)s, %(spec)s)
 ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id;
 
--- name: db_now
--- The database clock (lags are measured against timestamps the database wrote).
-SELECT clock_timestamp() AS now;
-
 -- name: job_lock
 -- Take the per-job lock (serializes every decision about one job) and read the job row.
 SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds
@@ -49,14 +45,13 @@ WHERE job_id = %(job_id)s;
 UPDATE import_jobs SET planned_at = clock_timestamp(), updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s;
 
--- name: job_set_dispatch_lag
--- Remember the most recent wave dispatch lag for the status view.
-UPDATE import_jobs SET last_dispatch_lag_seconds = %(lag)s, updated_at = clock_timestamp()
-WHERE job_id = %(job_id)s;
-
 -- name: job_active_count
 -- Jobs still running in this tenant (the queue.active_jobs.count metric).
 SELECT count(*) AS n FROM import_jobs WHERE status = 'running';
+
+-- name: job_specs_running
+-- Specs of the running jobs (which record types are derived, for the backlog gauge).
+SELECT spec FROM import_jobs WHERE status = 'running';
 
 -- name: wave_insert
 -- Create a wave row (idempotent). Batch counters start at zero and are kept by triggers.
@@ -75,12 +70,27 @@ SELECT wave_number, record_type_id, record_type_name, dependency_level, status,
 FROM wave_coordination WHERE job_id = %(job_id)s ORDER BY wave_number;
 
 -- name: wave_mark_first_dispatch
--- Stamp a wave's first dispatch and its dispatch lag (kept from the first dispatch on).
-UPDATE wave_coordination
-SET first_dispatched_at = coalesce(first_dispatched_at, clock_timestamp()),
-    dispatch_lag_seconds = coalesce(dispatch_lag_seconds, %(lag)s),
-    updated_at = clock_timestamp()
-WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s;
+-- Stamp a wave's first dispatch and its dispatch lag (the database clock now minus ready_at, when
+-- the wave became dispatchable; kept from the first dispatch on), remember the lag on the job for
+-- the status view, and return it. One statement: the dispatch path pays one round trip for it.
+WITH w AS (
+    UPDATE wave_coordination
+    SET first_dispatched_at = coalesce(first_dispatched_at, clock_timestamp()),
+        dispatch_lag_seconds = coalesce(
+            dispatch_lag_seconds,
+            greatest(0, extract(epoch FROM clock_timestamp()
+                                           - %(ready_at)s::timestamptz))::double precision),
+        updated_at = clock_timestamp()
+    WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s
+    RETURNING dispatch_lag_seconds
+), j AS (
+    UPDATE import_jobs
+    SET last_dispatch_lag_seconds = w.dispatch_lag_seconds, updated_at = clock_timestamp()
+    FROM w
+    WHERE import_jobs.job_id = %(job_id)s AND w.dispatch_lag_seconds IS NOT NULL
+    RETURNING 1
+)
+SELECT dispatch_lag_seconds AS lag FROM w;
 
 -- name: plan_main_batches
 -- Cut one main record type's staging rows into batches of batch_size ids, in id order.

@@ -8,6 +8,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from importwaves import metrics
 from importwaves.db.connect import make_pool
 from importwaves.db.queries import Q
 from importwaves.engine.coordinator import Coordinator, RunResult
@@ -90,6 +91,23 @@ class Engine:
 
     def check(self, job_id: str, cause: str = "nudge") -> RunResult:
         return self.coordinator.check_and_trigger_next_wave(job_id, cause=cause)
+
+    def update_gauges(self) -> None:
+        """Refresh this tenant's queue.active_jobs and derived-backlog gauges from the DB."""
+        with self.pool.connection() as conn:
+            active = conn.execute(Q("job_active_count")).fetchone()
+            derived_ids = sorted(
+                {
+                    d.recordTypeId
+                    for row in conn.execute(Q("job_specs_running")).fetchall()
+                    for d in ImportSpec.model_validate(row["spec"]).derivedTypes
+                }
+            )
+            backlog = conn.execute(
+                Q("derived_backlog"), {"derived_type_ids": derived_ids}
+            ).fetchone()
+        metrics.ACTIVE_JOBS.labels(self.tenant).set(active["n"] if active else 0)
+        metrics.DERIVED_BACKLOG.labels(self.tenant).set(backlog["n"] if backlog else 0)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.pool.connection() as conn:

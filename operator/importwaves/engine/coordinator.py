@@ -1,8 +1,14 @@
 """`check_and_trigger_next_wave`: the one loop every stimulus ends in.
 
 Lock the job row, catch up on derived creation, read one snapshot, ask `decide`, apply its answer
-in the same transaction (dispatch, job status), commit; only then touch the outside world (cache
-flags, events, launching workers). Running it twice in a row does nothing the second time.
+in the same transaction (dispatch, job status), commit; only then touch the outside world
+(launching workers first, then cache flags and events). Running it twice in a row does nothing
+the second time.
+
+A caller may hand the run a `prepare` step (run first, in the same transaction, under the job
+lock) and an `on_commit` step (run after the commit, right after the launch): the batch-completed
+listener does its post-commit derived initialization that way, so the derived batches it creates
+are decided on (and dispatched) under the same lock, in one transaction, with one commit.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -48,6 +55,13 @@ class RunResult:
     seconds: float = 0.0
 
 
+#: A step run inside the coordinator's transaction, under the job lock, before anything else is
+#: read: it returns the derived batches it created (they are decided on in the same run).
+Prepare = Callable[[Conn, ImportSpec], derived.Created]
+#: A step run after the commit, right after the launch, before the run's flags and events.
+OnCommit = Callable[[RunResult], None]
+
+
 class GuardViolation(RuntimeError):
     """The counters said "complete" but the batch rows disagree (never expected)."""
 
@@ -69,7 +83,17 @@ class Coordinator:
         # A launch failure is recorded by this callback (the listener's failure path).
         self.on_launch_failure: Any = None
 
-    def check_and_trigger_next_wave(self, job_id: str, cause: str = "nudge") -> RunResult:
+    def check_and_trigger_next_wave(
+        self,
+        job_id: str,
+        cause: str = "nudge",
+        *,
+        prepare: Prepare | None = None,
+        on_commit: OnCommit | None = None,
+        source: str = "coordinator",
+    ) -> RunResult:
+        """One run. `prepare`/`on_commit`: see the module docstring; `source` names who created
+        derived batches in this run, for the DerivedWavesCreated event."""
         t0 = time.perf_counter()
         with self.pool.connection() as conn, conn.transaction():
             job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
@@ -78,7 +102,8 @@ class Coordinator:
             spec = ImportSpec.model_validate(job["spec"])
             if job["planned_at"] is None:
                 plan(conn, job_id, spec)
-            created = derived.create_for_completed_parents(conn, job_id, spec, self.flags)
+            created = prepare(conn, spec) if prepare is not None else derived.Created()
+            created += derived.create_for_completed_parents(conn, job_id, spec, self.flags)
             snap = read_snapshot(conn, job, spec)
             decision = decide(snap)
             if decision.job_status == JobStatus.COMPLETED:
@@ -102,7 +127,9 @@ class Coordinator:
             snapshot=snap,
             decision=decision,
         )
-        self._after_commit(spec, snap, decision, created, dispatched, parent_ids, cause, result)
+        self._after_commit(
+            spec, snap, decision, created, dispatched, parent_ids, cause, result, on_commit, source
+        )
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -134,7 +161,6 @@ class Coordinator:
     ) -> tuple[list[BatchDispatch], dict[str, list[int]]]:
         out: list[BatchDispatch] = []
         parent_ids: dict[str, list[int]] = {}
-        now: datetime | None = None
         for d in decision.dispatches:
             rows = conn.execute(
                 Q("batches_dispatch"),
@@ -159,19 +185,18 @@ class Coordinator:
                     parent_ids[r["batch_id"]] = [int(x) for x in r["chunk_ids_json"]]
             wave = snap.wave(d.wave_number)
             if rows and wave.first_dispatched_at is None:
-                now = now or conn.execute(Q("db_now")).fetchone()["now"]  # type: ignore[index]
-                ready_at = self._ready_at(conn, job, spec, snap, wave)
-                lag = max(0.0, (now - ready_at).total_seconds()) if ready_at else None
-                conn.execute(
+                # One statement stamps the wave's first dispatch and its lag (the database's
+                # clock, now, minus when the wave became dispatchable) on the wave and the job.
+                row = conn.execute(
                     Q("wave_mark_first_dispatch"),
                     {
                         "job_id": snap.job_id,
                         "wave_number": d.wave_number,
-                        "lag": lag,
+                        "ready_at": self._ready_at(conn, job, spec, snap, wave),
                     },
-                )
+                ).fetchone()
+                lag = row["lag"] if row else None
                 if lag is not None:
-                    conn.execute(Q("job_set_dispatch_lag"), {"job_id": snap.job_id, "lag": lag})
                     level = "derived" if wave.is_derived else "main"
                     metrics.DISPATCH_LAG.labels(self.tenant, level).observe(lag)
         return out, parent_ids
@@ -191,6 +216,18 @@ class Coordinator:
         if k <= 0:
             return job["planned_at"]  # type: ignore[no-any-return]
         dt = next(d for d in spec.derivedTypes if d.recordTypeId == wave.record_type_id)
+        if gate.parent_completed == k:
+            # The k-th completion is the latest one (always so at threshold 100): the parents'
+            # wave counters already hold it, no need to sort the parent batches.
+            parents = set(spec.parent_ids_of(dt))
+            return max(
+                (
+                    w.last_completed_at
+                    for w in snap.waves
+                    if w.record_type_id in parents and w.last_completed_at is not None
+                ),
+                default=None,
+            )
         row = conn.execute(
             Q("parent_threshold_reached_at"),
             {
@@ -212,8 +249,29 @@ class Coordinator:
         parent_ids: dict[str, list[int]],
         cause: str,
         result: RunResult,
+        on_commit: OnCommit | None = None,
+        source: str = "coordinator",
     ) -> None:
         job_id = snap.job_id
+        # Workers first: everything else here is bookkeeping that no worker waits for. The
+        # parent-id cache goes before them (a fast parent completion reads it).
+        self.flags.cache_parent_ids(job_id, parent_ids)
+        if dispatched:
+            failures = self.launcher.launch(self.tenant, job_id, spec, dispatched)
+            result.launch_failures = failures
+            for f in failures:
+                event(
+                    log,
+                    "launch_failed",
+                    logging.WARNING,
+                    job_id=job_id,
+                    batch_id=f.batch.batch_id,
+                    error=f.error,
+                )
+                if self.on_launch_failure is not None:
+                    self.on_launch_failure(f)
+        if on_commit is not None:
+            on_commit(result)
         if decision.keep_monitoring:
             self.flags.set_monitoring(job_id)  # refreshes the TTL on every run
         else:
@@ -224,7 +282,6 @@ class Coordinator:
             self.flags.set_derived_ready(job_id)
             if self.flags.enabled:
                 event(log, "derived_ready_flag_restored_from_db", job_id=job_id, tenant=self.tenant)
-        self.flags.cache_parent_ids(job_id, parent_ids)
 
         guard = decision.guard
         if guard is not None and guard.main_done:
@@ -268,26 +325,15 @@ class Coordinator:
             )
 
         if created.batch_ids:
+            # Created and decided on in this run, under this lock: the event says so, and its
+            # handler has nothing left to nudge.
             self.bus.emit(
                 DerivedWavesCreated(
                     self.tenant,
                     job_id,
                     tuple(sorted(created.wave_numbers)),
                     len(created.batch_ids),
-                    source="coordinator",
+                    source=source,
+                    decided=True,
                 )
             )
-        if dispatched:
-            failures = self.launcher.launch(self.tenant, job_id, spec, dispatched)
-            result.launch_failures = failures
-            for f in failures:
-                event(
-                    log,
-                    "launch_failed",
-                    logging.WARNING,
-                    job_id=job_id,
-                    batch_id=f.batch.batch_id,
-                    error=f.error,
-                )
-                if self.on_launch_failure is not None:
-                    self.on_launch_failure(f)

@@ -20,13 +20,18 @@ log = logging.getLogger("importwaves.events")
 
 @dataclass(frozen=True)
 class DerivedWavesCreated:
-    """Derived (TransactionLine) batches were upserted for a job."""
+    """Derived (TransactionLine) batches were upserted for a job.
+
+    `decided`: they were created inside a coordinator run, under the job lock, before that run
+    read its snapshot, so the run already decided (and dispatched) with them included: a nudge
+    has nothing left to do. Batches created any other way (decided=False) get the nudge."""
 
     tenant: str
     job_id: str
     wave_numbers: tuple[int, ...]
     batch_count: int
     source: str
+    decided: bool = False
 
 
 Handler = Callable[[Any], object]

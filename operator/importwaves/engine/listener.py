@@ -3,6 +3,13 @@
 Order matters: the completion is recorded and COMMITTED first; only then is the parent
 completion recomputed from the database, so the last parent batch always sees itself counted.
 The listener never skips the progression nudge, whatever the monitoring flag says.
+
+After that commit, one coordinator run does the rest under the job lock, in ONE transaction: the
+parent batch's derived batches are created first (the run's `prepare` step), then the run reads
+its snapshot (parent completion recomputed from the database), decides and dispatches, with
+the derived batches just created included. So the completion of the last parent batch reaches
+the first derived dispatch with a single commit, and the DerivedWavesCreated nudge (seed D) is
+already done by the time the event is emitted.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from importwaves.engine import derived
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.model import Outcome
-from importwaves.engine.snapshot import gates, read_waves
 from importwaves.flags import Flags
 from importwaves.launch.base import LaunchFailure
 from importwaves.log import event
@@ -45,44 +51,33 @@ class BatchCompletedListener:
 
     def on_completed(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
         """A worker reported success (or its pod exited 0). Idempotent."""
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                recorded = conn.execute(
-                    Q("batch_complete"),
-                    {
-                        "job_id": job_id,
-                        "batch_id": batch_id,
-                        "dispatch_seq": dispatch_seq,
-                    },
-                ).fetchone()
-            # --- committed: everything below sees this completion ---
+        with self.pool.connection() as conn, conn.transaction():
+            recorded = conn.execute(
+                Q("batch_complete"),
+                {
+                    "job_id": job_id,
+                    "batch_id": batch_id,
+                    "dispatch_seq": dispatch_seq,
+                },
+            ).fetchone()
             batch = conn.execute(
                 Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
             ).fetchone()
-            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-            conn.commit()
-            if batch is None or job is None:
-                return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
-            metrics.COMPLETIONS.labels(self.tenant).inc()
-            event(
-                log,
-                "batch_completed",
-                logging.DEBUG,
-                job_id=job_id,
-                batch_id=batch_id,
-                recorded_by="listener" if recorded else "worker",
-                status=batch["status"],
-            )
-            spec = ImportSpec.model_validate(job["spec"])
-            created = None
-            if batch["record_type_id"] in spec.derived_parent_type_ids():
-                created = self._derived_after_parent(conn, job_id, spec, batch)
-        # Emit only once the connection is back in the pool: the DerivedWavesCreated handler
-        # runs the coordinator, which borrows a connection of its own; holding this one meanwhile
-        # lets `pool size` concurrent completions exhaust the pool and stall on each other.
-        if created is not None:
-            self.bus.emit(created)
-        return self.coordinator.check_and_trigger_next_wave(job_id, cause="batch_completed")
+        # --- committed (and the connection is back in the pool): the coordinator run below
+        # borrows its own and sees this completion ---
+        if batch is None:
+            return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
+        metrics.COMPLETIONS.labels(self.tenant).inc()
+        event(
+            log,
+            "batch_completed",
+            logging.DEBUG,
+            job_id=job_id,
+            batch_id=batch_id,
+            recorded_by="listener" if recorded else "worker",
+            status=batch["status"],
+        )
+        return self._derived_after_parent(job_id, batch)
 
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
         """A worker failed (or its pod did); counts an attempt unless the worker already did."""
@@ -134,20 +129,27 @@ class BatchCompletedListener:
         # The next timer tick or completion re-dispatches; no recursion from inside a launch.
 
     # -- seed A: post-commit derived initialization ---------------------------------------------
-    def _derived_after_parent(
-        self, conn: Conn, job_id: str, spec: ImportSpec, batch: dict[str, Any]
-    ) -> DerivedWavesCreated | None:
-        """Create derived batches after the parent's completion committed; return the
-        DerivedWavesCreated event for the caller to emit (after it released `conn`)."""
-        with conn.transaction():
-            if conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone() is None:
-                return None
-            created = derived.create_for_batch(conn, job_id, spec, self.flags, batch)
-            # Recompute parent completion from the DB, after the commit above.
-            open_gates = [g for g in gates(spec, read_waves(conn, job_id)) if g.open]
-            if open_gates:
-                created += derived.create_for_completed_parents(conn, job_id, spec, self.flags)
-        if open_gates:
+    def _derived_after_parent(self, job_id: str, batch: dict[str, Any]) -> RunResult:
+        """The coordinator run for a completion. For a parent batch, its derived batches are
+        created first in that run's transaction (under the job lock, after the completion's
+        commit); the run then recomputes parent completion from the database and dispatches."""
+        parent = False
+
+        def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
+            nonlocal parent
+            parent = batch["record_type_id"] in spec.derived_parent_type_ids()
+            if not parent:
+                return derived.Created()
+            return derived.create_for_batch(conn, job_id, spec, self.flags, batch)
+
+        def on_commit(result: RunResult) -> None:
+            snap = result.snapshot
+            if not parent or snap is None:
+                return
+            # Parent completion as the run recomputed it from the DB, after the commit above.
+            open_gates = [g for g in snap.gates if g.open]
+            if not open_gates:
+                return
             self.flags.set_derived_ready(job_id)
             self.flags.set_monitoring(job_id)
             event(
@@ -157,27 +159,44 @@ class BatchCompletedListener:
                 tenant=self.tenant,
                 parent_batch_id=batch["batch_id"],
                 parent_completion_percent=round(min(g.percent for g in open_gates), 2),
-                threshold=spec.completionThreshold,
-                created_batches=len(created.batch_ids),
+                threshold=min(g.threshold for g in open_gates),
+                created_batches=result.derived_created,
+                dispatched_batches=len(result.dispatched),
             )
-        if not created.batch_ids:
-            return None
-        return DerivedWavesCreated(
-            self.tenant,
+
+        return self.coordinator.check_and_trigger_next_wave(
             job_id,
-            tuple(sorted(created.wave_numbers)),
-            len(created.batch_ids),
+            cause="batch_completed",
+            prepare=prepare,
+            on_commit=on_commit,
             source="listener",
         )
 
 
 class DerivedWavesCreatedListener:
-    """Seed D: derived creation nudges the coordinator at once, not at the next tick."""
+    """Seed D: derived creation nudges the coordinator at once, not at the next tick.
+
+    The engine creates derived batches only inside coordinator runs, which decide with them
+    included before they commit (evt.decided): that run was the nudge. Batches created any other
+    way get a coordinator run here."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
 
-    def __call__(self, evt: DerivedWavesCreated) -> RunResult:
+    def __call__(self, evt: DerivedWavesCreated) -> RunResult | None:
+        if evt.decided:
+            event(
+                log,
+                "derived_waves_created_handled",
+                job_id=evt.job_id,
+                tenant=evt.tenant,
+                wave_numbers=list(evt.wave_numbers),
+                batch_count=evt.batch_count,
+                source=evt.source,
+                nudged=False,
+                reason="decided in the run that created them",
+            )
+            return None
         result = self.coordinator.check_and_trigger_next_wave(
             evt.job_id, cause="derived_waves_created"
         )
@@ -189,6 +208,7 @@ class DerivedWavesCreatedListener:
             wave_numbers=list(evt.wave_numbers),
             batch_count=evt.batch_count,
             source=evt.source,
+            nudged=True,
             outcome=result.outcome.value,
             dispatched_batch_count=len(result.dispatched),
         )

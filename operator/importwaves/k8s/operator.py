@@ -147,6 +147,7 @@ class ImportJobOperator:
             if sweep.result is not None:
                 events += _run_events(sweep.result, old.get("summary"))
             view = self.view(engine, job_id)
+            engine.update_gauges()
         except psycopg.OperationalError as exc:
             return self._done(old, generation, None, _db_problem(exc), events)
         result = self._done(old, generation, view, problem, events)
