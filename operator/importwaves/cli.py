@@ -156,7 +156,7 @@ def _reconcile_cluster_object(ref: str, wait_s: float) -> None:
             latest = max(
                 events.items, key=lambda e: e.last_timestamp or e.event_time or 0, default=None
             )
-            for action in latest.message.split("; ") if latest else []:
+            for action in (latest.message or "").split("; ") if latest else []:
                 click.echo(f"- {action}")
             click.echo(f"status: {obj['status'].get('summary')}")
             return
