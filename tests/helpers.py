@@ -73,9 +73,8 @@ class TrackingLauncher(RecordingLauncher):
 
 # -- setup --------------------------------------------------------------------------------------
 def make_engine(dsn: str, tenant: str, redis_url: str | None, **kwargs: Any) -> Engine:
-    return Engine(
-        dsn, tenant, redis_url=redis_url, launcher=TrackingLauncher(dsn, tenant), **kwargs
-    )
+    kwargs.setdefault("launcher", TrackingLauncher(dsn, tenant))
+    return Engine(dsn, tenant, redis_url=redis_url, **kwargs)
 
 
 def stage(dsn: str, tenant: str, job_id: str, orders: int, **kwargs: Any) -> DataSet:
@@ -241,6 +240,16 @@ def drive(
             out.append(b)
         return out
 
+    def in_flight_elsewhere() -> bool:
+        """Batches dispatched in the DB that this drive has neither run nor held."""
+        mine = seen
+        with connect(dsn, tenant, autocommit=True) as conn:
+            rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
+        return any(
+            r["status"] == "dispatched" and (r["batch_id"], r["dispatch_seq"]) not in mine
+            for r in rows
+        )
+
     def work(b: BatchDispatch) -> Run:
         wr = run_batch(WorkItem(dsn, tenant, job_id, b.batch_id, b.dispatch_seq))
         return Run(b, wr)
@@ -274,6 +283,7 @@ def drive(
         return run
 
     stalled = False
+    idle_ticks, max_idle_ticks = 0, 5
     pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
     futures: set[Future[Run]] = set()
     try:
@@ -311,9 +321,25 @@ def drive(
             ticks += 1
             if last.outcome in TERMINAL:
                 break
+            if len(launcher.launched) == cursor and in_flight_elsewhere():
+                # Another thread (a timer, a reconcile) committed a dispatch and is about to
+                # launch it: wait for the launch rather than calling the job stalled.
+                wait_until(
+                    lambda: len(launcher.launched) > cursor,
+                    timeout=10,
+                    what="a dispatch committed elsewhere to be launched",
+                )
+                continue
             if len(launcher.launched) == cursor:
-                stalled = True
-                break
+                # Nothing new to run. A tick that dispatched batches whose launch failed
+                # (they went back to pending) gets another try; otherwise nothing can move.
+                failed_launches = bool(last.dispatched and last.launch_failures)
+                idle_ticks = idle_ticks + 1 if failed_launches else max_idle_ticks
+                if idle_ticks >= max_idle_ticks:
+                    stalled = True
+                    break
+            else:
+                idle_ticks = 0
     finally:
         if pool is not None:
             for f in futures:

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -15,19 +17,26 @@ from helpers import (
     LINE,
     MONITORING,
     SALES_ORDER,
+    TrackingLauncher,
     assert_complete,
+    assert_verified,
     batches,
+    counters_mismatch,
     drive,
+    expected_batches,
     flag_ttl,
     job_status,
     launched,
+    rows_by_type,
     setup_job,
     tenant_conn,
     wait_until,
 )
 from importwaves.db.queries import Q
 from importwaves.engine.model import Outcome
-from importwaves.worker import ENV, EXIT_FENCED, WorkItem, run_batch
+from importwaves.launch.base import BatchDispatch, LaunchFailure
+from importwaves.spec import ImportSpec
+from importwaves.worker import ENV, EXIT_FENCED, EXIT_OK, WorkItem, run_batch
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +48,22 @@ def batch_row(dsn: str, tenant: str, batch_id: str) -> dict[str, Any]:
 def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
     engine, dsn, tenant, redis_url
 ) -> None:
-    ds, spec = setup_job(engine, "job", staleAfterSeconds=5)
-    (b,) = engine.check("job", "start").dispatched
-    assert b.record_type_id == CUSTOMER
+    """Two Customer batches run: one worker is SIGKILLed mid-batch, the other (started first)
+    is alive and heartbeating for longer than staleAfterSeconds. Only the dead one is stale."""
+    ds, spec = setup_job(engine, "job", orders=1000, staleAfterSeconds=5)
+    alive_b, b = engine.check("job", "start").dispatched
+    assert alive_b.record_type_id == b.record_type_id == CUSTOMER
+    alive: dict[str, Any] = {}
+    alive_thread = threading.Thread(
+        target=lambda: alive.update(
+            result=run_batch(
+                WorkItem(dsn, tenant, "job", alive_b.batch_id, alive_b.dispatch_seq),
+                hold_seconds=7.5,
+                heartbeat_every=0.5,
+            )
+        )
+    )
+    alive_thread.start()
     env = {
         **os.environ,
         ENV["dsn"]: dsn,
@@ -81,6 +103,7 @@ def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
             return conn.execute(Q("batches_stuck"), {"job_id": "job", "stale_after": 5}).fetchall()
 
     rows = wait_until(stuck, timeout=15, every=0.1, what="the batch to go stale")
+    # the live worker claimed first but keeps its heartbeat fresh: it is not stuck
     assert [r["batch_id"] for r in rows] == [b.batch_id]
     # ... and reconcile demotes it, says so, and dispatches it again at once.
     report = engine.recovery.reconcile("job")
@@ -97,6 +120,11 @@ def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
     # The killed worker's dispatch is fenced out if it ever comes back.
     late = run_batch(WorkItem(dsn, tenant, "job", b.batch_id, b.dispatch_seq))
     assert late.exit_code == EXIT_FENCED
+
+    alive_thread.join(20)
+    assert alive["result"].exit_code == EXIT_OK
+    assert engine.listener.on_completed("job", alive_b.batch_id, alive_b.dispatch_seq)
+    assert batch_row(dsn, tenant, alive_b.batch_id)["attempts"] == 1  # never requeued
 
     assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
     final = batch_row(dsn, tenant, b.batch_id)
@@ -235,3 +263,38 @@ def test_bad_row_is_retried_then_fails_the_job_and_retry_failed_completes_it(
     row = batch_row(dsn, tenant, bad["batch_id"])
     assert (row["status"], row["attempts"], row["dispatch_seq"]) == ("completed", 1, 4)
     assert_complete(engine, "job", ds, spec)
+
+
+class FirstLaunchFails(TrackingLauncher):
+    """A launcher whose first launch of every batch fails (no worker is started)."""
+
+    def __init__(self, dsn: str, tenant: str) -> None:
+        super().__init__(dsn, tenant)
+        self.failed: list[BatchDispatch] = []
+
+    def launch(
+        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
+    ) -> list[LaunchFailure]:
+        bad = [b for b in batches if b.dispatch_seq == 1]
+        self.failed += bad
+        super().launch(tenant, job_id, spec, [b for b in batches if b.dispatch_seq > 1])
+        return [LaunchFailure(b, "no capacity") for b in bad]
+
+
+def test_launch_failures_count_an_attempt_and_are_dispatched_again(
+    engines, dsn, tenant, redis_url
+) -> None:
+    launcher = FirstLaunchFails(dsn, tenant)
+    engine = engines(launcher=launcher)
+    ds, spec = setup_job(engine, "job")
+    assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
+    rows = batches(dsn, tenant, "job")
+    assert sorted(b.batch_id for b in launcher.failed) == sorted(r["batch_id"] for r in rows)
+    # one attempt lost to the launch, one that ran; the second dispatch carried the work
+    assert {(r["status"], r["attempts"], r["dispatch_seq"]) for r in rows} == {("completed", 2, 2)}
+    assert sorted((b.batch_id, b.dispatch_seq) for b in launcher.launched) == sorted(
+        (r["batch_id"], 2) for r in rows
+    )
+    assert dict(rows_by_type(dsn, tenant, "job")) == expected_batches(ds, spec)
+    assert counters_mismatch(dsn, tenant, "job") == []
+    assert_verified(dsn, tenant, "job", spec)
