@@ -52,16 +52,26 @@ class Owner:
 
 
 def job_name(owner_name: str, batch_id: str, dispatch_seq: int) -> str:
-    """Deterministic, DNS-1123, at most 63 characters (it becomes a pod label value)."""
+    """Deterministic DNS-1123 label of at most 63 characters (it becomes a pod label value and
+    the prefix of pod names, which are also host names: no dots)."""
     digest = hashlib.sha256(f"{owner_name}/{batch_id}".encode()).hexdigest()[:10]
-    head = owner_name[:36].rstrip("-.")
+    head = owner_name[:36].replace(".", "-").rstrip("-")
     return f"{head}-{digest}-{dispatch_seq}"
+
+
+def owner_label(owner_name: str) -> str:
+    """The ImportJob's name as a label value (at most 63 characters; ImportJob names may have
+    up to 253): the name itself when it fits, else a prefix and a digest of the whole name."""
+    if len(owner_name) <= 63:
+        return owner_name
+    digest = hashlib.sha256(owner_name.encode()).hexdigest()[:10]
+    return f"{owner_name[:52].rstrip('-.')}-{digest}"
 
 
 def build_job(owner: Owner, batch: BatchDispatch) -> dict[str, Any]:
     labels = {
         LABEL_MANAGED: "importwaves",
-        LABEL_IMPORTJOB: owner.name,
+        LABEL_IMPORTJOB: owner_label(owner.name),
         LABEL_WAVE: str(batch.wave_number),
     }
     env: list[dict[str, Any]] = [

@@ -28,7 +28,7 @@ from importwaves.engine.jobs import SpecChangeRefused
 from importwaves.engine.model import Outcome
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
-from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
+from importwaves.k8s.crd import GROUP, KIND, PLURAL, VERSION, DatabaseRef, ImportJobSpec
 from importwaves.k8s.jobs import (
     ANN_RECONCILE,
     ANN_RETRY_FAILED,
@@ -37,6 +37,7 @@ from importwaves.k8s.jobs import (
     ANN_TENANT,
     LABEL_IMPORTJOB,
     Owner,
+    owner_label,
     read_job,
 )
 from importwaves.k8s.status import JobView, Problem, ProblemKind, compute_status, now_iso
@@ -187,7 +188,7 @@ class ImportJobOperator:
         """Record finished Jobs, launch dispatched batches that lack one, drop outdated ones."""
         events: list[KubeEvent] = []
         jobs = self.batch.list_namespaced_job(
-            owner.namespace, label_selector=f"{LABEL_IMPORTJOB}={owner.name}"
+            owner.namespace, label_selector=f"{LABEL_IMPORTJOB}={owner_label(owner.name)}"
         )
         live: set[tuple[str, int]] = set()
         for obj in jobs.items:
@@ -261,7 +262,12 @@ class ImportJobOperator:
         engine = self.engine_for(self.read_dsn(ns, ref), ann[ANN_TENANT])
         self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
         self._delete_job(ns, r.name)
-        return ns, (meta.get("labels") or {}).get(LABEL_IMPORTJOB, "")
+        owners = [
+            ref.get("name", "")
+            for ref in meta.get("ownerReferences") or []
+            if ref.get("kind") == KIND and ref.get("controller")
+        ]
+        return ns, owners[0] if owners else ""
 
     def refresh_status(self, namespace: str, name: str) -> None:
         """Recompute an ImportJob's status from the database and write it if it changed."""
