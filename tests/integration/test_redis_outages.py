@@ -8,6 +8,8 @@ dispatch.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import pytest
@@ -73,6 +75,34 @@ def test_redis_stopped_and_restarted_mid_import(
     assert r.outcome == Outcome.COMPLETED
     logged = [rec.getMessage() for rec in caplog.records]
     assert "cache_unavailable_fallback_to_db" in logged  # the outage was seen, and survived
+    assert_complete(engine, "job", ds, spec)
+
+
+def test_frozen_redis_mid_import_costs_timeouts_not_a_hang(
+    engine, dsn, tenant, redis_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP the real redis-server: connections still open (the kernel accepts them) but no
+    command is ever answered. Every flag call must give up after its socket timeout."""
+    caplog.set_level(logging.INFO, logger="importwaves.flags")
+    ds, spec = setup_job(engine, "job")
+    assert redis_server.proc is not None
+    pid = redis_server.proc.pid
+    frozen = []
+
+    def freeze(n: int, run) -> None:
+        if n == 1:
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(time.monotonic())
+
+    try:
+        t0 = time.monotonic()
+        r = drive(engine, dsn, tenant, "job", after_step=freeze, timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert frozen and r.outcome == Outcome.COMPLETED
+    assert elapsed < 15, f"import with a frozen Redis took {elapsed:.1f}s"
+    assert "cache_unavailable_fallback_to_db" in [rec.getMessage() for rec in caplog.records]
     assert_complete(engine, "job", ds, spec)
 
 
