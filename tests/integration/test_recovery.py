@@ -45,14 +45,36 @@ def batch_row(dsn: str, tenant: str, batch_id: str) -> dict[str, Any]:
     return next(b for b in batches(dsn, tenant, "job") if b["batch_id"] == batch_id)
 
 
+def start_worker(dsn: str, tenant: str, b: Any, hold: float) -> subprocess.Popen[bytes]:
+    """The real worker process (`python -m importwaves.worker`), holding its claim `hold` s."""
+    env = {
+        **os.environ,
+        ENV["dsn"]: dsn,
+        ENV["tenant"]: tenant,
+        ENV["job_id"]: "job",
+        ENV["batch_id"]: b.batch_id,
+        ENV["dispatch_seq"]: str(b.dispatch_seq),
+        "IMPORTWAVES_WORKER_HOLD_SECONDS": str(hold),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "importwaves.worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
     engine, dsn, tenant, redis_url
 ) -> None:
-    """Two Customer batches run: one worker is SIGKILLed mid-batch, the other (started first)
-    is alive and heartbeating for longer than staleAfterSeconds. Only the dead one is stale."""
-    ds, spec = setup_job(engine, "job", orders=1000, staleAfterSeconds=5)
-    alive_b, b = engine.check("job", "start").dispatched
-    assert alive_b.record_type_id == b.record_type_id == CUSTOMER
+    """Three Customer batches run. One worker is SIGKILLed mid-batch, one is frozen (SIGSTOP)
+    mid-batch, and one (started first) stays alive, heartbeating for longer than
+    staleAfterSeconds. Reconcile requeues exactly the dead and the frozen one; the frozen one,
+    thawed, is fenced out; the import completes."""
+    ds, spec = setup_job(engine, "job", orders=1500, staleAfterSeconds=5)
+    alive_b, killed_b, frozen_b = engine.check("job", "start").dispatched
+    assert {alive_b.record_type_id, killed_b.record_type_id, frozen_b.record_type_id} == {CUSTOMER}
+    engine.launcher.drive_cursor = 3  # these first dispatches are run by hand below
     alive: dict[str, Any] = {}
     alive_thread = threading.Thread(
         target=lambda: alive.update(
@@ -64,61 +86,66 @@ def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
         )
     )
     alive_thread.start()
-    env = {
-        **os.environ,
-        ENV["dsn"]: dsn,
-        ENV["tenant"]: tenant,
-        ENV["job_id"]: "job",
-        ENV["batch_id"]: b.batch_id,
-        ENV["dispatch_seq"]: str(b.dispatch_seq),
-        "IMPORTWAVES_WORKER_HOLD_SECONDS": "30",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "importwaves.worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    killed = start_worker(dsn, tenant, killed_b, hold=30)
+    frozen = start_worker(dsn, tenant, frozen_b, hold=4)
     try:
-        wait_until(
-            lambda: batch_row(dsn, tenant, b.batch_id)["status"] == "processing",
-            timeout=20,
-            what="the worker to claim its batch",
-        )
+        for b in (killed_b, frozen_b):
+            wait_until(
+                lambda b=b: batch_row(dsn, tenant, b.batch_id)["status"] == "processing",
+                timeout=20,
+                what="the workers to claim their batches",
+            )
+        frozen.send_signal(signal.SIGSTOP)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(10) == -signal.SIGKILL
-    claimed = batch_row(dsn, tenant, b.batch_id)
-    assert (claimed["attempts"], claimed["dispatch_seq"]) == (1, 1)
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait(10) == -signal.SIGKILL
+    try:
+        for b in (killed_b, frozen_b):
+            claimed = batch_row(dsn, tenant, b.batch_id)
+            assert (claimed["status"], claimed["attempts"], claimed["dispatch_seq"]) == (
+                "processing",
+                1,
+                1,
+            )
 
-    # Heartbeat still fresh: reconcile touches nothing.
-    early = engine.recovery.reconcile("job")
-    assert early.demoted == early.requeued == early.failed == 0
-    assert early.result is not None and early.result.dispatched == []
-    assert batch_row(dsn, tenant, b.batch_id)["status"] == "processing"
+        # Heartbeats still fresh: reconcile touches nothing.
+        early = engine.recovery.reconcile("job")
+        assert early.demoted == early.requeued == early.failed == 0
+        assert early.result is not None and early.result.dispatched == []
 
-    # Once the heartbeat is older than staleAfterSeconds the batch shows as stuck ...
-    def stuck() -> list[dict[str, Any]]:
-        with tenant_conn(dsn, tenant) as conn:
-            return conn.execute(Q("batches_stuck"), {"job_id": "job", "stale_after": 5}).fetchall()
+        # Once their heartbeat is older than staleAfterSeconds the two show as stuck ...
+        def stuck() -> list[str]:
+            with tenant_conn(dsn, tenant) as conn:
+                rows = conn.execute(
+                    Q("batches_stuck"), {"job_id": "job", "stale_after": 5}
+                ).fetchall()
+            return sorted(r["batch_id"] for r in rows)
 
-    rows = wait_until(stuck, timeout=15, every=0.1, what="the batch to go stale")
-    # the live worker claimed first but keeps its heartbeat fresh: it is not stuck
-    assert [r["batch_id"] for r in rows] == [b.batch_id]
-    # ... and reconcile demotes it, says so, and dispatches it again at once.
-    report = engine.recovery.reconcile("job")
-    assert report.demoted == 1 and report.failed == 0
-    assert any(
-        a.startswith(f"demoted batch {b.batch_id} processing -> pending") for a in report.actions
-    ), report.actions
-    assert "catch-up dispatch of 1 batch(es)" in report.actions
-    assert "refreshed the wave_monitoring_active flag" in report.actions
-    assert report.result is not None
-    assert [(x.batch_id, x.dispatch_seq) for x in report.result.dispatched] == [(b.batch_id, 2)]
-    assert "stale: no heartbeat" in (batch_row(dsn, tenant, b.batch_id)["last_error"] or "")
-
-    # The killed worker's dispatch is fenced out if it ever comes back.
-    late = run_batch(WorkItem(dsn, tenant, "job", b.batch_id, b.dispatch_seq))
+        both = sorted([killed_b.batch_id, frozen_b.batch_id])
+        wait_until(lambda: stuck() == both, timeout=15, every=0.1, what="two stale batches")
+        # (the live worker claimed first but keeps its heartbeat fresh: it is not stuck)
+        # ... and reconcile demotes them, says so, and dispatches them again at once.
+        report = engine.recovery.reconcile("job")
+        assert report.demoted == 2 and report.failed == 0
+        for b in (killed_b, frozen_b):
+            assert any(
+                a.startswith(f"demoted batch {b.batch_id} processing -> pending")
+                for a in report.actions
+            ), report.actions
+            assert "stale: no heartbeat" in (batch_row(dsn, tenant, b.batch_id)["last_error"])
+        assert "catch-up dispatch of 2 batch(es)" in report.actions
+        assert "refreshed the wave_monitoring_active flag" in report.actions
+        assert report.result is not None
+        assert sorted((x.batch_id, x.dispatch_seq) for x in report.result.dispatched) == [
+            (both[0], 2),
+            (both[1], 2),
+        ]
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    # The thawed worker finds its dispatch superseded: fenced out, nothing done.
+    assert frozen.wait(20) == EXIT_FENCED
+    # So would the killed one, if it ever came back.
+    late = run_batch(WorkItem(dsn, tenant, "job", killed_b.batch_id, killed_b.dispatch_seq))
     assert late.exit_code == EXIT_FENCED
 
     alive_thread.join(20)
@@ -127,8 +154,9 @@ def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
     assert batch_row(dsn, tenant, alive_b.batch_id)["attempts"] == 1  # never requeued
 
     assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
-    final = batch_row(dsn, tenant, b.batch_id)
-    assert (final["status"], final["attempts"], final["dispatch_seq"]) == ("completed", 2, 2)
+    for b in (killed_b, frozen_b):
+        final = batch_row(dsn, tenant, b.batch_id)
+        assert (final["status"], final["attempts"], final["dispatch_seq"]) == ("completed", 2, 2)
     assert_complete(engine, "job", ds, spec)
 
 
