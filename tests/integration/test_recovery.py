@@ -31,6 +31,7 @@ from helpers import (
     setup_job,
     tenant_conn,
     wait_until,
+    waves,
 )
 from importwaves.db.queries import Q
 from importwaves.engine.model import Outcome
@@ -249,7 +250,20 @@ BAD_DATA = {
         "WHERE record_type_id = -13 AND record_id = 42",
         "record 42: amount is not a number",
     ),
+    # The parents were imported, then order 5's transaction disappeared before its lines ran
+    # (breaking SQL applied once every SalesOrder batch completed; lines 21..29 are order 5's).
+    "line_whose_parent_transaction_is_missing": (
+        LINE,
+        21,
+        "DELETE FROM transactions WHERE id = 5",
+        "INSERT INTO transactions (id, record_type_id, customer_id, amount, payload, "
+        "imported_job) SELECT record_id, record_type_id, parent_id, "
+        "(payload ->> 'amount')::numeric, payload, job_id FROM staging_records "
+        "WHERE record_type_id = -30 AND record_id = 5",
+        "record 21: parent transaction 5 not imported",
+    ),
 }
+AFTER_PARENTS = {"line_whose_parent_transaction_is_missing"}
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
@@ -258,9 +272,23 @@ def test_bad_row_is_retried_then_fails_the_job_and_retry_failed_completes_it(
 ) -> None:
     rid, record_id, breaking, fixing, problem = BAD_DATA[case]
     ds, spec = setup_job(engine, "job", retries=2)
-    with tenant_conn(dsn, tenant) as conn:
-        assert conn.execute(breaking).rowcount == 1
-    r = drive(engine, dsn, tenant, "job")
+    broken = []
+
+    def break_data(_n: int = 0, _run: Any = None) -> None:
+        if broken:
+            return
+        if case in AFTER_PARENTS:
+            so = waves(dsn, tenant, "job").get(SALES_ORDER)
+            if not so or so["completed_batches"] < so["total_batches"]:
+                return
+        with tenant_conn(dsn, tenant) as conn:
+            assert conn.execute(breaking).rowcount == 1
+        broken.append(True)
+
+    if case not in AFTER_PARENTS:
+        break_data()
+    r = drive(engine, dsn, tenant, "job", after_step=break_data)
+    assert broken
     assert r.outcome == Outcome.FAILED
     assert job_status(dsn, tenant, "job") == "failed"
     assert flag_ttl(redis_url, tenant, "job", MONITORING) == -2
