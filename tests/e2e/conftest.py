@@ -9,6 +9,16 @@
   pods scheduled to it as local processes (tests/e2e/localkubelet.py).
 * `namespace` (function): a fresh namespace (with its `default` ServiceAccount), deleted
   afterwards.
+* `crds` (session): the CRDs of crds/ applied once and Established.
+* `operator` (function): a factory `operator(namespace, **env)` starting `importwaves run
+  --standalone --namespace NS` as a subprocess (tests/e2e/operatorkit.py); its log goes to
+  `<cluster workdir>/operator/<test>.log`, printed when the test fails and kept with the
+  cluster logs. At teardown the ImportJobs of its namespaces are deleted while it still runs
+  (their kopf finalizers need it), then it is stopped.
+* `tenant_db` (function): a factory `tenant_db(name)` creating a migrated
+  tenant schema in the session PostgreSQL, dropped afterwards.
+* `harness` (function): bounded waits on ImportJobs that fail with `kubectl get -o yaml`,
+  events, Jobs, pods, the tenant's batches and the operator log.
 
 Every test under tests/e2e is marked `e2e`. Missing binaries make these tests fail (never
 skip) with the command that builds them.
@@ -21,8 +31,9 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +45,7 @@ from .cluster import (
     testbin_dir,
 )
 from .localkubelet import LocalKubelet
+from .operatorkit import Harness, OperatorProcess, Tenant
 
 HERE = Path(__file__).parent
 
@@ -42,6 +54,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember each phase's report on the item (fixtures print logs only for failed tests)."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(getattr(request.node, f"rep_{when}", None), "failed", False)
+        for when in ("setup", "call")
+    )
 
 
 def _report(config: pytest.Config, line: str) -> None:
@@ -78,9 +105,9 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
                 / stamp
             )
             cluster.save_logs(dest)
-            kubelet_dir = cluster.workdir / "localkubelet"
-            if kubelet_dir.is_dir():
-                shutil.copytree(kubelet_dir, dest / "localkubelet", dirs_exist_ok=True)
+            for sub in ("localkubelet", "operator"):
+                if (cluster.workdir / sub).is_dir():
+                    shutil.copytree(cluster.workdir / sub, dest / sub, dirs_exist_ok=True)
             _report(request.config, f"\ne2e: tests failed; cluster logs kept in {dest}")
         cluster.stop()
         shutil.rmtree(cluster.workdir, ignore_errors=True)
@@ -126,3 +153,65 @@ def namespace(k8s_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[
             except client.ApiException as exc:
                 if exc.status != 404:
                     raise
+
+
+@pytest.fixture(scope="session")
+def crds(k8s_cluster: Cluster) -> None:
+    k8s_cluster.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+
+
+def _node_slug(request: pytest.FixtureRequest) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:80]
+
+
+@pytest.fixture
+def operator(
+    k8s_cluster: Cluster, local_kubelet: LocalKubelet, crds: None, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., OperatorProcess]]:
+    started: list[OperatorProcess] = []
+
+    def start(namespace: str, **env: str) -> OperatorProcess:
+        log_path = k8s_cluster.workdir / "operator" / f"{_node_slug(request)}-{len(started)}.log"
+        op = OperatorProcess(k8s_cluster, [namespace], log_path, dict(env))
+        started.append(op)
+        return op.start()
+
+    yield start
+    failed = _failed(request)
+    for op in started:
+        if op.running:
+            for ns in op.namespaces:
+                k8s_cluster.kubectl(
+                    "-n", ns, "delete", "importjobs", "--all", "--timeout=30s", check=False
+                )
+        op.stop()
+        if failed:
+            _report(
+                request.config,
+                f"\n----- operator log {op.log_path} (last 150 lines) -----\n" + op.log_tail(150),
+            )
+
+
+@pytest.fixture
+def tenant_db(pg: Any) -> Iterator[Callable[[str], Tenant]]:
+    made: list[Tenant] = []
+
+    def make(name: str) -> Tenant:
+        if not pg.running():
+            pg.start()
+        t = Tenant(pg.dsn(), name).create()
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.drop()
+
+
+@pytest.fixture
+def harness(k8s_cluster: Cluster) -> Callable[..., Harness]:
+    def make(namespace: str, operators: list[OperatorProcess], tenants: list[Tenant]) -> Harness:
+        return Harness(k8s_cluster, namespace, operators, tenants)
+
+    return make

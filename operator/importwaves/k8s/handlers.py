@@ -6,7 +6,7 @@ The work lives in k8s/operator.py (ImportJobOperator); decisions live in the eng
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes import client, config
@@ -75,9 +75,17 @@ def tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_IMPORTJOB: kopf.PRESENT})
 def worker_job(body: kopf.Body, **_: Any) -> None:
-    owner = _op().on_job_finished(dict(body))
-    if owner is not None and owner[1]:
-        _op().refresh_status(*owner)
+    done = _op().on_job_finished(dict(body))
+    refreshed = _op().refresh_status(done.namespace, done.name, done.result) if done else None
+    if refreshed is not None:
+        owner, events = refreshed
+        for e in events:
+            kopf.event(
+                kopf.Body(cast(kopf.RawBody, owner)),
+                type=e.type,
+                reason=e.reason,
+                message=e.message,
+            )
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

@@ -64,6 +64,15 @@ class ReconcileResult:
     problem: Problem | None = None
 
 
+@dataclass
+class JobFinished:
+    """A worker Job's result was recorded: the engine run it caused, for its ImportJob."""
+
+    namespace: str
+    name: str  # the ImportJob's
+    result: RunResult
+
+
 class ProblemError(Exception):
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem.message)
@@ -250,8 +259,9 @@ class ImportJobOperator:
             )
         return events
 
-    def on_job_finished(self, job: dict[str, Any]) -> tuple[str, str] | None:
-        """A worker Job finished: record it, delete it. Returns the ImportJob (ns, name)."""
+    def on_job_finished(self, job: dict[str, Any]) -> JobFinished | None:
+        """A worker Job finished: record it, delete it. Returns what that caused, for the
+        ImportJob's status and events."""
         r = read_job(job)
         if r is None or not r.finished:
             return None
@@ -260,17 +270,20 @@ class ImportJobOperator:
         ann = meta.get("annotations") or {}
         ref = DatabaseRef(secretName=ann[ANN_SECRET], key=ann.get(ANN_SECRET_KEY, "dsn"))
         engine = self.engine_for(self.read_dsn(ns, ref), ann[ANN_TENANT])
-        self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
+        result = self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
         self._delete_job(ns, r.name)
         owners = [
             ref.get("name", "")
             for ref in meta.get("ownerReferences") or []
             if ref.get("kind") == KIND and ref.get("controller")
         ]
-        return ns, owners[0] if owners else ""
+        return JobFinished(ns, owners[0], result) if owners else None
 
-    def refresh_status(self, namespace: str, name: str) -> None:
-        """Recompute an ImportJob's status from the database and write it if it changed."""
+    def refresh_status(
+        self, namespace: str, name: str, result: RunResult | None = None
+    ) -> tuple[dict[str, Any], list[KubeEvent]] | None:
+        """Recompute an ImportJob's status from the database and write it if it changed.
+        Returns the ImportJob and the Events `result` (an engine run) calls for, to post."""
         try:
             obj = cast(
                 dict[str, Any],
@@ -278,15 +291,16 @@ class ImportJobOperator:
             )
         except ApiException as exc:
             if exc.status == 404:
-                return
+                return None
             raise
         meta, old = obj["metadata"], obj.get("status") or {}
+        events = _run_events(result, old.get("summary")) if result is not None else []
         try:
             ij = ImportJobSpec.model_validate(obj["spec"])
             engine = self.engine_for(self.read_dsn(namespace, ij.database), ij.tenant)
             view = self.view(engine, ij.job_id(namespace, name))
         except (ValidationError, ProblemError, psycopg.OperationalError):
-            return  # the ImportJob's own reconcile reports these
+            return obj, events  # the ImportJob's own reconcile reports these
         new = compute_status(
             old, generation=meta.get("generation", 0), now=now_iso(), view=view, problem=None
         )
@@ -300,6 +314,7 @@ class ImportJobOperator:
                 {"status": new},
                 _content_type="application/merge-patch+json",
             )
+        return obj, events
 
     def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
         """Drop the Redis keys of a deleted ImportJob (its tenant data stays)."""

@@ -1,0 +1,157 @@
+"""The operator end to end: `importwaves run` against the real kube-apiserver, worker pods run by
+the local kubelet, imports into the real test PostgreSQL (issue 4).
+
+Each test starts its own operator scoped to its namespace (`--namespace`), so tests never see
+each other's objects; the cluster, the local kubelet and PostgreSQL are shared by the session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from importwaves.k8s.crd import ImportJobSpec
+from importwaves.verify import verify_import
+
+from .cluster import Cluster
+from .operatorkit import (
+    EXAMPLES,
+    Harness,
+    OperatorProcess,
+    Tenant,
+    conditions,
+    example_importjob,
+    is_true,
+    status_history,
+    watch_importjobs,
+)
+
+
+def completed(st: dict[str, Any]) -> bool:
+    return is_true(st, "Completed")
+
+
+def finished(st: dict[str, Any]) -> bool:
+    return st.get("summary") in ("Completed", "Failed", "Invalid")
+
+
+def assert_verified(t: Tenant, job_id: str, spec: dict[str, Any]) -> None:
+    with t.connect() as conn:
+        v = verify_import(conn, job_id, ImportJobSpec.model_validate(spec).engine_spec())
+    assert v.ok, f"verification of {job_id} in {t.name} failed: {v.failures()}"
+
+
+@pytest.fixture
+def examples_namespace(k8s_cluster: Cluster) -> Iterator[str]:
+    """The examples' namespace `imports`, applied from examples/namespace.yaml."""
+    k8s_cluster.kubectl("apply", "-f", str(EXAMPLES / "namespace.yaml"))
+    try:
+        yield "imports"
+    finally:
+        k8s_cluster.kubectl("delete", "namespace", "imports", "--wait=false", check=False)
+
+
+def test_examples_run_to_completion(
+    k8s_cluster: Cluster,
+    examples_namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    """kubectl apply of the examples: the import passes through DerivedPending=True, ends
+    Completed=True, the target tables verify, printer columns and `kubectl wait` work."""
+    ns = examples_namespace
+    manifest = example_importjob()
+    assert manifest["metadata"]["namespace"] == ns
+    name, job_id = manifest["metadata"]["name"], manifest["spec"]["importId"]
+    t = tenant_db(manifest["spec"]["tenant"])
+    data = t.generate(job_id, orders=2000)
+    k8s_cluster.kubectl(
+        "-n", ns, "create", "secret", "generic", "demo-tenant-db", f"--from-literal=dsn={t.dsn}"
+    )
+    op = operator(ns)
+    h = harness(ns, [op], [t])
+    with k8s_cluster.api_client() as api:
+        rec = watch_importjobs(api, ns)
+        try:
+            k8s_cluster.kubectl("apply", "-f", str(EXAMPLES / "importjob.yaml"))
+            r = k8s_cluster.kubectl(
+                "-n",
+                ns,
+                "wait",
+                "--for=condition=Completed",
+                f"importjob/{name}",
+                "--timeout=120s",
+                check=False,
+                timeout=150,
+            )
+            if r.returncode != 0:
+                h.fail(f"kubectl wait exited {r.returncode}: {r.stdout}{r.stderr}")
+        finally:
+            rec.stop()
+
+    with h.explained():
+        st = h.status(name)
+        assert st["summary"] == "Completed"
+        conds = conditions(st)
+        assert conds["Completed"]["status"] == "True"
+        assert conds["Completed"]["reason"] == "AllWavesCompleted"
+        assert conds["DerivedPending"]["status"] == "False"
+        assert conds["Failed"]["status"] == "False"
+        assert conds["Invalid"]["status"] == "False"
+        assert conds["DatabaseReady"]["status"] == "True"
+        assert st["waves"] == {"done": 3, "total": 3}
+        assert st["batches"] == {"done": 9, "total": 9}, st
+        assert st["jobId"] == job_id
+        assert st["observedGeneration"] == 1
+
+        # It passed through DerivedPending=True (derived batches pending or active), and
+        # only after the main waves, and Completed only after that.
+        history = status_history(rec, name)
+        assert not rec.errors, rec.errors
+        summaries = [s.get("summary") for s in history]
+        dp = [i for i, s in enumerate(history) if is_true(s, "DerivedPending")]
+        assert dp, f"DerivedPending=True never observed; summaries seen: {summaries}"
+        assert all(history[i]["derivedPending"] > 0 for i in dp if "derivedPending" in history[i])
+        first_done = next(i for i, s in enumerate(history) if completed(s))
+        assert max(dp) < first_done
+        assert not any(is_true(s, "Completed") and is_true(s, "DerivedPending") for s in history)
+        assert "Running" in summaries[: dp[0] + 1]
+        assert summaries[-1] == "Completed"
+        assert_verified(t, job_id, manifest["spec"])
+        counts = t.target_counts(job_id)
+        assert counts == {
+            "customers": data.customers,
+            "transactions": data.orders,
+            "transaction_lines": data.lines,
+        }
+
+        # Printer columns.
+        out = k8s_cluster.kubectl("-n", ns, "get", "importjobs").stdout.splitlines()
+        assert re.split(r"\s{2,}", out[0].strip()) == [
+            "NAME",
+            "STATUS",
+            "WAVES",
+            "BATCHES",
+            "DERIVED-PENDING",
+            "AGE",
+        ], out
+        assert out[1].split()[:5] == [name, "Completed", "3/3", "9/9", "0"], out
+        short = k8s_cluster.kubectl("-n", ns, "get", "ij", name).stdout
+        assert "Completed" in short
+
+        reasons = h.event_reasons(name)
+        assert "WaveDispatched" in reasons, reasons
+        assert "CompletionGuard" in reasons, reasons
+        assert any("wave 3" in m for m in reasons["WaveDispatched"]), reasons
+        # Finished worker Jobs are recorded and deleted: none are left behind.
+        h.wait_for(lambda: not h.jobs(), "the finished worker Jobs to be deleted", timeout=30)
+
+        # `kubectl wait` on an already completed import returns at once.
+        again = k8s_cluster.kubectl(
+            "-n", ns, "wait", "--for=condition=Completed", f"importjob/{name}", "--timeout=5s"
+        )
+        assert again.returncode == 0

@@ -1,0 +1,51 @@
+"""The operator's JSON log lines: kopf's per-object records stay one short line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from importwaves import log as iwlog
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers() -> Iterator[None]:
+    """iwlog.setup() reconfigures the `importwaves` and `kopf` loggers: put them back."""
+    saved = {}
+    for name in ("importwaves", "kopf"):
+        lg = logging.getLogger(name)
+        saved[name] = (list(lg.handlers), lg.level, lg.propagate)
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_kopf_object_records_drop_settings_and_keep_the_object_ref() -> None:
+    stream = io.StringIO()
+    iwlog.setup("INFO", stream)
+    ref = {"apiVersion": "importwaves.io/v1alpha1", "kind": "ImportJob", "name": "x"}
+    logging.getLogger("kopf.objects").info(
+        "Timer 'tick' succeeded.",
+        extra={"settings": object(), "k8s_skip": False, "k8s_ref": ref},
+    )
+    line = stream.getvalue().strip()
+    rec = json.loads(line)
+    assert rec["msg"] == "Timer 'tick' succeeded."
+    assert rec["k8s_ref"] == ref
+    assert "settings" not in rec and "k8s_skip" not in rec
+    assert len(line) < 400
+
+
+def test_events_keep_their_fields() -> None:
+    stream = io.StringIO()
+    iwlog.setup("INFO", stream)
+    iwlog.event(logging.getLogger("importwaves.test"), "wave_dispatched", job_id="j", wave_number=2)
+    rec = json.loads(stream.getvalue())
+    assert (rec["event"], rec["job_id"], rec["wave_number"]) == ("wave_dispatched", "j", 2)
