@@ -211,9 +211,12 @@ def drive(
     assert isinstance(launcher, RecordingLauncher)
     t0 = time.monotonic()
     deadline = t0 + timeout
-    # Batches an earlier drive() of this launcher took are not run again.
+    # Batches an earlier drive() of this launcher took (ran or held) are not taken again,
+    # except those passed back in `include`.
     cursor: int = getattr(launcher, "drive_cursor", 0)
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int]] = getattr(launcher, "drive_seen", set())
+    launcher.drive_seen = seen  # type: ignore[attr-defined]
+    seen -= {(b.batch_id, b.dispatch_seq) for b in include}
     runs: list[Run] = []
     held: list[BatchDispatch] = []
     rng = random.Random(seed)
@@ -241,12 +244,11 @@ def drive(
         return out
 
     def in_flight_elsewhere() -> bool:
-        """Batches dispatched in the DB that this drive has neither run nor held."""
-        mine = seen
+        """Batches dispatched in the DB that no drive() has run or held yet."""
         with connect(dsn, tenant, autocommit=True) as conn:
             rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
         return any(
-            r["status"] == "dispatched" and (r["batch_id"], r["dispatch_seq"]) not in mine
+            r["status"] == "dispatched" and (r["batch_id"], r["dispatch_seq"]) not in seen
             for r in rows
         )
 
