@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if "1" in rows:
-            res["row1"] = row1(s, samples=40 if q else 200, rounds=2 if q else 4)
+            res["row1"] = row1(s, samples=40 if q else 200, rounds=2 if q else 8)
         if "2" in rows:
             res["row2"] = row2(s, seconds=3 if q else 5, rounds=2 if q else 4)
         if "3" in rows:
