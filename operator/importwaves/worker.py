@@ -128,7 +128,12 @@ def _import_and_complete(
             "import_transactions",
             {"needs_name": False, "parent_table": "customers", "by_parent": False},
         )
-    base = {"job_id": item.job_id, "record_type_id": record_type_id, "ids": ids}
+    base = {
+        "job_id": item.job_id,
+        "record_type_id": record_type_id,
+        "ids": ids,
+        "parent_record_type_id": claimed.get("parent_record_type_id"),
+    }
     with conn.transaction():
         lock = conn.execute(
             Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}

@@ -147,7 +147,10 @@ SET status = 'processing', attempts = attempts + 1, started_at = clock_timestamp
     heartbeat_at = clock_timestamp(), worker_id = %(worker_id)s, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
   AND status = 'dispatched'
-RETURNING record_type_id, chunk_ids_json, attempts;
+RETURNING record_type_id, chunk_ids_json, attempts,
+          (SELECT p.record_type_id FROM wave_batches p
+           WHERE p.job_id = wave_batches.job_id AND p.batch_id = wave_batches.parent_batch_id)
+          AS parent_record_type_id;
 
 -- name: batch_lock
 -- Lock one batch row (a worker holds it while importing, so a concurrent requeue waits).
@@ -196,9 +199,13 @@ WHERE job_id = %(job_id)s AND status = 'processing'
 RETURNING batch_id, status, attempts;
 
 -- name: batches_requeue_stuck_dispatched
--- Recovery: dispatched batches no worker claimed within stale_after go back to pending.
+-- Recovery: dispatched batches no worker claimed within stale_after go back to pending. The
+-- lost launch counts an attempt, so a launcher that keeps losing them ends in `failed` (with
+-- this message) instead of looping forever.
 UPDATE wave_batches
-SET status = 'pending', last_error = 'requeued: not claimed within ' || %(stale_after)s || ' s',
+SET attempts = attempts + 1,
+    status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+    last_error = 'not claimed by a worker within ' || %(stale_after)s || ' s',
     updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND status = 'dispatched'
   AND dispatched_at < clock_timestamp() - make_interval(secs => %(stale_after)s)
@@ -245,6 +252,8 @@ FROM (
         SELECT parent_id, count(*) AS n FROM staging_records
         WHERE job_id = %(job_id)s AND record_type_id = %(record_type_id)s
           AND parent_id = ANY(%(parent_ids)s)
+          AND (parent_record_type_id IS NULL
+               OR parent_record_type_id = %(parent_record_type_id)s)
         GROUP BY parent_id
     ) c
 ) g
@@ -326,6 +335,8 @@ SELECT s.record_id, s.parent_id, (s.payload ->> 'amount')::numeric, s.payload, s
 FROM staging_records s
 WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
   AND s.parent_id = ANY(%(ids)s)
+  AND (s.parent_record_type_id IS NULL
+       OR s.parent_record_type_id = %(parent_record_type_id)s::integer)
 ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, payload = excluded.payload,
     transaction_id = excluded.transaction_id, imported_job = excluded.imported_job;
 
@@ -349,6 +360,8 @@ SELECT s.record_id,
 FROM staging_records s
 WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
   AND (CASE WHEN %(by_parent)s THEN s.parent_id ELSE s.record_id END) = ANY(%(ids)s)
+  AND (NOT %(by_parent)s OR s.parent_record_type_id IS NULL
+       OR s.parent_record_type_id = %(parent_record_type_id)s::integer)
 ORDER BY s.record_id;
 
 -- name: staging_counts

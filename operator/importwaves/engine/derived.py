@@ -88,6 +88,7 @@ def _derive_one(
                 "batch_size": dt.batchSize,
                 "parent_ids": ids,
                 "parent_batch_id": batch_id,
+                "parent_record_type_id": record_type_id,
             },
         ).fetchall()
         if rows:

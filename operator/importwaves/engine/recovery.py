@@ -80,15 +80,28 @@ class Recovery:
                         cause,
                     )
             for r in conn.execute(Q("batches_requeue_stuck_dispatched"), params).fetchall():
-                report.requeued += 1
-                self._act(
-                    report,
-                    "stuck_batch_requeued",
-                    r["batch_id"],
-                    f"requeued batch {r['batch_id']} dispatched -> pending (not claimed "
-                    f"within {spec.staleAfterSeconds}s)",
-                    cause,
+                lost = (
+                    f"not claimed within {spec.staleAfterSeconds}s; attempt "
+                    f"{r['attempts']}/{spec.max_attempts}"
                 )
+                if r["status"] == "failed":
+                    report.failed += 1
+                    self._act(
+                        report,
+                        "stuck_batch_failed",
+                        r["batch_id"],
+                        f"failed batch {r['batch_id']}: {lost}, no attempts left",
+                        cause,
+                    )
+                else:
+                    report.requeued += 1
+                    self._act(
+                        report,
+                        "stuck_batch_requeued",
+                        r["batch_id"],
+                        f"requeued batch {r['batch_id']} dispatched -> pending ({lost})",
+                        cause,
+                    )
             status = job["status"]
         stuck = report.demoted + report.requeued + report.failed
         if stuck:
