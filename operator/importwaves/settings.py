@@ -6,6 +6,12 @@ import os
 from dataclasses import dataclass, field
 
 
+def _random_priority() -> int:
+    import secrets
+
+    return 1 + secrets.randbelow(1_000_000)
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"IMPORTWAVES_{name}", default)
 
@@ -28,8 +34,9 @@ class Settings:
     )
     #: kopf peering object name (one active operator at a time); empty disables peering.
     peering: str = field(default_factory=lambda: _env("PEERING", "importwaves"))
-    #: This operator's peering priority (the highest active one works, others wait).
-    priority: int = field(default_factory=lambda: int(_env("PRIORITY", "0")))
+    #: This operator's peering priority: the highest live one works, the others wait. Unset, it
+    #: is random, because operators with EQUAL priorities all pause (kopf's peering rule).
+    priority: int = field(default_factory=lambda: int(_env("PRIORITY", "") or _random_priority()))
     #: Connections per tenant database pool.
     pool_size: int = field(default_factory=lambda: int(_env("POOL_SIZE", "4")))
     #: TTL of the Redis flags in seconds (the seed's 7200).
