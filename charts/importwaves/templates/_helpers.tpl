@@ -1,0 +1,144 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "importwaves.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name (at most 63 characters: some Kubernetes name fields
+are limited to this by the DNS naming spec). If the release name contains the chart name it is
+used as the full name.
+*/}}
+{{- define "importwaves.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version as used by the chart label.
+*/}}
+{{- define "importwaves.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "importwaves.labels" -}}
+helm.sh/chart: {{ include "importwaves.chart" . }}
+{{ include "importwaves.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: importwaves
+{{- end }}
+
+{{/*
+Selector labels.
+*/}}
+{{- define "importwaves.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "importwaves.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The name of the ServiceAccount to use.
+*/}}
+{{- define "importwaves.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "importwaves.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator image reference (the tag defaults to the chart's appVersion).
+*/}}
+{{- define "importwaves.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+The metrics Service name.
+*/}}
+{{- define "importwaves.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "importwaves.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+True ("true") when the operator watches the whole cluster, empty otherwise.
+*/}}
+{{- define "importwaves.clusterWide" -}}
+{{- if not .Values.watchNamespaces }}true{{- end }}
+{{- end }}
+
+{{/*
+RBAC rules the operator needs in every namespace it watches: a Role in each watched namespace,
+or part of the ClusterRole when it watches the whole cluster. "framework" rules are what kopf
+itself does; "application" rules are what importwaves' own code does (k8s/operator.py,
+launch/kubernetes.py, cli.py).
+*/}}
+{{- define "importwaves.watchedNamespaceRules" -}}
+# application + framework: ImportJobs. kopf lists and watches them and patches its progress and
+# diff-base annotations (and finalizers) onto them; the operator gets one to refresh its status
+# after a worker Job ends.
+- apiGroups: ["importwaves.io"]
+  resources: ["importjobs"]
+  verbs: ["get", "list", "watch", "patch"]
+# application + framework: ImportJob status (conditions, wave and batch counters), written by
+# kopf's handler patches and by the operator's status refresh (merge patch on /status).
+- apiGroups: ["importwaves.io"]
+  resources: ["importjobs/status"]
+  verbs: ["patch"]
+# application: worker Jobs. Watched for completions (kopf on.event), listed per ImportJob,
+# created for each dispatched batch and deleted once its result is recorded. No update/patch:
+# the operator never edits a Job.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "delete"]
+# application: worker pods, read-only, for diagnosing a batch's pod. No write access: pods are
+# created and removed by the Job controller.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
+# application: the tenant database Secret named by each ImportJob (spec.database.secretName),
+# read one by name. No list/watch: the operator never enumerates Secrets.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# framework + application: Events. kopf posts handler progress and errors; the operator posts
+# WaveDispatched, CompletionGuard, RecoveryAction, ... (create only).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/*
+RBAC rules for kopf's peering objects ("framework"): it lists and watches the peering objects
+of its kind to see other operators, and patches its keep-alive into its own object only.
+Argument: dict "root" (the chart context) "resource" (clusterkopfpeerings | kopfpeerings).
+*/}}
+{{- define "importwaves.peeringRules" -}}
+{{- if .root.Values.peering.enabled }}
+# framework: kopf peering, seeing the other operators (list and watch the peering objects).
+- apiGroups: ["kopf.dev"]
+  resources: [{{ .resource | quote }}]
+  verbs: ["list", "watch"]
+# framework: kopf peering, the keep-alive written into this operator's own peering object.
+- apiGroups: ["kopf.dev"]
+  resources: [{{ .resource | quote }}]
+  resourceNames: [{{ .root.Values.peering.name | quote }}]
+  verbs: ["patch"]
+{{- end }}
+{{- end }}
