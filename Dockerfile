@@ -15,9 +15,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
+# The runtime virtualenv gets no pip and no setuptools: the build stage's pip installs into it.
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
- && python -m venv /opt/importwaves \
- && /opt/importwaves/bin/pip install /dist/importwaves-*.whl
+ && python -m venv --without-pip /opt/importwaves \
+ && python -m pip --python /opt/importwaves/bin/python install /dist/importwaves-*.whl
 
 FROM python:3.11.12-slim-bookworm
 LABEL org.opencontainers.image.title="importwaves" \
