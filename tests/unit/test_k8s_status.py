@@ -196,6 +196,20 @@ def test_failed() -> None:
     assert cond(st, "Progressing")["reason"] == "Stopped"
 
 
+def test_failed_message_names_the_failed_batches_and_their_errors() -> None:
+    orders = wave(2, -30, "SalesOrder", completed=3, failed=1)
+    s = snap(CUSTOMERS_DONE, orders, LINES_EMPTY, status=JobStatus.FAILED)
+    err = "SalesOrder-000001: BatchDataError: 1 invalid staging row(s): record 17: bad amount"
+    v = JobView("j1", s, Outcome.FAILED, "1 batch(es) failed", None, (err,))
+    st = compute_status(None, generation=1, now=T0, view=v, problem=None)
+    msg = cond(st, "Failed")["message"]
+    assert f"1 batch(es) failed after their last attempt ({err})" in msg
+    assert msg.endswith("annotate importwaves.io/retry-failed=<new value> to retry them.")
+    huge = JobView("j1", s, Outcome.FAILED, "", None, ("x" * 5000,) * 3)
+    long_msg = cond(compute_status(None, generation=1, now=T0, view=huge, problem=None), "Failed")
+    assert len(long_msg["message"]) < 2000
+
+
 def test_failed_batch_while_still_running_is_reported_not_summarized() -> None:
     orders = wave(2, -30, "SalesOrder", completed=2, failed=1, processing=1)
     st = status_for(snap(CUSTOMERS_DONE, orders, LINES_EMPTY))

@@ -183,13 +183,23 @@ class ImportJobOperator:
             if job is None:
                 return None
             snap = read_snapshot(conn, job, ImportSpec.model_validate(job["spec"]))
+            failed = (
+                conn.execute(Q("batches_failed"), {"job_id": job_id, "limit": 3}).fetchall()
+                if any(w.failed for w in snap.waves)
+                else []
+            )
         outcome = {
             "completed": Outcome.COMPLETED,
             "failed": Outcome.FAILED,
             "suspended": Outcome.SUSPENDED,
         }.get(job["status"], Outcome.IN_PROGRESS)
         return JobView(
-            job_id, snap, outcome, job["status_reason"], job["last_dispatch_lag_seconds"]
+            job_id,
+            snap,
+            outcome,
+            job["status_reason"],
+            job["last_dispatch_lag_seconds"],
+            tuple(f"{r['batch_id']}: {r['last_error'] or 'no error recorded'}" for r in failed),
         )
 
     # -- worker Jobs -----------------------------------------------------------------------------

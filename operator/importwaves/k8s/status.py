@@ -53,6 +53,8 @@ class JobView:
     outcome: Outcome
     reason: str
     last_dispatch_lag_seconds: float | None = None
+    #: "<batch id>: <last error>" of the first few batches out of attempts
+    failed_errors: tuple[str, ...] = ()
 
 
 def now_iso(now: datetime | None = None) -> str:
@@ -220,8 +222,9 @@ def _from_view(
         is_failed,
         "BatchesFailed" if is_failed else ("BatchRetriesExhausted" if failed else "NoFailures"),
         (
-            f"{failed} batch(es) failed after their last attempt; annotate "
-            "importwaves.io/retry-failed=<new value> to retry them."
+            f"{failed} batch(es) failed after their last attempt"
+            + (f" ({'; '.join(view.failed_errors)})"[:1500] if view.failed_errors else "")
+            + "; annotate importwaves.io/retry-failed=<new value> to retry them."
         )
         if failed
         else "No batch has run out of attempts.",

@@ -1,0 +1,208 @@
+"""ImportJob lifecycle on the real cluster: deletion (garbage collection of its Jobs, tenant data
+kept), a missing Secret (Blocked, then proceeds), the manual reconcile annotation, long names."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from importwaves.k8s.crd import ImportJobSpec
+from importwaves.verify import verify_import
+
+from .cluster import Cluster
+from .operatorkit import (
+    Harness,
+    OperatorProcess,
+    Tenant,
+    apply,
+    conditions,
+    create_secret,
+    created_jobs,
+    importjob,
+    is_true,
+    watch_jobs,
+)
+
+SMALL = {
+    "recordTypes": [
+        {"name": "Customer", "recordTypeId": -2, "batchSize": 100},
+        {"name": "SalesOrder", "recordTypeId": -30, "batchSize": 50, "parentTypes": ["Customer"]},
+    ],
+    "derivedTypes": [
+        {
+            "name": "TransactionLine",
+            "recordTypeId": -13,
+            "batchSize": 1000,
+            "parentTypes": ["SalesOrder"],
+        }
+    ],
+    "parallelism": 3,
+}
+
+
+def test_deleting_an_importjob_removes_its_jobs_and_keeps_tenant_data(
+    k8s_cluster: Cluster,
+    namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    """Workers that import their batch and then linger (sleep) keep their Jobs alive; deleting
+    the ImportJob deletes them through ownerReferences (the garbage collector), their pods too,
+    and leaves every imported row and the engine's bookkeeping in the tenant database."""
+    ns, name = namespace, "deleted"
+    job_id = f"{ns}.{name}"
+    t = tenant_db(f"gc_{uuid.uuid4().hex[:8]}")
+    data = t.generate(job_id, orders=300)
+    create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+    op = operator(ns)
+    h = harness(ns, [op], [t])
+    lingering = {
+        "image": "importwaves:test",
+        "command": ["sh", "-c", 'importwaves worker; rc=$?; sleep 120 & wait "$!"; exit "$rc"'],
+    }
+    apply(k8s_cluster, importjob(name, ns, t.name, **{**SMALL, "worker": lingering}))
+
+    def live_jobs() -> list[str]:
+        return [j["metadata"]["name"] for j in h.jobs()]
+
+    # Wave 1 imported by a Job still alive, wave 2 under way with live Jobs.
+    h.wait_for(
+        lambda: (
+            t.target_counts(job_id)["customers"] == data.customers
+            and t.target_counts(job_id)["transactions"] > 0
+            and len(live_jobs()) >= 3
+        ),
+        "customers imported, some sales orders imported, >= 3 live Jobs",
+        60,
+    )
+    with h.explained():
+        obj = h.get(name)
+        assert obj is not None
+        uid = obj["metadata"]["uid"]
+        for j in h.jobs():
+            refs = j["metadata"]["ownerReferences"]
+            assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == [
+                ("ImportJob", name, uid, True)
+            ]
+        before = t.target_counts(job_id)
+        batches_before = len(t.batches(job_id))
+
+    r = k8s_cluster.kubectl("-n", ns, "delete", "importjob", name, "--timeout=30s", check=False)
+    if r.returncode != 0:
+        h.fail(f"kubectl delete importjob failed: {r.stderr}")
+    h.wait_for(lambda: not live_jobs(), "the garbage collector to delete the Jobs", 60)
+    h.wait_for(lambda: not h.pods(), "the worker pods to be deleted", 60)
+    time.sleep(2)  # nothing left to import anything
+    with h.explained():
+        after = t.target_counts(job_id)
+        assert after["customers"] == data.customers
+        for table, n in before.items():
+            assert after[table] >= n, (table, before, after)
+        assert len(t.batches(job_id)) == batches_before
+        assert t.scalar("SELECT count(*) FROM import_jobs WHERE job_id = %s", (job_id,)) == 1
+        assert t.scalar("SELECT count(*) FROM staging_records WHERE job_id = %s", (job_id,)) == (
+            data.customers + data.orders + data.lines
+        )
+        assert after == t.target_counts(job_id)  # stable: no worker is left
+        assert h.get(name) is None
+
+
+def test_missing_secret_blocks_then_proceeds_and_manual_reconcile(
+    k8s_cluster: Cluster,
+    namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    ns, name = namespace, "needs-secret"
+    job_id = f"{ns}.{name}"
+    t = tenant_db(f"sec_{uuid.uuid4().hex[:8]}")
+    t.generate(job_id, orders=100)
+    op = operator(ns)
+    h = harness(ns, [op], [t])
+    body = importjob(name, ns, t.name, secret="late-secret", **SMALL)
+    apply(k8s_cluster, body)
+    st = h.wait(
+        name,
+        lambda s: conditions(s).get("DatabaseReady", {}).get("status") == "False",
+        "DatabaseReady=False",
+        30,
+    )
+    with h.explained():
+        db = conditions(st)["DatabaseReady"]
+        assert db["reason"] == "SecretMissing"
+        assert f"Secret {ns}/late-secret not found" in db["message"]
+        assert st["summary"] == "Blocked"
+        assert not is_true(st, "Invalid")
+        assert "SecretMissing" in h.event_reasons(name)
+        assert not h.jobs()
+        # Nothing was written to the tenant database.
+        assert t.scalar("SELECT count(*) FROM import_jobs") == 0
+
+    create_secret(k8s_cluster, ns, "late-secret", t.dsn)
+    st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed once the Secret exists", 60)
+    with h.explained():
+        db = conditions(st)["DatabaseReady"]
+        assert (db["status"], db["reason"]) == ("True", "Connected")
+        with t.connect() as conn:
+            v = verify_import(
+                conn, job_id, ImportJobSpec.model_validate(body["spec"]).engine_spec()
+            )
+        assert v.ok, v.failures()
+
+    # The manual reconcile annotation: handled once per value, with an Event.
+    k8s_cluster.kubectl("-n", ns, "annotate", "importjob", name, "importwaves.io/reconcile=r1")
+    st = h.wait(name, lambda s: s.get("handledReconcile") == "r1", "handledReconcile=r1", 30)
+    h.wait_for(
+        lambda: len(h.event_reasons(name).get("ManualReconcile", [])) == 1,
+        "one ManualReconcile event",
+        20,
+    )
+    k8s_cluster.kubectl(
+        "-n", ns, "annotate", "--overwrite", "importjob", name, "importwaves.io/reconcile=r2"
+    )
+    st = h.wait(name, lambda s: s.get("handledReconcile") == "r2", "handledReconcile=r2", 30)
+    time.sleep(2)  # a few timer ticks: the same value is not handled again
+    with h.explained():
+        events = h.events(name)
+        manual = [e for e in events if e["reason"] == "ManualReconcile"]
+        assert sum(e.get("count", 1) for e in manual) == 2, manual
+        assert all(e["type"] == "Normal" for e in manual)
+        assert st["summary"] == "Completed"  # a reconcile of a completed import changes nothing
+
+
+def test_long_dotted_name_runs(
+    k8s_cluster: Cluster,
+    namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    """ImportJob names may have 253 characters and dots; Job names and label values may not:
+    an 80-character dotted name still gets valid worker Jobs and completes."""
+    ns = namespace
+    name = "quarterly.customer-and-order-import." + "x" * 30 + ".2026-q1"
+    assert len(name) > 63
+    job_id = "long-name-import"
+    t = tenant_db(f"long_{uuid.uuid4().hex[:8]}")
+    t.generate(job_id, orders=60)
+    create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+    op = operator(ns)
+    h = harness(ns, [op], [t])
+    with k8s_cluster.api_client() as api:
+        jobs = watch_jobs(api, ns)
+        try:
+            apply(k8s_cluster, importjob(name, ns, t.name, importId=job_id, **SMALL))
+            st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed", 60)
+        finally:
+            jobs.stop()
+    with h.explained():
+        made = created_jobs(jobs)
+        assert made and all(j.owner == name for j in made)
+        assert all(len(j.name) <= 63 and "." not in j.name for j in made)
+        assert st["batches"]["done"] == st["batches"]["total"] == len(t.batches(job_id))
+        assert {(j.batch_id, j.dispatch_seq) for j in made} == {
+            (b["batch_id"], b["dispatch_seq"]) for b in t.batches(job_id)
+        }
