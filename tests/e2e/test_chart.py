@@ -353,7 +353,7 @@ def _check_monitoring(docs: list[dict[str, Any]], monitoring: list[dict[str, Any
 
 # -- install, run the example import, upgrade, test, uninstall ----------------------------------
 @pytest.fixture
-def tenant_db(dsn: str) -> Iterator[tuple[str, str]]:
+def chart_tenant(dsn: str) -> Iterator[tuple[str, str]]:
     """A tenant schema with the example's staging data (import id demo-import)."""
     tenant = f"chart_{_uid()}"
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -371,10 +371,10 @@ def test_chart_install_import_upgrade_test_uninstall(
     k8s_cluster: Cluster,
     local_kubelet: LocalKubelet,
     namespace: str,
-    tenant_db: tuple[str, str],
+    chart_tenant: tuple[str, str],
     tmp_path: Path,
 ) -> None:
-    dsn, tenant = tenant_db
+    dsn, tenant = chart_tenant
     kc = k8s_cluster.kubectl
     rel_ns, other = f"iwc-{_uid()}", f"iwc-other-{_uid()}"
     sa = f"system:serviceaccount:{rel_ns}:{RELEASE}"
@@ -410,7 +410,8 @@ def test_chart_install_import_upgrade_test_uninstall(
             ).stdout
             installed = True
             assert "STATUS: deployed" in out, out
-            assert f"kubectl -n {namespace} apply -f examples/importjob.yaml" in out, out
+            assert f"kubectl -n {namespace} create secret generic demo-tenant-db" in out, out
+            assert f"set metadata.namespace to\n   {namespace} and" in out, out
 
             # 2. Least privilege, asked of the API server's authorizer.
             def can(*args: str) -> bool:
