@@ -51,18 +51,18 @@ class BatchCompletedListener:
 
     def on_completed(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
         """A worker reported success (or its pod exited 0). Idempotent."""
+        ids = {"job_id": job_id, "batch_id": batch_id}
+        recorded = None
         with self.pool.connection() as conn, conn.transaction():
-            recorded = conn.execute(
-                Q("batch_complete"),
-                {
-                    "job_id": job_id,
-                    "batch_id": batch_id,
-                    "dispatch_seq": dispatch_seq,
-                },
-            ).fetchone()
-            batch = conn.execute(
-                Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
-            ).fetchone()
+            batch = conn.execute(Q("batch_get"), ids).fetchone()
+            # `completed` is terminal, so a batch its worker already recorded (the reference
+            # worker does, in its own transaction) needs no write; otherwise record it here,
+            # fenced by the dispatch sequence like any completion.
+            if batch is not None and batch["status"] != "completed":
+                recorded = conn.execute(
+                    Q("batch_complete"), {**ids, "dispatch_seq": dispatch_seq}
+                ).fetchone()
+                batch = conn.execute(Q("batch_get"), ids).fetchone()
         # --- committed (and the connection is back in the pool): the coordinator run below
         # borrows its own and sees this completion ---
         if batch is None:
