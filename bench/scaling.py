@@ -16,7 +16,9 @@ TransactionLine batches of one record per parent), planned by the engine itself:
   track = all: top-level and nested, i.e. the counter triggers' statements too).
 
 State between timed runs is set with bench/queries.sql (fixture SQL, counted by the triggers
-like any batch change). Timings are per call; p50 is the headline, the ratio is 100k / 1k.
+like any batch change). The three jobs live side by side and every timed step goes round the
+sizes in turn (1k, 10k, 100k, 1k, ...), so machine noise hits all sizes alike. Timings are per
+call; p50 is the headline, the ratio is 100k / 1k.
 """
 
 from __future__ import annotations
@@ -68,98 +70,120 @@ def _settle(conn: Any) -> None:
     conn.execute(BQ("checkpoint"))
 
 
-def measure_size(
-    dsn: str,
-    tenant: str,
-    redis_url: str,
-    n: int,
-    counter: StatementCounter,
-    *,
-    reps: int = 40,
-    events: int = 10,
-) -> dict[str, Any]:
+def _setup(dsn: str, tenant: str, engine: Engine, conn: Any, n: int, out: dict[str, Any]) -> str:
+    """A job of n parent batches, mid-wave: half completed (their derived batches created and
+    pending behind the gate), `parallelism` batches with workers."""
     job = f"scale-{n}"
-    spec = scale_spec(tenant)
-    out: dict[str, Any] = {"batches": n}
-    with tenant_conn(dsn, tenant) as conn:
-        conn.execute(BQ("stage_orders_flat"), {"job_id": job, "n": n, "with_lines": True})
-        conn.execute(BQ("vacuum_staging"))
+    with tenant_conn(dsn, tenant) as c:
+        c.execute(BQ("stage_orders_flat"), {"job_id": job, "n": n, "with_lines": True})
+        c.execute(BQ("vacuum_staging"))
+    engine.submit(job, scale_spec(tenant))
+    first, out["plan_and_first_dispatch_s"] = timed(engine.check, job, "bench")
+    assert len(first.dispatched) == PARALLELISM, first.reason
+    conn.execute(
+        BQ("complete_first_pending"), {"job_id": job, "wave_number": PARENT_WAVE, "n": n // 2}
+    )
+    _derive_completed(conn, job)
+    out["batch_rows_mid_wave"] = conn.execute(BQ("batch_count"), {"job_id": job}).fetchone()["n"]
+    return job
+
+
+def _derive_completed(conn: Any, job: str) -> None:
+    conn.execute(
+        BQ("insert_derived_for_completed"),
+        {
+            "job_id": job,
+            "wave_number": DERIVED_WAVE,
+            "record_type_id": LINE,
+            "parent_wave": PARENT_WAVE,
+        },
+    )
+
+
+def _interleaved(
+    sizes: list[int], reps: int, step: Any, before: Any = None
+) -> dict[int, list[float]]:
+    """Time step(n) for every size in turn, `reps` times (sizes side by side under the same
+    machine noise); before(n), untimed, sets the state up for each timed call."""
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(reps):
+        for n in sizes:
+            if before is not None:
+                before(n)
+            t0 = time.perf_counter()
+            step(n)
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def run(dsn: str, tenant: str, redis_url: str, sizes: list[int], reps: int) -> dict[str, Any]:
+    counter = StatementCounter()
+    out: dict[str, Any] = {str(n): {"batches": n} for n in sizes}
     launcher = RecordingLauncher()
     with (
+        counter.installed(),
         Engine(dsn, tenant, redis_url=redis_url, launcher=launcher) as engine,
         tenant_conn(dsn, tenant) as conn,
     ):
-        engine.submit(job, spec)
-        first, out["plan_and_first_dispatch_s"] = timed(engine.check, job, "bench")
-        assert len(first.dispatched) == PARALLELISM, first.reason
-        # Mid-wave: half the parents done (their derived batches created), 8 with workers.
-        conn.execute(
-            BQ("complete_first_pending"),
-            {"job_id": job, "wave_number": PARENT_WAVE, "n": n // 2},
-        )
-        conn.execute(
-            BQ("insert_derived_for_completed"),
-            {
-                "job_id": job,
-                "wave_number": DERIVED_WAVE,
-                "record_type_id": LINE,
-                "parent_wave": PARENT_WAVE,
-            },
-        )
-        out["batch_rows"] = conn.execute(BQ("batch_count"), {"job_id": job}).fetchone()["n"]
+        jobs = {n: _setup(dsn, tenant, engine, conn, n, out[str(n)]) for n in sizes}
         _settle(conn)
 
         # 1. nothing to do
-        times = []
-        for _ in range(reps):
-            res, dt = timed(engine.check, job, "bench")
+        def nothing(n: int) -> None:
+            res = engine.check(jobs[n], "bench")
             assert res.outcome == Outcome.IN_PROGRESS and not res.dispatched, res.reason
-            times.append(dt)
-        out["reconcile_nothing"] = _ms(times)
-        with counter.counting() as counts:
-            engine.check(job, "bench")
-        out["reconcile_nothing_statements"] = {
-            "statements": sum(counts.values()),
-            "transactions": counter.transactions,
-        }
+
+        for n, xs in _interleaved(sizes, reps, nothing).items():
+            out[str(n)]["reconcile_nothing"] = _ms(xs)
+            with counter.counting() as counts:
+                nothing(n)
+            out[str(n)]["reconcile_nothing_statements"] = {
+                "statements": sum(counts.values()),
+                "transactions": counter.transactions,
+            }
 
         # 2. statements per completion event (worker + listener + coordinator)
-        out["completion_event"] = _completion_events(dsn, tenant, job, engine, counter, events)
-
-        # 3. reconcile with a dispatch
-        times = []
-        for _ in range(reps):
-            conn.execute(BQ("complete_active"), {"job_id": job, "wave_number": PARENT_WAVE})
-            res, dt = timed(engine.check, job, "bench")
-            assert len(res.dispatched) == PARALLELISM, res.reason
-            times.append(dt)
-        out["reconcile_dispatch"] = _ms(times)
-
-        # 4. first derived dispatch
-        conn.execute(
-            BQ("complete_first_pending"), {"job_id": job, "wave_number": PARENT_WAVE, "n": n}
-        )
-        conn.execute(BQ("complete_active"), {"job_id": job, "wave_number": PARENT_WAVE})
-        conn.execute(
-            BQ("insert_derived_for_completed"),
-            {
-                "job_id": job,
-                "wave_number": DERIVED_WAVE,
-                "record_type_id": LINE,
-                "parent_wave": PARENT_WAVE,
-            },
-        )
-        _settle(conn)
-        times = []
-        for _ in range(max(10, reps // 2)):
-            res, dt = timed(engine.check, job, "bench")
-            assert res.outcome == Outcome.DERIVED_WAVE_TRIGGERED, res.reason
-            times.append(dt)
-            conn.execute(BQ("derived_reset"), {"job_id": job, "wave_number": DERIVED_WAVE})
-            conn.execute(
-                BQ("wave_reset_first_dispatch"), {"job_id": job, "wave_number": DERIVED_WAVE}
+        for n in sizes:
+            out[str(n)]["completion_event"] = _completion_events(
+                dsn, tenant, jobs[n], engine, counter, 10
             )
-        out["first_derived_dispatch"] = _ms(times)
+
+        # 3. reconcile with a dispatch: the workers' batches completed (untimed) first
+        def free_slots(n: int) -> None:
+            conn.execute(BQ("complete_active"), {"job_id": jobs[n], "wave_number": PARENT_WAVE})
+
+        def dispatch(n: int) -> None:
+            res = engine.check(jobs[n], "bench")
+            assert len(res.dispatched) == PARALLELISM, res.reason
+
+        for n, xs in _interleaved(sizes, reps, dispatch, free_slots).items():
+            out[str(n)]["reconcile_dispatch"] = _ms(xs)
+
+        # 4. first derived dispatch: every parent completed, one derived batch per parent
+        for n in sizes:
+            job = jobs[n]
+            conn.execute(
+                BQ("complete_first_pending"), {"job_id": job, "wave_number": PARENT_WAVE, "n": n}
+            )
+            conn.execute(BQ("complete_active"), {"job_id": job, "wave_number": PARENT_WAVE})
+            _derive_completed(conn, job)
+            out[str(n)]["batch_rows_all_parents_done"] = conn.execute(
+                BQ("batch_count"), {"job_id": job}
+            ).fetchone()["n"]
+        _settle(conn)
+
+        def reopen(n: int) -> None:
+            conn.execute(BQ("derived_reset"), {"job_id": jobs[n], "wave_number": DERIVED_WAVE})
+            conn.execute(
+                BQ("wave_reset_first_dispatch"), {"job_id": jobs[n], "wave_number": DERIVED_WAVE}
+            )
+
+        def first_derived(n: int) -> None:
+            res = engine.check(jobs[n], "bench")
+            assert res.outcome == Outcome.DERIVED_WAVE_TRIGGERED, res.reason
+
+        for n, xs in _interleaved(sizes, reps, first_derived, reopen).items():
+            out[str(n)]["first_derived_dispatch"] = _ms(xs)
     return out
 
 
@@ -176,7 +200,11 @@ def _completion_events(
     by_name: Counter[str] = Counter()
     with tenant_conn(dsn, tenant) as conn:
         for _ in range(events):
-            b = next(x for x in reversed(launcher.launched) if x.record_type_id == SALES_ORDER)
+            b = next(
+                x
+                for x in reversed(launcher.launched)
+                if x.job_id == job and x.record_type_id == SALES_ORDER
+            )
             launcher.launched.remove(b)
             conn.execute(BQ("pgss_reset"))
             with counter.counting() as counts:
@@ -201,12 +229,3 @@ def _completion_events(
         "server_nested": sorted({s["nested"] for s in server}),
         "per_event_by_name": {k: v / events for k, v in sorted(by_name.items())},
     }
-
-
-def run(dsn: str, tenant: str, redis_url: str, sizes: list[int], reps: int) -> dict[str, Any]:
-    counter = StatementCounter()
-    results = {}
-    with counter.installed():
-        for n in sizes:
-            results[str(n)] = measure_size(dsn, tenant, redis_url, n, counter, reps=reps)
-    return results
