@@ -332,6 +332,24 @@ def created_jobs(rec: Recorder) -> list[CreatedJob]:
     return list(seen.values())
 
 
+def deleted_unfinished(rec: Recorder) -> list[str]:
+    """Worker Jobs that were deleted before they finished (the last state the watch saw had
+    neither a success nor a failure condition)."""
+    finished = {"Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"}
+    out = []
+    for kind, obj in rec.snapshot():
+        if kind != "DELETED":
+            continue
+        conds = {
+            c.get("type")
+            for c in (obj.get("status") or {}).get("conditions") or []
+            if c.get("status") == "True"
+        }
+        if not conds & finished:
+            out.append(obj["metadata"]["name"])
+    return out
+
+
 def status_history(rec: Recorder, name: str) -> list[dict[str, Any]]:
     """The distinct statuses of ImportJob `name`, in the order they were observed."""
     out: list[dict[str, Any]] = []

@@ -23,10 +23,13 @@ from .operatorkit import (
     OperatorProcess,
     Tenant,
     conditions,
+    created_jobs,
+    deleted_unfinished,
     example_importjob,
     is_true,
     status_history,
     watch_importjobs,
+    watch_jobs,
 )
 
 
@@ -76,6 +79,7 @@ def test_examples_run_to_completion(
     h = harness(ns, [op], [t])
     with k8s_cluster.api_client() as api:
         rec = watch_importjobs(api, ns)
+        jobs = watch_jobs(api, ns)
         try:
             k8s_cluster.kubectl("apply", "-f", str(EXAMPLES / "importjob.yaml"))
             r = k8s_cluster.kubectl(
@@ -92,6 +96,7 @@ def test_examples_run_to_completion(
                 h.fail(f"kubectl wait exited {r.returncode}: {r.stdout}{r.stderr}")
         finally:
             rec.stop()
+            jobs.stop()
 
     with h.explained():
         st = h.status(name)
@@ -147,8 +152,14 @@ def test_examples_run_to_completion(
         assert "WaveDispatched" in reasons, reasons
         assert "CompletionGuard" in reasons, reasons
         assert any("wave 3" in m for m in reasons["WaveDispatched"]), reasons
-        # Finished worker Jobs are recorded and deleted: none are left behind.
+        # One Job per batch, each deleted only after it finished (and its result was
+        # recorded): none is left behind.
         h.wait_for(lambda: not h.jobs(), "the finished worker Jobs to be deleted", timeout=30)
+        made = created_jobs(jobs)
+        assert sorted((j.batch_id, j.dispatch_seq) for j in made) == sorted(
+            (b["batch_id"], 1) for b in t.batches(job_id)
+        )
+        assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
 
         # `kubectl wait` on an already completed import returns at once.
         again = k8s_cluster.kubectl(

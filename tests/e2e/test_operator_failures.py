@@ -20,6 +20,7 @@ from .operatorkit import (
     conditions,
     create_secret,
     created_jobs,
+    deleted_unfinished,
     importjob,
     is_true,
     watch_jobs,
@@ -127,6 +128,7 @@ def test_bad_row_is_retried_then_failed_and_retry_failed_completes(
         per_dispatch = Counter((j.batch_id, j.dispatch_seq) for j in made)
         assert max(per_dispatch.values()) == 1, per_dispatch
         assert sorted(j.dispatch_seq for j in made if j.batch_id == bad["batch_id"]) == [1, 2, 3]
+        assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
 
 
 def test_worker_pod_that_exits_1_is_retried_then_failed(
@@ -163,6 +165,7 @@ def test_worker_pod_that_exits_1_is_retried_then_failed(
         assert bad["last_error"].startswith("pod failed"), bad
         tries = sorted(j.dispatch_seq for j in created_jobs(jobs) if j.batch_id == bad["batch_id"])
         assert tries == [1, 2, 3], created_jobs(jobs)
+        assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
         assert t.target_counts(job_id) == {
             "customers": 0,
             "transactions": 0,

@@ -19,6 +19,7 @@ from .operatorkit import (
     apply,
     create_secret,
     created_jobs,
+    deleted_unfinished,
     importjob,
     is_true,
     watch_jobs,
@@ -105,6 +106,8 @@ def test_operator_killed_mid_import_and_restarted(
         assert not dupes, f"Jobs created more than once: {dupes}"
         assert len({j.name for j in made}) == len(made)
         assert {j.owner for j in made} == {name}
+        # Every Job ran to its end: none was deleted while its worker was still running.
+        assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
         # Every batch ran as a Job of its final dispatch.
         batches = t.batches(job_id)
         assert all(b["status"] == "completed" for b in batches)
@@ -128,3 +131,51 @@ def test_operator_killed_mid_import_and_restarted(
             )
         assert v.ok, v.failures()
         assert op.starts == 3
+
+
+def test_unclaimed_dispatch_is_requeued_and_its_job_fenced_out(
+    k8s_cluster: Cluster,
+    namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    """A worker pod that hangs before claiming its batch: after staleAfterSeconds the batch is
+    requeued and dispatched again (a new fencing token, a new Job); the old Job is deleted as
+    fenced out, and the import completes with the new one."""
+    ns, name = namespace, "hangs"
+    job_id = f"{ns}.{name}"
+    t = tenant_db(f"hang_{uuid.uuid4().hex[:8]}")
+    data = t.generate(job_id, orders=40)
+    create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+    op = operator(ns)
+    h = harness(ns, [op], [t])
+    hang_first = (
+        'if [ "$IMPORTWAVES_DISPATCH_SEQ" = 1 ]; then sleep 300 & wait "$!"; fi; '
+        "exec importwaves worker"
+    )
+    spec = {
+        "recordTypes": [{"name": "Customer", "recordTypeId": -2, "batchSize": 100}],
+        "derivedTypes": [],
+        "staleAfterSeconds": 5,
+        "worker": {"image": "importwaves:test", "command": ["sh", "-c", hang_first]},
+    }
+    with k8s_cluster.api_client() as api:
+        jobs = watch_jobs(api, ns)
+        try:
+            apply(k8s_cluster, importjob(name, ns, t.name, **spec))
+            st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed", 60)
+            h.wait_for(lambda: not h.jobs(), "every worker Job to be deleted", 30)
+        finally:
+            jobs.stop()
+    with h.explained():
+        made = created_jobs(jobs)
+        assert sorted(j.dispatch_seq for j in made) == [1, 2], made
+        [first] = [j.name for j in made if j.dispatch_seq == 1]
+        assert deleted_unfinished(jobs) == [first]  # fenced out, not waited for
+        [batch] = t.batches(job_id)
+        # The lost dispatch counted an attempt, the second one the other.
+        assert (batch["status"], batch["dispatch_seq"], batch["attempts"]) == ("completed", 2, 2)
+        assert t.target_counts(job_id)["customers"] == data.customers
+        assert st["summary"] == "Completed"
+        assert "RecoveryAction" in h.event_reasons(name)

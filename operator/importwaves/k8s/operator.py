@@ -257,8 +257,9 @@ class ImportJobOperator:
                 and r.job_id == job_id
                 and not r.finished
                 and (r.batch_id, r.dispatch_seq) not in current
+                and self._fenced_out(engine, r.job_id, r.batch_id, r.dispatch_seq)
             ):
-                self._delete_job(owner.namespace, r.name)  # fenced out: a newer dispatch exists
+                self._delete_job(owner.namespace, r.name)
         if adopted:
             events.append(
                 KubeEvent(
@@ -268,6 +269,17 @@ class ImportJobOperator:
                 )
             )
         return events
+
+    @staticmethod
+    def _fenced_out(engine: Engine, job_id: str, batch_id: str, dispatch_seq: int) -> bool:
+        """A newer dispatch owns the batch (or it is gone): that Job's worker can do nothing.
+
+        Not merely "no longer dispatched or processing": a worker that has just committed its
+        batch (or recorded its failure) still has a running Job for a moment; deleting it would
+        kill the worker on its way out and lose the completion's immediate nudge."""
+        with engine.pool.connection() as conn:
+            row = conn.execute(Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}).fetchone()
+        return row is None or int(row["dispatch_seq"]) > dispatch_seq
 
     def on_job_finished(self, job: dict[str, Any]) -> JobFinished | None:
         """A worker Job finished: record it, delete it. Returns what that caused, for the
