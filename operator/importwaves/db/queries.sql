@@ -69,6 +69,25 @@ SELECT wave_number, record_type_id, record_type_name, dependency_level, status,
        dispatch_lag_seconds
 FROM wave_coordination WHERE job_id = %(job_id)s ORDER BY wave_number;
 
+-- name: job_snapshot
+-- The coordinator's snapshot in one statement: the job's waves with their trigger-maintained
+-- counters, every row also carrying how many completed parent batches still await their derived
+-- batches (counted up to `limit`). One statement, so both are read at the same instant.
+SELECT w.wave_number, w.record_type_id, w.record_type_name, w.dependency_level, w.status,
+       w.total_batches, w.pending_batches, w.dispatched_batches, w.processing_batches,
+       w.completed_batches, w.failed_batches, w.last_completed_at, w.first_dispatched_at,
+       w.dispatch_lag_seconds, a.n AS awaiting_derivation
+FROM wave_coordination w
+CROSS JOIN (
+    SELECT count(*) AS n FROM (
+        SELECT 1 FROM wave_batches
+        WHERE job_id = %(job_id)s AND needs_derivation AND status = 'completed'
+        LIMIT %(limit)s
+    ) x
+) a
+WHERE w.job_id = %(job_id)s
+ORDER BY w.wave_number;
+
 -- name: wave_mark_first_dispatch
 -- Stamp a wave's first dispatch and its dispatch lag (the database clock now minus ready_at, when
 -- the wave became dispatchable; kept from the first dispatch on), remember the lag on the job for
@@ -132,6 +151,18 @@ SELECT batch_id, wave_number, record_type_id, dispatch_seq, attempts, status
 FROM wave_batches
 WHERE job_id = %(job_id)s AND status IN ('dispatched', 'processing')
 ORDER BY id;
+
+-- name: batch_redispatch
+-- Adopt an orphaned dispatch (its launcher died between the dispatch and the launch): the same
+-- batch, dispatched again under a new fencing token, so the adopted worker and a late worker of
+-- the lost launch never share a token (the late one is fenced out). Still `dispatched`; only
+-- the current dispatch can be adopted, and no attempt is counted (the worker never ran).
+UPDATE wave_batches
+SET dispatch_seq = dispatch_seq + 1, dispatched_at = clock_timestamp(),
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
+  AND status = 'dispatched'
+RETURNING batch_id, wave_number, record_type_id, dispatch_seq, attempts;
 
 -- name: batch_get
 -- One batch row.

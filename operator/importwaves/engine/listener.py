@@ -53,16 +53,23 @@ class BatchCompletedListener:
         """A worker reported success (or its pod exited 0). Idempotent."""
         ids = {"job_id": job_id, "batch_id": batch_id}
         recorded = None
-        with self.pool.connection() as conn, conn.transaction():
-            batch = conn.execute(Q("batch_get"), ids).fetchone()
-            # `completed` is terminal, so a batch its worker already recorded (the reference
-            # worker does, in its own transaction) needs no write; otherwise record it here,
-            # fenced by the dispatch sequence like any completion.
-            if batch is not None and batch["status"] != "completed":
-                recorded = conn.execute(
-                    Q("batch_complete"), {**ids, "dispatch_seq": dispatch_seq}
-                ).fetchone()
+        with self.pool.connection() as conn:
+            # One autocommit read (no BEGIN/COMMIT round trips). `completed` is terminal, so a
+            # batch its worker already recorded (the reference worker does, in its own
+            # transaction) needs no write; otherwise record it here, fenced by the dispatch
+            # sequence like any completion, and read it again.
+            conn.autocommit = True
+            try:
                 batch = conn.execute(Q("batch_get"), ids).fetchone()
+                if batch is not None and batch["status"] != "completed":
+                    with conn.transaction():
+                        recorded = conn.execute(
+                            Q("batch_complete"), {**ids, "dispatch_seq": dispatch_seq}
+                        ).fetchone()
+                        batch = conn.execute(Q("batch_get"), ids).fetchone()
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False  # the pool's connections are not autocommit
         # --- committed (and the connection is back in the pool): the coordinator run below
         # borrows its own and sees this completion ---
         if batch is None:

@@ -13,25 +13,26 @@ from importwaves.spec import ImportSpec
 AWAITING_LIMIT = 1000
 
 
-def read_waves(conn: Conn, job_id: str) -> tuple[WaveState, ...]:
-    return tuple(
-        WaveState(
-            wave_number=r["wave_number"],
-            record_type_id=r["record_type_id"],
-            name=r["record_type_name"],
-            level=r["dependency_level"],
-            status=r["status"],
-            total=r["total_batches"],
-            pending=r["pending_batches"],
-            dispatched=r["dispatched_batches"],
-            processing=r["processing_batches"],
-            completed=r["completed_batches"],
-            failed=r["failed_batches"],
-            first_dispatched_at=r["first_dispatched_at"],
-            last_completed_at=r["last_completed_at"],
-        )
-        for r in conn.execute(Q("waves_snapshot"), {"job_id": job_id}).fetchall()
+def _wave(r: dict[str, Any]) -> WaveState:
+    return WaveState(
+        wave_number=r["wave_number"],
+        record_type_id=r["record_type_id"],
+        name=r["record_type_name"],
+        level=r["dependency_level"],
+        status=r["status"],
+        total=r["total_batches"],
+        pending=r["pending_batches"],
+        dispatched=r["dispatched_batches"],
+        processing=r["processing_batches"],
+        completed=r["completed_batches"],
+        failed=r["failed_batches"],
+        first_dispatched_at=r["first_dispatched_at"],
+        last_completed_at=r["last_completed_at"],
     )
+
+
+def read_waves(conn: Conn, job_id: str) -> tuple[WaveState, ...]:
+    return tuple(_wave(r) for r in conn.execute(Q("waves_snapshot"), {"job_id": job_id}).fetchall())
 
 
 def gates(spec: ImportSpec, waves: tuple[WaveState, ...]) -> tuple[DerivedGate, ...]:
@@ -52,14 +53,11 @@ def gates(spec: ImportSpec, waves: tuple[WaveState, ...]) -> tuple[DerivedGate, 
 
 def read_snapshot(conn: Conn, job: dict[str, Any], spec: ImportSpec) -> Snapshot:
     job_id = job["job_id"]
-    waves = read_waves(conn, job_id)
-    awaiting = 0
-    if spec.derivedTypes:
-        awaiting = len(
-            conn.execute(
-                Q("batches_needing_derivation"), {"job_id": job_id, "limit": AWAITING_LIMIT}
-            ).fetchall()
-        )
+    # Waves and the parent batches awaiting derivation in ONE statement (one instant, one round
+    # trip): a parent completion committed after it is in neither, one before it in both.
+    rows = conn.execute(Q("job_snapshot"), {"job_id": job_id, "limit": AWAITING_LIMIT}).fetchall()
+    waves = tuple(_wave(r) for r in rows)
+    awaiting = int(rows[0]["awaiting_derivation"]) if rows and spec.derivedTypes else 0
     return Snapshot(
         job_id=job_id,
         status=JobStatus(job["status"]),
