@@ -169,7 +169,7 @@ def _operator_pod(cluster: Cluster, namespace: str) -> dict[str, Any] | None:
             "-n",
             namespace,
             "-l",
-            f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component!=test",
+            f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator",
             "-o",
             "json",
         ).stdout
@@ -316,7 +316,11 @@ def _check_deployment(docs: list[dict[str, Any]], watch: str) -> dict[str, Any]:
     )
     svc = _one(docs, "Service")
     assert svc["spec"]["ports"][0]["targetPort"] == "http-metrics"
+    assert svc["spec"]["selector"] == spec["selector"]["matchLabels"]
     assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    # ... and not the `helm test` pod.
+    test_pod = _one(docs, "Pod")
+    assert not svc["spec"]["selector"].items() <= test_pod["metadata"]["labels"].items()
     return dict(c)
 
 
