@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "pg_stat_statements preloaded",
         "quick": q,
         "targets": TARGETS,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     try:
         if "1" in rows:
@@ -472,9 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     res["wall_s"] = round(time.monotonic() - t0, 1)
+    res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print()
     print_table(table(res))
-    print(f"total {res['wall_s']:.0f} s; full numbers in {args.out}")
+    print(
+        f"total {res['wall_s']:.0f} s; load average (1/5/15 min) at start "
+        f"{res['load_average_at_start']}, at end {res['load_average_at_end']} on "
+        f"{os.cpu_count()} CPUs; full numbers in {args.out}"
+    )
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(args.out)

@@ -128,8 +128,33 @@ def pgbench_script(path: Path) -> Path:
         + _pgbench_sql("batch_complete")
         + "END;\n"
     )
+    _check_variables(body)
     path.write_text(body, encoding="utf-8")
     return path
+
+
+#: Values of the worker's parameters for a SalesOrder batch (worker._import_and_complete),
+#: constant per run; the per-transaction ones come from pgbench_batch_params (\gset).
+DEFINES = {
+    "job_id": JOB,
+    "prefix": PREFIX,
+    "record_type_id": str(SALES_ORDER),
+    "needs_name": "false",
+    "parent_table": "customers",
+    "by_parent": "false",
+    # The worker passes NULL (a main batch has no parent type); pgbench cannot send a NULL
+    # parameter, and for a main batch (by_parent false) the predicate never reads it.
+    "parent_record_type_id": "0",
+}
+PER_TRANSACTION = {"batch_id", "ids", "dispatch_seq"}
+
+
+def _check_variables(body: str) -> None:
+    """Every :variable of the script has a value (queries.sql may grow a parameter)."""
+    used = set(re.findall(r"(?<!:):([a-z_]+)", body))
+    missing = used - set(DEFINES) - PER_TRANSACTION
+    if missing:
+        raise RuntimeError(f"pgbench script needs values for {sorted(missing)}")
 
 
 def pgbench(
@@ -145,14 +170,7 @@ def pgbench(
         "PGUSER": "postgres",
         "PGDATABASE": "postgres",
     }
-    defines = {
-        "job_id": JOB,
-        "prefix": PREFIX,
-        "record_type_id": str(SALES_ORDER),
-        "needs_name": "false",
-        "parent_table": "customers",
-        "by_parent": "false",
-    }
+    defines = DEFINES
     cmd = [str(pg.binary("pgbench")), "-n", "-M", "prepared", "-f", str(script)]
     cmd += ["-c", str(clients), "-j", str(clients), "-T", str(int(seconds))]
     for k, v in defines.items():
