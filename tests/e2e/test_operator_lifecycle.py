@@ -3,6 +3,7 @@ kept), a missing Secret (Blocked, then proceeds), the manual reconcile annotatio
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -206,3 +207,86 @@ def test_long_dotted_name_runs(
         assert {(j.batch_id, j.dispatch_seq) for j in made} == {
             (b["batch_id"], b["dispatch_seq"]) for b in t.batches(job_id)
         }
+
+
+def test_suspend_stops_new_jobs_and_resume_completes(
+    k8s_cluster: Cluster,
+    namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    ns, name = namespace, "suspended"
+    job_id = f"{ns}.{name}"
+    t = tenant_db(f"susp_{uuid.uuid4().hex[:8]}")
+    t.generate(job_id, orders=80)
+    create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+    op = operator(ns)
+    h = harness(ns, [op], [t])
+    spec = {
+        **SMALL,
+        "recordTypes": [
+            {"name": "Customer", "recordTypeId": -2, "batchSize": 100},
+            {
+                "name": "SalesOrder",
+                "recordTypeId": -30,
+                "batchSize": 20,
+                "parentTypes": ["Customer"],
+            },
+        ],
+        "parallelism": 2,
+        "worker": {
+            "image": "importwaves:test",
+            "command": ["importwaves", "worker"],
+            "env": [{"name": "IMPORTWAVES_WORKER_HOLD_SECONDS", "value": "0.5"}],
+        },
+    }
+    body = importjob(name, ns, t.name, **spec)
+
+    def patch_suspend(value: bool) -> None:
+        k8s_cluster.kubectl(
+            "-n",
+            ns,
+            "patch",
+            "importjob",
+            name,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"suspend": value}}),
+        )
+
+    with k8s_cluster.api_client() as api:
+        jobs = watch_jobs(api, ns)
+        try:
+            apply(k8s_cluster, body)
+            h.wait_for(
+                lambda: any(
+                    b["record_type_id"] == -30 and b["status"] == "completed"
+                    for b in t.batches(job_id)
+                ),
+                "a SalesOrder batch completed",
+                60,
+                0.1,
+            )
+            patch_suspend(True)
+            st = h.wait(name, lambda s: s.get("summary") == "Suspended", "summary Suspended", 30)
+            with h.explained():
+                assert is_true(st, "Suspended")
+                assert st["observedGeneration"] == 2
+                h.wait_for(lambda: not h.jobs(), "the in-flight Job to finish", 30)
+                created = len(created_jobs(jobs))
+                time.sleep(3)  # several timer ticks
+                assert len(created_jobs(jobs)) == created, "a Job was created while suspended"
+                assert any(b["status"] == "pending" for b in t.batches(job_id))
+            patch_suspend(False)
+            st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed after resume", 60)
+        finally:
+            jobs.stop()
+    with h.explained():
+        assert not is_true(st, "Suspended")
+        assert st["observedGeneration"] == 3
+        with t.connect() as conn:
+            v = verify_import(
+                conn, job_id, ImportJobSpec.model_validate(body["spec"]).engine_spec()
+            )
+        assert v.ok, v.failures()
