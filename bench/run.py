@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if "1" in rows:
             res["row1"] = row1(s, samples=40 if q else 200, rounds=2 if q else 8)
         if "2" in rows:
-            res["row2"] = row2(s, seconds=3 if q else 5, rounds=2 if q else 4)
+            res["row2"] = row2(s, seconds=3 if q else 5, rounds=2 if q else 6)
         if "3" in rows:
             res["row3"] = row3(s, [1000, 10_000] if q else [1000, 10_000, 100_000], 10 if q else 40)
         if "4" in rows:
