@@ -8,6 +8,7 @@ each other's objects; the cluster, the local kubelet and PostgreSQL are shared b
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,6 +95,7 @@ def test_examples_run_to_completion(
             )
             if r.returncode != 0:
                 h.fail(f"kubectl wait exited {r.returncode}: {r.stdout}{r.stderr}")
+            time.sleep(3)  # a few more timer ticks and Job events: Completed must stay
         finally:
             rec.stop()
             jobs.stop()
@@ -126,6 +128,8 @@ def test_examples_run_to_completion(
         first_done = next(i for i, s in enumerate(history) if completed(s))
         assert max(dp) < first_done
         assert not any(is_true(s, "Completed") and is_true(s, "DerivedPending") for s in history)
+        after = [s.get("summary") for s in history[first_done:]]
+        assert set(after) == {"Completed"}, f"status left Completed: {summaries}"
         assert "Running" in summaries[: dp[0] + 1]
         assert summaries[-1] == "Completed"
         assert_verified(t, job_id, manifest["spec"])
