@@ -144,6 +144,8 @@ class StatementCounter:
 
     def _name(self, query: Any) -> str:
         text = query if isinstance(query, str) else str(query)
+        if not text.strip():
+            return "(empty query: psycopg_pool check_connection)"
         return self._by_text.get(text, "other:" + " ".join(text.split())[:40])
 
     @contextlib.contextmanager
