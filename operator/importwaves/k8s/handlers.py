@@ -64,13 +64,13 @@ def probe(**_: Any) -> int:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def changed(body: kopf.Body, patch: kopf.Patch, reason: str, retry: int, **_: Any) -> None:
-    _apply(body, patch, _reconcile(body, str(reason)), retry)
+def changed(body: kopf.Body, reason: str, retry: int, **_: Any) -> None:
+    _apply(body, _reconcile(body, str(reason)), retry)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False)
-def tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _apply(body, patch, _reconcile(body, "timer"), 0)
+def tick(body: kopf.Body, **_: Any) -> None:
+    _apply(body, _reconcile(body, "timer"), 0)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_IMPORTJOB: kopf.PRESENT})
@@ -107,11 +107,9 @@ def _reconcile(body: kopf.Body, cause: str) -> ReconcileResult:
     )
 
 
-def _apply(body: kopf.Body, patch: kopf.Patch, result: ReconcileResult, retry: int) -> None:
-    old = dict(body.status)
-    changed = {k: v for k, v in result.status.items() if old.get(k) != v}
-    if changed:
-        patch.status.update(changed)
+def _apply(body: kopf.Body, result: ReconcileResult, retry: int) -> None:
+    # Status was written by the operator itself under an optimistic lock (write_status); here
+    # only the Events are posted and a blocked ImportJob is retried with back-off.
     for e in result.events:
         kopf.event(body, type=e.type, reason=e.reason, message=e.message)
     if result.problem is not None and not result.problem.is_spec:

@@ -10,8 +10,10 @@ data, to be written once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -116,12 +118,12 @@ class ImportJobOperator:
             ij = ImportJobSpec.model_validate(dict(spec))
         except ValidationError as exc:
             problem = Problem(ProblemKind.INVALID_SPEC, format_validation_error(exc))
-            return self._done(old, generation, None, problem, events)
+            return self._done(namespace, name, None, problem, events)
         job_id = ij.job_id(namespace, name)
         try:
             engine = self.engine_for(self.read_dsn(namespace, ij.database), ij.tenant)
         except ProblemError as exc:
-            return self._done(old, generation, None, exc.problem, events)
+            return self._done(namespace, name, None, exc.problem, events)
         owner = Owner(namespace, name, uid, ij.tenant, ij.database, ij.worker)
         self.launcher.register(job_id, owner)
         try:
@@ -129,7 +131,7 @@ class ImportJobOperator:
         except SpecChangeRefused as exc:
             problem = Problem(ProblemKind.SPEC_CHANGE_REFUSED, str(exc))
         except psycopg.OperationalError as exc:
-            return self._done(old, generation, None, _db_problem(exc), events)
+            return self._done(namespace, name, None, _db_problem(exc), events)
 
         new_fields: dict[str, Any] = {}
         try:
@@ -156,26 +158,93 @@ class ImportJobOperator:
             )
             if sweep.result is not None:
                 events += _run_events(sweep.result, old.get("summary"))
-            view = self.view(engine, job_id)
             engine.update_gauges()
+            return self._done(
+                namespace, name, lambda: self.view(engine, job_id), problem, events, new_fields
+            )
         except psycopg.OperationalError as exc:
-            return self._done(old, generation, None, _db_problem(exc), events)
-        result = self._done(old, generation, view, problem, events)
-        result.status.update(new_fields)
-        return result
+            return self._done(namespace, name, None, _db_problem(exc), events)
 
     def _done(
         self,
-        old: dict[str, Any],
-        generation: int,
-        view: JobView | None,
+        namespace: str,
+        name: str,
+        view_of: Callable[[], JobView | None] | None,
         problem: Problem | None,
         events: list[KubeEvent],
+        extra: dict[str, Any] | None = None,
     ) -> ReconcileResult:
-        new = compute_status(old, generation=generation, now=now_iso(), view=view, problem=problem)
-        if problem is not None and old.get("summary") != new["summary"]:
+        written = self.write_status(namespace, name, view_of=view_of, problem=problem, extra=extra)
+        new = written[1] if written else {}
+        if problem is not None and written and written[0].get("summary") != new.get("summary"):
             events.append(KubeEvent("Warning", problem.kind.value, problem.message[:1000]))
         return ReconcileResult(new, events, problem)
+
+    def write_status(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        view_of: Callable[[], JobView | None] | None,
+        problem: Problem | None = None,
+        extra: dict[str, Any] | None = None,
+        attempts: int = 5,
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The only status writer. Read the object's resourceVersion, THEN the database, then
+        patch with that resourceVersion as a precondition (409 -> start over): a status computed
+        from an older database read can never overwrite a newer one. Writes only what changed.
+        Returns (old status, new status), or None when the ImportJob is gone."""
+        for _ in range(attempts):
+            try:
+                obj = cast(
+                    dict[str, Any],
+                    self.custom.get_namespaced_custom_object(
+                        GROUP, VERSION, namespace, PLURAL, name
+                    ),
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            meta, old = obj["metadata"], dict(obj.get("status") or {})
+            view = view_of() if view_of is not None else None
+            new = compute_status(
+                old,
+                generation=int(meta.get("generation") or 0),
+                now=now_iso(),
+                view=view,
+                problem=problem,
+            )
+            new.update(extra or {})
+            changed = {k: v for k, v in new.items() if old.get(k) != v}
+            if not changed:
+                return old, new
+            try:
+                self.custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": changed},
+                    _content_type="application/merge-patch+json",
+                )
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue  # someone wrote in between: re-read both and try again
+                if exc.status == 404:
+                    return None
+                raise
+            return old, new
+        event(
+            log,
+            "status_write_gave_up",
+            logging.WARNING,
+            namespace=namespace,
+            importjob=name,
+            attempts=attempts,
+        )
+        return None
 
     def view(self, engine: Engine, job_id: str) -> JobView | None:
         with engine.pool.connection() as conn:
@@ -315,27 +384,16 @@ class ImportJobOperator:
             if exc.status == 404:
                 return None
             raise
-        meta, old = obj["metadata"], obj.get("status") or {}
+        old = obj.get("status") or {}
         events = _run_events(result, old.get("summary")) if result is not None else []
         try:
             ij = ImportJobSpec.model_validate(obj["spec"])
             engine = self.engine_for(self.read_dsn(namespace, ij.database), ij.tenant)
-            view = self.view(engine, ij.job_id(namespace, name))
         except (ValidationError, ProblemError, psycopg.OperationalError):
             return obj, events  # the ImportJob's own reconcile reports these
-        new = compute_status(
-            old, generation=meta.get("generation", 0), now=now_iso(), view=view, problem=None
-        )
-        if any(old.get(k) != v for k, v in new.items()):
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                {"status": new},
-                _content_type="application/merge-patch+json",
-            )
+        job_id = ij.job_id(namespace, name)
+        with contextlib.suppress(psycopg.OperationalError):  # its own reconcile reports it
+            self.write_status(namespace, name, view_of=lambda: self.view(engine, job_id))
         return obj, events
 
     def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
