@@ -15,6 +15,7 @@ This module imports only psycopg so a worker process starts fast.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -156,6 +157,20 @@ def _import_and_complete(
         conn.execute(Q(query), base)
         if conn.execute(Q("batch_complete"), key).fetchone() is None:
             raise _Fenced(f"batch {item.batch_id} completion was fenced out")
+        conn.execute(Q("notify_batch_completed"), {"payload": completion_payload(item)})
+
+
+def completion_payload(item: WorkItem) -> str:
+    """The NOTIFY payload of a completion (see engine/notify.py)."""
+    return json.dumps(
+        {
+            "tenant": item.tenant,
+            "job_id": item.job_id,
+            "batch_id": item.batch_id,
+            "dispatch_seq": item.dispatch_seq,
+        },
+        separators=(",", ":"),
+    )
 
 
 class _Fenced(Exception):

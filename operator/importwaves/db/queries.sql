@@ -188,6 +188,11 @@ RETURNING record_type_id, chunk_ids_json, attempts,
 SELECT status, dispatch_seq, record_type_id, chunk_ids_json
 FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s FOR UPDATE;
 
+-- name: notify_batch_completed
+-- Tell whoever LISTENs on channel `importwaves` that a batch completed; delivered only when the
+-- surrounding (completion) transaction commits. A nudge, never the truth: the row is.
+SELECT pg_notify('importwaves', %(payload)s);
+
 -- name: batch_heartbeat
 -- A running worker's liveness signal; no status change, so no counter is touched.
 UPDATE wave_batches SET heartbeat_at = clock_timestamp()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import psycopg
@@ -28,6 +30,7 @@ from importwaves.engine.app import Engine
 from importwaves.engine.coordinator import RunResult
 from importwaves.engine.jobs import SpecChangeRefused
 from importwaves.engine.model import Outcome
+from importwaves.engine.notify import Completion, CompletionListener
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
 from importwaves.k8s.crd import GROUP, KIND, PLURAL, VERSION, DatabaseRef, ImportJobSpec
@@ -90,10 +93,14 @@ class ImportJobOperator:
         self.custom = client.CustomObjectsApi(api)
         self.launcher = KubernetesLauncher(api)
         self._engines: dict[tuple[str, str], Engine] = {}
+        self._notify: dict[tuple[str, str], CompletionListener] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
+            for listener in self._notify.values():
+                listener.stop()
+            self._notify.clear()
             for engine in self._engines.values():
                 engine.close()
             self._engines.clear()
@@ -483,7 +490,56 @@ class ImportJobOperator:
                 flag_ttl=self.settings.flag_ttl,
             )
             self._engines[key] = engine
+            # Completions arrive by NOTIFY the moment they commit (engine/notify.py); Job
+            # events and the timer stay the level-based backstops.
+            self._notify[key] = CompletionListener(
+                dsn, tenant, functools.partial(self._on_notified, engine)
+            ).start()
             return engine
+
+    def _on_notified(self, engine: Engine, c: Completion) -> None:
+        """A worker's completion committed: record it (idempotent), let the coordinator
+        dispatch what it unblocks, and report those dispatches as Events."""
+        result = engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+        owner = self.launcher.owners.get(c.job_id)
+        if owner is not None:
+            self.post_events(
+                owner, [e for e in _run_events(result, None) if e.reason == "WaveDispatched"]
+            )
+
+    def post_events(self, owner: Owner, events: list[KubeEvent]) -> None:
+        """Post Events about an ImportJob from outside a kopf handler (core/v1 Events)."""
+        now = datetime.now(UTC)
+        for e in events:
+            body = {
+                "metadata": {"generateName": f"{owner.name[:200]}.", "namespace": owner.namespace},
+                "involvedObject": {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": KIND,
+                    "name": owner.name,
+                    "namespace": owner.namespace,
+                    "uid": owner.uid,
+                },
+                "type": e.type,
+                "reason": e.reason,
+                "message": e.message[:1000],
+                "source": {"component": "importwaves"},
+                "reportingComponent": "importwaves",
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+            try:
+                self.core.create_namespaced_event(owner.namespace, body)  # type: ignore[arg-type]
+            except ApiException as exc:
+                event(
+                    log,
+                    "event_post_failed",
+                    logging.WARNING,
+                    importjob=owner.name,
+                    status=exc.status,
+                    reason=e.reason,
+                )
 
 
 def _db_problem(exc: psycopg.Error) -> Problem:
