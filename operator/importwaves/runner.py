@@ -114,24 +114,37 @@ class LocalRunner:
 
     def adopt_dispatched(self, job_id: str) -> int:
         """Launch workers for batches marked dispatched that no local worker runs (dispatched
-        by a `reconcile` command or a runner that died). Safe: the fencing token lets only the
-        current dispatch's worker act."""
+        by a `reconcile` command, or by a runner that died between its commit and the launch).
+        Each is first dispatched again under a new fencing token, so a late worker of the lost
+        launch (if one ever starts) is fenced out and no (batch, dispatch_seq) is launched twice;
+        a batch claimed meanwhile is left to its worker."""
         mine = {b.batch_id for b in self.launcher.running(job_id)}
-        with self.engine.pool.connection() as conn:
+        orphans: list[BatchDispatch] = []
+        with self.engine.pool.connection() as conn, conn.transaction():
             rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
             job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-        orphans = [
-            BatchDispatch(
-                job_id,
-                r["batch_id"],
-                r["wave_number"],
-                r["record_type_id"],
-                r["dispatch_seq"],
-                r["attempts"] + 1,
-            )
-            for r in rows
-            if r["status"] == "dispatched" and r["batch_id"] not in mine
-        ]
+            for r in rows:
+                if r["status"] != "dispatched" or r["batch_id"] in mine:
+                    continue
+                row = conn.execute(
+                    Q("batch_redispatch"),
+                    {
+                        "job_id": job_id,
+                        "batch_id": r["batch_id"],
+                        "dispatch_seq": r["dispatch_seq"],
+                    },
+                ).fetchone()
+                if row is not None:
+                    orphans.append(
+                        BatchDispatch(
+                            job_id,
+                            row["batch_id"],
+                            row["wave_number"],
+                            row["record_type_id"],
+                            row["dispatch_seq"],
+                            row["attempts"] + 1,
+                        )
+                    )
         if orphans and job is not None:
             spec = ImportSpec.model_validate(job["spec"])
             for f in self.launcher.launch(self.engine.tenant, job_id, spec, orphans):

@@ -47,6 +47,10 @@ def make_pool(
         max_size=max_size,
         kwargs={"row_factory": dict_row, "connect_timeout": 10},
         configure=configure,
+        # A pooled connection can die while idle (a database restart, pg_terminate_backend, an
+        # idle timeout): check it when it is handed out, so a dead one is replaced instead of
+        # failing the next coordinator run.
+        check=ConnectionPool.check_connection,
         connection_class=psycopg.Connection[dict[str, Any]],
         open=True,
         name=f"importwaves:{schema}",

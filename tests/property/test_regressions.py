@@ -1,0 +1,83 @@
+"""Regressions for what the guard-rule state machine found, as plain deterministic tests.
+
+1. A restarted runner adopted an orphaned dispatch by launching the SAME (batch, dispatch_seq)
+   again: a late worker of the lost launch and the adopted one then held the same fencing token
+   (two live workers for one dispatch). Adoption now dispatches again under a new token.
+2. A pooled connection killed while idle (pg_terminate_backend, a database restart) failed the
+   next coordinator run with AdminShutdown. The pool now checks connections when handing them
+   out.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import CUSTOMER, setup_job, tenant_conn
+from importwaves.engine.model import Outcome
+from importwaves.launch.base import BatchDispatch, LaunchFailure, RecordingLauncher
+from importwaves.runner import LocalRunner
+from importwaves.worker import EXIT_FENCED, EXIT_OK, WorkItem, run_batch
+
+pytestmark = pytest.mark.integration
+
+
+class _FreshRunner:
+    """What a restarted runner's launcher looks like: no worker of its own yet."""
+
+    def __init__(self, inner: RecordingLauncher) -> None:
+        self.inner = inner
+
+    def running(self, job_id: str | None = None) -> list[BatchDispatch]:
+        return []
+
+    def launch(self, *args: object) -> list[LaunchFailure]:
+        return self.inner.launch(*args)  # type: ignore[arg-type]
+
+
+def test_adopted_dispatch_gets_a_new_fencing_token(engine, dsn, tenant, redis_url) -> None:
+    """Adoption re-dispatches; a batch already claimed is left to its worker."""
+    setup_job(engine, "job", orders=1000, parallelism=2)  # 100 customers: 2 batches
+    lost = engine.check("job", "start").dispatched  # the runner dies before these start
+    assert [b.dispatch_seq for b in lost] == [1, 1]
+    assert {b.record_type_id for b in lost} == {CUSTOMER}
+
+    adopted = LocalRunner(engine, _FreshRunner(engine.launcher)).adopt_dispatched("job")  # type: ignore[arg-type]
+    assert adopted == 2
+    relaunched = engine.launcher.launched[2:]
+    assert sorted((b.batch_id, b.dispatch_seq) for b in relaunched) == sorted(
+        (b.batch_id, 2) for b in lost
+    )
+    launched = [(b.batch_id, b.dispatch_seq) for b in engine.launcher.launched]
+    assert len(launched) == len(set(launched)), f"a (batch, seq) launched twice: {launched}"
+
+    # A late worker of the lost launch is fenced out; the adopted one does the work.
+    late = run_batch(WorkItem(dsn, tenant, "job", lost[0].batch_id, lost[0].dispatch_seq))
+    assert late.exit_code == EXIT_FENCED, late.message
+    for b in relaunched:
+        assert run_batch(WorkItem(dsn, tenant, "job", b.batch_id, b.dispatch_seq)).exit_code == (
+            EXIT_OK
+        )
+        engine.listener.on_completed("job", b.batch_id, b.dispatch_seq)
+    with tenant_conn(dsn, tenant) as conn:
+        rows = conn.execute(
+            "SELECT batch_id, status, attempts, dispatch_seq FROM wave_batches "
+            "WHERE batch_id = ANY(%s)",
+            ([b.batch_id for b in lost],),
+        ).fetchall()
+    # the adoption counted no attempt (the lost worker never ran)
+    assert {(r["status"], r["attempts"], r["dispatch_seq"]) for r in rows} == {("completed", 1, 2)}
+
+
+def test_idle_pooled_connections_killed_do_not_fail_the_next_run(
+    engine, dsn, tenant, redis_url
+) -> None:
+    setup_job(engine, "job", orders=30)
+    assert engine.check("job", "start").outcome == Outcome.WAVE_TRIGGERED
+    with engine.pool.connection() as c1, engine.pool.connection() as c2:
+        pids = [c1.info.backend_pid, c2.info.backend_pid]
+    with tenant_conn(dsn, tenant) as admin:
+        for pid in pids:
+            assert admin.execute("SELECT pg_terminate_backend(%s) AS ok", (pid,)).fetchone()["ok"]
+    for _ in range(4):  # every pooled connection would be tried in turn
+        assert engine.check("job", "timer").outcome == Outcome.IN_PROGRESS
+    assert engine.recovery.reconcile("job").result is not None
