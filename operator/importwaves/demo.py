@@ -142,7 +142,9 @@ def _run(
     console.print(
         _summary(
             waves, lag_rows, stats.seconds, stats.worker_runs, stats.worker_failures, parallelism
-        )
+        ),
+        f"{stats.notified} of {stats.worker_runs} completions reached the coordinator by NOTIFY "
+        "at commit; the rest by worker exit",
     )
     console.print(_verification(verification.checks))
     console.print(

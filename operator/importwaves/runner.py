@@ -1,12 +1,14 @@
 """Run one import locally: the engine, a local launcher and a timer, in one event loop.
 
-The same stimuli as in the operator, on one thread: a worker exit feeds the batch-completed
+The same stimuli as in the operator, on one thread: a worker's completion NOTIFY (delivered at
+its commit, engine/notify.py) or, as the backstop, its process exit feeds the batch-completed
 listener; a timer tick nudges `check_and_trigger_next_wave`; a periodic sweep runs recovery.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
 from importwaves.engine.model import Outcome
+from importwaves.engine.notify import Completion, CompletionListener
 from importwaves.launch.base import BatchDispatch
 from importwaves.launch.local import LocalLauncher
 from importwaves.log import event
@@ -31,6 +34,8 @@ class RunStats:
     seconds: float
     worker_runs: int
     worker_failures: int
+    #: completions that reached the listener by NOTIFY (at commit) rather than by process exit
+    notified: int = 0
 
 
 class LocalRunner:
@@ -42,12 +47,14 @@ class LocalRunner:
         tick: float = 1.0,
         sweep_every: float | None = None,
         poll: float = 0.005,
+        notify: bool = True,
     ) -> None:
         self.engine = engine
         self.launcher = launcher
         self.tick = tick
         self.sweep_every = sweep_every
         self.poll = poll
+        self.notify = notify
 
     def run(
         self,
@@ -58,15 +65,49 @@ class LocalRunner:
         progress_every: float = 0.25,
     ) -> RunStats:
         t0 = time.monotonic()
-        runs = failures = 0
+        notified: queue.Queue[Completion] = queue.Queue()
+        handled: set[tuple[str, int]] = set()
+        listener = (
+            CompletionListener(self.engine.dsn, self.engine.tenant, notified.put, poll=0.2).start()
+            if self.notify
+            else None
+        )
+        try:
+            return self._loop(job_id, t0, notified, handled, timeout, on_progress, progress_every)
+        finally:
+            if listener is not None:
+                listener.stop()
+
+    def _loop(
+        self,
+        job_id: str,
+        t0: float,
+        notified: queue.Queue[Completion],
+        handled: set[tuple[str, int]],
+        timeout: float | None,
+        on_progress: Callable[[], None] | None,
+        progress_every: float,
+    ) -> RunStats:
+        runs = failures = by_notify = 0
         outcome = self.engine.check(job_id, cause="start").outcome
         self.adopt_dispatched(job_id)
         last_tick = last_sweep = last_progress = time.monotonic()
         while True:
+            while not notified.empty():  # completions, the moment they commit
+                c = notified.get_nowait()
+                if c.job_id == job_id and (c.batch_id, c.dispatch_seq) not in handled:
+                    handled.add((c.batch_id, c.dispatch_seq))
+                    by_notify += 1
+                    outcome = self.engine.listener.on_completed(
+                        job_id, c.batch_id, c.dispatch_seq
+                    ).outcome
             for f in self.launcher.poll():
                 runs += 1
                 b = f.batch
                 if f.exit_code == EXIT_OK:
+                    if (b.batch_id, b.dispatch_seq) in handled:
+                        continue  # its NOTIFY already fed the listener
+                    handled.add((b.batch_id, b.dispatch_seq))
                     outcome = self.engine.listener.on_completed(
                         job_id, b.batch_id, b.dispatch_seq
                     ).outcome
@@ -110,7 +151,7 @@ class LocalRunner:
             time.sleep(self.poll)
         if on_progress is not None:
             on_progress()
-        return RunStats(outcome.value, time.monotonic() - t0, runs, failures)
+        return RunStats(outcome.value, time.monotonic() - t0, runs, failures, by_notify)
 
     def adopt_dispatched(self, job_id: str) -> int:
         """Launch workers for batches marked dispatched that no local worker runs (dispatched
