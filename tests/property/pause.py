@@ -1,0 +1,88 @@
+"""Stop a coordinator run between its steps (to kill its connection or its process there).
+
+`install_pause(engine, point)` makes the engine's next coordinator run stop at `point` and wait
+until released (or until its process is killed):
+
+    locked     the job row is locked (and, for a listener run, the derived batches of the
+               completed parent are upserted): nothing is committed yet;
+    decided    the run's batches are moved to `dispatched` with new fencing tokens: the
+               transaction is still open;
+    committed  the transaction committed; no worker is launched, no flag is set yet.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from importwaves.db.connect import Conn
+from importwaves.engine import derived
+from importwaves.engine.app import Engine
+from importwaves.launch.base import BatchDispatch, LaunchFailure
+from importwaves.spec import ImportSpec
+
+POINTS = ("locked", "decided", "committed")
+
+
+class Pause:
+    """One coordinator run stopped at `point`; `release` lets it go on."""
+
+    def __init__(self, point: str, timeout: float = 30.0) -> None:
+        assert point in POINTS, point
+        self.point = point
+        self.timeout = timeout
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.backend_pid: int | None = None
+        self.on_reached: Callable[[Pause], None] | None = None
+
+    def hit(self, point: str) -> None:
+        if point != self.point or self.reached.is_set():
+            return
+        self.reached.set()
+        if self.on_reached is not None:
+            self.on_reached(self)
+        self.release.wait(self.timeout)
+
+
+def install_pause(engine: Engine, pause: Pause) -> Callable[[], None]:
+    """Make the engine's coordinator runs stop at `pause.point`; returns an uninstaller."""
+    coord = engine.coordinator
+    orig_check = coord.check_and_trigger_next_wave
+    orig_dispatch = coord._dispatch
+    orig_launcher = coord.launcher
+
+    def check(job_id: str, cause: str = "nudge", **kw: Any) -> Any:
+        inner = kw.pop("prepare", None)
+
+        def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
+            created = inner(conn, spec) if inner is not None else derived.Created()
+            pause.backend_pid = conn.info.backend_pid
+            pause.hit("locked")
+            return created
+
+        return orig_check(job_id, cause, prepare=prepare, **kw)
+
+    def dispatch(*args: Any, **kw: Any) -> Any:
+        out = orig_dispatch(*args, **kw)
+        pause.hit("decided")
+        return out
+
+    class PausingLauncher:
+        def launch(
+            self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
+        ) -> list[LaunchFailure]:
+            pause.hit("committed")
+            return orig_launcher.launch(tenant, job_id, spec, batches)
+
+    coord.check_and_trigger_next_wave = check  # type: ignore[method-assign]
+    coord._dispatch = dispatch  # type: ignore[method-assign]
+    coord.launcher = PausingLauncher()
+
+    def uninstall() -> None:
+        del coord.check_and_trigger_next_wave
+        del coord._dispatch
+        coord.launcher = orig_launcher
+
+    return uninstall
