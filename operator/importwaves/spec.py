@@ -43,7 +43,9 @@ _LIST_MAP_BY_NAME: dict[str, Any] = {
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # strict: no type coercion ("4" -> 4, true -> 1, "yes" -> True), exactly like the API
+    # server validating the CRD generated from this model
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
 
 class RecordType(_Model):
