@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +54,11 @@ from importwaves.settings import Settings
 from importwaves.spec import ImportSpec, format_validation_error
 
 log = logging.getLogger("importwaves.operator")
+
+#: Finished worker Jobs (by uid) this process recorded and deleted, remembered so the same Job's
+#: later watch events (its deletion) are not recorded, deleted and refreshed a second time.
+#: Bounded: a forgotten one only costs that second, idempotent pass.
+RECORDED_JOBS_KEPT = 4096
 
 
 @dataclass
@@ -95,6 +101,8 @@ class ImportJobOperator:
         self._engines: dict[tuple[str, str], Engine] = {}
         self._notify: dict[tuple[str, str], CompletionListener] = {}
         self._lock = threading.Lock()
+        self._recorded: OrderedDict[str, None] = OrderedDict()
+        self._recorded_lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
@@ -158,7 +166,7 @@ class ImportJobOperator:
                     )
                 )
                 new_fields["handledRetryFailed"] = retry
-            events += self.sync_jobs(engine, owner, job_id)
+            events += self.sync_jobs(engine, owner, job_id, ij.staleAfterSeconds)
             sweep = engine.recovery.reconcile(job_id, cause=cause)
             events += _recovery_events(
                 sweep.actions if sweep.demoted or sweep.requeued or sweep.failed else []
@@ -279,7 +287,9 @@ class ImportJobOperator:
         )
 
     # -- worker Jobs -----------------------------------------------------------------------------
-    def sync_jobs(self, engine: Engine, owner: Owner, job_id: str) -> list[KubeEvent]:
+    def sync_jobs(
+        self, engine: Engine, owner: Owner, job_id: str, stale_after: float = 300.0
+    ) -> list[KubeEvent]:
         """Record finished Jobs, launch dispatched batches that lack one, drop outdated ones."""
         events: list[KubeEvent] = []
         jobs = self.batch.list_namespaced_job(
@@ -325,6 +335,7 @@ class ImportJobOperator:
                         status=exc.status,
                         error=str(exc.reason),
                     )
+        now = datetime.now(UTC)
         for obj in jobs.items:
             body = _as_dict(self.api, obj)
             r = read_job(body)
@@ -333,8 +344,12 @@ class ImportJobOperator:
                 and r.job_id == job_id
                 and not r.finished
                 and (r.batch_id, r.dispatch_seq) not in current
+                and _age_seconds(body, now) > stale_after
                 and self._fenced_out(engine, r.job_id, r.batch_id, r.dispatch_seq)
             ):
+                # An outdated dispatch's Job that is still running after staleAfterSeconds (a
+                # hung or never-started worker). Younger ones finish by themselves: their
+                # worker is fenced out, and they are recorded (as no-ops) and deleted then.
                 self._delete_job(owner.namespace, r.name)
         if adopted:
             events.append(
@@ -364,12 +379,21 @@ class ImportJobOperator:
         if r is None or not r.finished:
             return None
         meta = job["metadata"]
+        uid = str(meta.get("uid") or "")
+        with self._recorded_lock:
+            if uid and uid in self._recorded:
+                return None  # recorded and deleted already: this is an event of its deletion
         ns = meta["namespace"]
         ann = meta.get("annotations") or {}
         ref = DatabaseRef(secretName=ann[ANN_SECRET], key=ann.get(ANN_SECRET_KEY, "dsn"))
         engine = self.engine_for(self.read_dsn(ns, ref), ann[ANN_TENANT])
         result = self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
         self._delete_job(ns, r.name)
+        if uid:
+            with self._recorded_lock:
+                self._recorded[uid] = None
+                while len(self._recorded) > RECORDED_JOBS_KEPT:
+                    self._recorded.popitem(last=False)
         owners = [
             ref.get("name", "")
             for ref in meta.get("ownerReferences") or []
@@ -558,7 +582,8 @@ def _run_events(result: RunResult, old_summary: str | None) -> list[KubeEvent]:
     out = []
     by_wave: dict[int, int] = {}
     for b in result.dispatched:
-        by_wave[b.wave_number] = by_wave.get(b.wave_number, 0) + 1
+        if _starts_wave(result, b.wave_number):
+            by_wave[b.wave_number] = by_wave.get(b.wave_number, 0) + 1
     for wave, n in sorted(by_wave.items()):
         out.append(
             KubeEvent("Normal", "WaveDispatched", f"dispatched {n} batch(es) of wave {wave}")
@@ -581,6 +606,28 @@ def _run_events(result: RunResult, old_summary: str | None) -> list[KubeEvent]:
             )
         )
     return out
+
+
+def _starts_wave(result: RunResult, wave_number: int) -> bool:
+    """This run made the wave's first dispatch (its snapshot, read under the job lock before
+    the dispatch, has no first dispatch stamped). WaveDispatched is posted for a wave's start
+    only: a running wave is refilled after every completed batch, and an Event for each refill
+    would be one more API object per batch."""
+    if result.snapshot is None:
+        return True
+    try:
+        return result.snapshot.wave(wave_number).first_dispatched_at is None
+    except KeyError:
+        return True
+
+
+def _age_seconds(body: dict[str, Any], now: datetime) -> float:
+    """Seconds since a Job was created (0 when the API did not say)."""
+    raw = (body.get("metadata") or {}).get("creationTimestamp")
+    if not raw:
+        return 0.0
+    created = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    return (now - created).total_seconds()
 
 
 def _as_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
