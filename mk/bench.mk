@@ -1,10 +1,11 @@
 # Benchmarks (issue 7): measured side by side on real servers, printed as a table and written to
 # bench/results.json. Not part of `make test`; nothing here asserts a timing.
-#   make bench                    the full suite (~6-7 min on 2 cores)
-#   make bench BENCH_ARGS=--quick a short smoke run (~1.5 min)
+#   make bench                    the full suite (~14 min on 2 cores; row 5 starts a Kubernetes test cluster)
+#   make bench BENCH_ARGS=--quick a short smoke run (~5 min)
+# Row 5 needs the Kubernetes test binaries (`make testbin`, a no-op when built).
 # Celery (the row 1 peer) lives in its own virtualenv, bench/.venv-celery, created on first use.
 
 .PHONY: bench
 
-bench: venv
+bench: venv testbin
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
