@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
+
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
 from importwaves.engine.model import Outcome
 from importwaves.engine.notify import Completion, CompletionListener
 from importwaves.launch.base import BatchDispatch
-from importwaves.launch.local import LocalLauncher
+from importwaves.launch.local import Finished, LocalLauncher
 from importwaves.log import event
 from importwaves.spec import ImportSpec
 from importwaves.worker import EXIT_FENCED, EXIT_OK
@@ -48,6 +50,7 @@ class LocalRunner:
         sweep_every: float | None = None,
         poll: float = 0.005,
         notify: bool = True,
+        max_backoff: float = 5.0,
     ) -> None:
         self.engine = engine
         self.launcher = launcher
@@ -55,6 +58,7 @@ class LocalRunner:
         self.sweep_every = sweep_every
         self.poll = poll
         self.notify = notify
+        self.max_backoff = max_backoff
 
     def run(
         self,
@@ -89,69 +93,105 @@ class LocalRunner:
         progress_every: float,
     ) -> RunStats:
         runs = failures = by_notify = 0
-        outcome = self.engine.check(job_id, cause="start").outcome
-        self.adopt_dispatched(job_id)
+        outcome = Outcome.IN_PROGRESS
+        started = False
+        #: results taken from workers (or NOTIFYs) and not recorded yet: the database was away
+        undelivered: list[Completion | Finished] = []
+        outage = 0
         last_tick = last_sweep = last_progress = time.monotonic()
         while True:
-            while not notified.empty():  # completions, the moment they commit
-                c = notified.get_nowait()
-                if c.job_id == job_id and (c.batch_id, c.dispatch_seq) not in handled:
-                    handled.add((c.batch_id, c.dispatch_seq))
-                    by_notify += 1
-                    outcome = self.engine.listener.on_completed(
-                        job_id, c.batch_id, c.dispatch_seq
-                    ).outcome
-            for f in self.launcher.poll():
-                runs += 1
-                b = f.batch
-                if f.exit_code == EXIT_OK:
-                    if (b.batch_id, b.dispatch_seq) in handled:
-                        continue  # its NOTIFY already fed the listener
-                    handled.add((b.batch_id, b.dispatch_seq))
-                    outcome = self.engine.listener.on_completed(
-                        job_id, b.batch_id, b.dispatch_seq
-                    ).outcome
-                elif f.exit_code == EXIT_FENCED:
-                    event(
-                        log,
-                        "worker_fenced_out",
-                        job_id=job_id,
-                        batch_id=b.batch_id,
-                        output=f.output,
-                    )
-                else:
-                    failures += 1
-                    outcome = self.engine.listener.on_failed(
-                        job_id,
-                        b.batch_id,
-                        b.dispatch_seq,
-                        f.output or f"worker exited with code {f.exit_code}",
-                    ).outcome
-            now = time.monotonic()
-            if now - last_tick >= self.tick:
-                last_tick = now
-                outcome = self.engine.check(job_id, cause="timer").outcome
-                self.adopt_dispatched(job_id)
-                self.engine.update_gauges()
-            if self.sweep_every is not None and now - last_sweep >= self.sweep_every:
-                last_sweep = now
-                swept = self.engine.recovery.reconcile(job_id, cause="sweep").result
-                outcome = swept.outcome if swept else outcome
-            if on_progress is not None and now - last_progress >= progress_every:
-                last_progress = now
-                on_progress()
+            try:
+                if not started:
+                    outcome = self.engine.check(job_id, cause="start").outcome
+                    self.adopt_dispatched(job_id)
+                    started = True
+                while not notified.empty():  # completions, the moment they commit
+                    undelivered.append(notified.get_nowait())
+                undelivered += self.launcher.poll()
+                while undelivered:
+                    got, ran, failed, by_note = self._deliver(job_id, undelivered[0], handled)
+                    undelivered.pop(0)
+                    outcome = got or outcome
+                    runs, failures, by_notify = runs + ran, failures + failed, by_notify + by_note
+                now = time.monotonic()
+                if now - last_tick >= self.tick:
+                    last_tick = now
+                    outcome = self.engine.check(job_id, cause="timer").outcome
+                    self.adopt_dispatched(job_id)
+                    self.engine.update_gauges()
+                if self.sweep_every is not None and now - last_sweep >= self.sweep_every:
+                    last_sweep = now
+                    swept = self.engine.recovery.reconcile(job_id, cause="sweep").result
+                    outcome = swept.outcome if swept else outcome
+                if on_progress is not None and now - last_progress >= progress_every:
+                    last_progress = now
+                    on_progress()
+                if outage:
+                    event(log, "database_available_again", job_id=job_id, retries=outage)
+                    outage = 0
+            except psycopg.OperationalError as exc:
+                # The tenant database is away (restarting, failing over, unreachable): nothing
+                # was lost (every step is a transaction, every delivery idempotent); retry the
+                # same steps with back-off until it is back or the timeout ends the run.
+                outage += 1
+                delay = min(self.max_backoff, 0.25 * 2 ** min(outage, 8))
+                event(
+                    log,
+                    "database_unavailable",
+                    logging.WARNING,
+                    job_id=job_id,
+                    attempt=outage,
+                    retry_in=delay,
+                    error=(str(exc).strip().splitlines() or [type(exc).__name__])[0],
+                )
+                self._check_timeout(job_id, t0, timeout, outcome)
+                time.sleep(delay)
+                continue
             if outcome in TERMINAL and not self.launcher.running(job_id):
                 break
-            if timeout is not None and now - t0 > timeout:
-                self.launcher.stop_all()
-                raise TimeoutError(
-                    f"import {job_id} did not finish within {timeout}s "
-                    f"(last outcome {outcome.value})"
-                )
+            self._check_timeout(job_id, t0, timeout, outcome)
             time.sleep(self.poll)
         if on_progress is not None:
             on_progress()
         return RunStats(outcome.value, time.monotonic() - t0, runs, failures, by_notify)
+
+    def _check_timeout(
+        self, job_id: str, t0: float, timeout: float | None, outcome: Outcome
+    ) -> None:
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            self.launcher.stop_all()
+            raise TimeoutError(
+                f"import {job_id} did not finish within {timeout}s (last outcome {outcome.value})"
+            )
+
+    def _deliver(
+        self, job_id: str, item: Completion | Finished, handled: set[tuple[str, int]]
+    ) -> tuple[Outcome | None, int, int, int]:
+        """Record one NOTIFY or one finished worker with the listener (idempotent: it may be
+        delivered again after a database error). Returns (outcome or None, worker runs,
+        failures, completions by NOTIFY)."""
+        if isinstance(item, Completion):
+            key = (item.batch_id, item.dispatch_seq)
+            if item.job_id != job_id or key in handled:
+                return None, 0, 0, 0
+            outcome = self.engine.listener.on_completed(job_id, *key).outcome
+            handled.add(key)
+            return outcome, 0, 0, 1
+        b = item.batch
+        key = (b.batch_id, b.dispatch_seq)
+        if item.exit_code == EXIT_OK:
+            if key in handled:
+                return None, 1, 0, 0  # its NOTIFY already fed the listener
+            outcome = self.engine.listener.on_completed(job_id, *key).outcome
+            handled.add(key)
+            return outcome, 1, 0, 0
+        if item.exit_code == EXIT_FENCED:
+            event(log, "worker_fenced_out", job_id=job_id, batch_id=b.batch_id, output=item.output)
+            return None, 1, 0, 0
+        outcome = self.engine.listener.on_failed(
+            job_id, *key, item.output or f"worker exited with code {item.exit_code}"
+        ).outcome
+        return outcome, 1, 1, 0
 
     def adopt_dispatched(self, job_id: str) -> int:
         """Launch workers for batches marked dispatched that no local worker runs (dispatched

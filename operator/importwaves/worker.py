@@ -136,6 +136,7 @@ def _import_and_complete(
         "parent_record_type_id": claimed.get("parent_record_type_id"),
     }
     with conn.transaction():
+        conn.execute(Q("completion_durable"))
         lock = conn.execute(
             Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
         ).fetchone()

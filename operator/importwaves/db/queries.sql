@@ -183,6 +183,13 @@ RETURNING record_type_id, chunk_ids_json, attempts,
            WHERE p.job_id = wave_batches.job_id AND p.batch_id = wave_batches.parent_batch_id)
           AS parent_record_type_id;
 
+-- name: completion_durable
+-- Reference worker, first statement of its completion transaction: the commit is flushed before
+-- the worker reports success (exit 0), whatever the server's default (synchronous_commit=off
+-- loses the last commits in a crash, and the runner would then hold an exit 0 for a completion
+-- the database no longer has).
+SELECT set_config('synchronous_commit', 'on', true);
+
 -- name: batch_lock
 -- Lock one batch row (a worker holds it while importing, so a concurrent requeue waits).
 SELECT status, dispatch_seq, record_type_id, chunk_ids_json

@@ -9,7 +9,8 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from importwaves import metrics
-from importwaves.db.connect import make_pool
+from importwaves.db import migrate
+from importwaves.db.connect import Conn, make_pool
 from importwaves.db.queries import Q
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
@@ -22,6 +23,10 @@ from importwaves.log import event
 from importwaves.spec import ImportSpec
 
 log = logging.getLogger("importwaves.engine")
+
+
+class SchemaNotReady(RuntimeError):
+    """The tenant schema lacks migrations this importwaves needs (or was never migrated)."""
 
 
 class Engine:
@@ -48,6 +53,7 @@ class Engine:
         self.coordinator.on_launch_failure = self.listener.on_launch_failure
         self.recovery = Recovery(tenant, self.pool, self.flags, self.coordinator)
         self.bus.subscribe(DerivedWavesCreated, DerivedWavesCreatedListener(self.coordinator))
+        self._schema_ready = False
 
     def close(self) -> None:
         self.pool.close()
@@ -68,6 +74,7 @@ class Engine:
             )
         data = spec.model_dump(mode="json")
         with self.pool.connection() as conn, conn.transaction():
+            self._require_schema(conn)
             created = (
                 conn.execute(Q("job_insert"), {"job_id": job_id, "spec": Jsonb(data)}).fetchone()
                 is not None
@@ -88,6 +95,22 @@ class Engine:
             event(log, "job_submitted", job_id=job_id, tenant=self.tenant)
             self.flags.set_monitoring(job_id)
         return created
+
+    def _require_schema(self, conn: Conn) -> None:
+        """Fail with what to do, not with "relation ... does not exist" somewhere later."""
+        if self._schema_ready:
+            return
+        missing = migrate.pending(conn, self.tenant)
+        if missing:
+            total = len(migrate.migrations())
+            raise SchemaNotReady(
+                f"tenant schema {self.tenant!r} has {total - len(missing)} of {total} "
+                "migrations applied (missing "
+                + ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+                + f"); run `importwaves migrate up --tenant {self.tenant}` first (the operator "
+                "and `importwaves run-local` migrate their tenants themselves)"
+            )
+        self._schema_ready = True
 
     def check(self, job_id: str, cause: str = "nudge") -> RunResult:
         return self.coordinator.check_and_trigger_next_wave(job_id, cause=cause)
