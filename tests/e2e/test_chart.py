@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,6 +64,9 @@ SEED_METRICS = (
     "importwaves_wave_dispatch_lag_seconds",
     "importwaves_derived_backlog_batches",
 )
+
+#: An HTTP 403 in a log line; not the milliseconds of a timestamp like "05:06:40.403".
+HTTP_403 = re.compile(r"(?<![\d.])403(?!\d)")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -511,7 +515,7 @@ def test_chart_install_import_upgrade_test_uninstall(
         refused = [
             line
             for line in log.splitlines()
-            if "403" in line or "Forbidden" in line or "permission" in line.lower()
+            if HTTP_403.search(line) or "Forbidden" in line or "permission" in line.lower()
         ]
         assert refused == [], "\n".join(refused[:10])
 
