@@ -87,13 +87,12 @@ def apply_case(spec: dict[str, Any], case: Case) -> dict[str, Any]:
     node: Any = out
     for p in parents:
         node = node[int(p)] if p.isdigit() else node[p]
-    value = copy.deepcopy(case.value)
-    if value is _DELETE:
+    if case.value is _DELETE:
         del node[last]
     elif last.isdigit():
-        node[int(last)] = value
+        node[int(last)] = copy.deepcopy(case.value)
     else:
-        node[last] = value
+        node[last] = copy.deepcopy(case.value)
     return out
 
 
