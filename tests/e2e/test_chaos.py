@@ -1,0 +1,296 @@
+"""Operator chaos on the real test cluster.
+
+1. The operator SIGKILLed the moment derived worker Jobs start to appear (it is creating the
+   derived wave's Jobs), three times over, restarted each time: the import completes, verified,
+   with exactly one Job per (batch, dispatch_seq).
+2. Two operators started at once with kopf peering (a ClusterKopfPeering `importwaves`, no
+   --standalone, different IMPORTWAVES_PRIORITY): the lower one pauses, only the higher one acts
+   (its log holds every Job creation, the other's none), no duplicate Jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from importwaves.k8s.crd import ImportJobSpec
+from importwaves.localdev import free_port
+from importwaves.verify import verify_import
+
+from .cluster import Cluster
+from .operatorkit import (
+    IMPORTWAVES,
+    Harness,
+    OperatorProcess,
+    Recorder,
+    Tenant,
+    apply,
+    create_secret,
+    created_jobs,
+    importjob,
+    is_true,
+    watch_jobs,
+)
+
+LINE = "TransactionLine"
+
+
+def chaos_spec(hold: float, derived_size: int = 300) -> dict[str, Any]:
+    return {
+        "recordTypes": [
+            {"name": "Customer", "recordTypeId": -2, "batchSize": 60},
+            {
+                "name": "SalesOrder",
+                "recordTypeId": -30,
+                "batchSize": 100,
+                "parentTypes": ["Customer"],
+            },
+        ],
+        "derivedTypes": [
+            {
+                "name": LINE,
+                "recordTypeId": -13,
+                "batchSize": derived_size,
+                "parentTypes": ["SalesOrder"],
+            }
+        ],
+        "parallelism": 4,
+        "staleAfterSeconds": 5,
+        "worker": {
+            "image": "importwaves:test",
+            "command": ["importwaves", "worker"],
+            "env": [{"name": "IMPORTWAVES_WORKER_HOLD_SECONDS", "value": str(hold)}],
+        },
+    }
+
+
+def derived_jobs(rec: Recorder) -> list[Any]:
+    return [j for j in created_jobs(rec) if j.batch_id.startswith(LINE)]
+
+
+def assert_one_job_per_dispatch(rec: Recorder, t: Tenant, job_id: str) -> None:
+    made = created_jobs(rec)
+    per_dispatch = Counter((j.batch_id, j.dispatch_seq) for j in made)
+    dupes = {k: n for k, n in per_dispatch.items() if n > 1}
+    assert not dupes, f"Jobs created more than once for one dispatch: {dupes}"
+    assert len({j.name for j in made}) == len(made)
+    rows = t.batches(job_id)
+    assert rows and all(b["status"] == "completed" for b in rows)
+    missing = [
+        b["batch_id"] for b in rows if (b["batch_id"], b["dispatch_seq"]) not in per_dispatch
+    ]
+    assert not missing, f"completed without a Job of their final dispatch: {missing}"
+
+
+def assert_imported(t: Tenant, job_id: str, spec: dict[str, Any], data: Any) -> None:
+    assert t.target_counts(job_id) == {
+        "customers": data.customers,
+        "transactions": data.orders,
+        "transaction_lines": data.lines,
+    }
+    with t.connect() as conn:
+        v = verify_import(conn, job_id, ImportJobSpec.model_validate(spec).engine_spec())
+    assert v.ok, v.failures()
+
+
+def test_operator_killed_as_derived_jobs_appear(
+    k8s_cluster: Cluster,
+    namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    ns, name = namespace, "derived-kill"
+    job_id = f"{ns}.{name}"
+    t = tenant_db(f"dkill_{uuid.uuid4().hex[:8]}")
+    data = t.generate(job_id, orders=500)  # 50 customers; 5 order batches; ~9 derived batches
+    create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+    body = importjob(name, ns, t.name, **chaos_spec(hold=0.4))
+    op = operator(ns)
+    h = harness(ns, [op], [t])
+
+    def derived_left() -> int:
+        return int(
+            t.scalar(
+                "SELECT count(*) FROM wave_batches WHERE job_id = %s AND record_type_id = -13 "
+                "AND status <> 'completed'",
+                (job_id,),
+            )
+        )
+
+    kills: list[tuple[int, int]] = []  # (derived Jobs seen, derived batches left) at each kill
+    with k8s_cluster.api_client() as api:
+        jobs = watch_jobs(api, ns)
+        try:
+            apply(k8s_cluster, body)
+            for _ in range(3):
+                seen = len(derived_jobs(jobs))
+                h.wait_for(
+                    lambda seen=seen: len(derived_jobs(jobs)) > seen,  # type: ignore[misc]
+                    "a new derived worker Job",
+                    120,
+                    0.01,
+                )
+                op.kill()  # while it creates the derived wave's Jobs
+                kills.append((len(derived_jobs(jobs)), derived_left()))
+                op.start()
+            st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed after 3 kills", 180)
+        finally:
+            jobs.stop()
+
+    with h.explained():
+        assert st["summary"] == "Completed"
+        assert not jobs.errors, jobs.errors
+        assert len(kills) == 3 and op.starts == 4
+        # each kill landed while the derived wave was still being handed out
+        assert all(left > 0 for _, left in kills), kills
+        assert_one_job_per_dispatch(jobs, t, job_id)
+        assert_imported(t, job_id, body["spec"], data)
+
+
+# -- two operators, kopf peering -----------------------------------------------------------------
+class PeeringOperator(OperatorProcess):
+    """`importwaves run` cluster-wide WITH peering (no --standalone), started without waiting,
+    so two can start at once."""
+
+    def spawn(self) -> PeeringOperator:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "IMPORTWAVES_TIMER_INTERVAL": "1",
+            "IMPORTWAVES_METRICS_PORT": "0",
+            "IMPORTWAVES_MAX_BACKOFF": "2",
+            "IMPORTWAVES_LIVENESS": f"http://127.0.0.1:{self.port}/healthz",
+            "IMPORTWAVES_PEERING": "importwaves",
+            "IMPORTWAVES_LOG_LEVEL": "DEBUG",
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        env.pop("IMPORTWAVES_REDIS_URL", None)
+        env.pop("IMPORTWAVES_NAMESPACES", None)
+        args = [str(IMPORTWAVES), "run"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== start #{self.starts}: {' '.join(args)}\n".encode())
+            self.proc = subprocess.Popen(
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def wait_live(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"operator exited at startup:\n{self.log_tail()}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r,
+            ):
+                if r.status == 200:
+                    return
+            assert time.monotonic() < deadline, f"not live after {timeout}s:\n{self.log_tail()}"
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def peering(k8s_cluster: Cluster, crds: None) -> Iterator[None]:
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering"}
+    body["metadata"] = {"name": "importwaves"}  # type: ignore[assignment]
+    k8s_cluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+    try:
+        yield
+    finally:
+        k8s_cluster.kubectl("delete", "clusterkopfpeering", "importwaves", check=False)
+
+
+def test_two_operators_started_at_once_only_one_acts(
+    k8s_cluster: Cluster,
+    namespace: str,
+    local_kubelet: Any,
+    peering: None,
+    tenant_db: Callable[[str], Tenant],
+    harness: Callable[..., Harness],
+    request: pytest.FixtureRequest,
+) -> None:
+    ns, name = namespace, "peered"
+    job_id = f"{ns}.{name}"
+    t = tenant_db(f"peer_{uuid.uuid4().hex[:8]}")
+    data = t.generate(job_id, orders=300)
+    create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+    logs = k8s_cluster.workdir / "operator"
+    slug = request.node.name[:60]
+    high = PeeringOperator(
+        k8s_cluster, [ns], Path(logs / f"{slug}-high.log"), {"IMPORTWAVES_PRIORITY": "200"}
+    )
+    low = PeeringOperator(
+        k8s_cluster, [ns], Path(logs / f"{slug}-low.log"), {"IMPORTWAVES_PRIORITY": "100"}
+    )
+    h = harness(ns, [high, low], [t])
+    body = importjob(name, ns, t.name, **chaos_spec(hold=0.1, derived_size=500))
+    try:
+        low.spawn()
+        high.spawn()  # at once
+        low.wait_live()
+        high.wait_live()
+        h.wait_for(
+            lambda: "Pausing operations in favour of" in low.log(),
+            "the lower-priority operator to pause",
+            60,
+        )
+        with k8s_cluster.api_client() as api:
+            jobs = watch_jobs(api, ns)
+            try:
+                apply(k8s_cluster, body)
+                st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed", 180)
+            finally:
+                jobs.stop()
+        with h.explained():
+            assert st["summary"] == "Completed"
+            assert high.running and low.running
+            made = created_jobs(jobs)
+            assert made
+            by_high = high.log_events("worker_job_created")
+            by_low = low.log_events("worker_job_created")
+            assert by_low == [], f"the paused operator created Jobs: {by_low[:3]}"
+            assert {(e["batch_id"], e["dispatch_seq"]) for e in by_high} == {
+                (j.batch_id, j.dispatch_seq) for j in made
+            }
+            # the paused one did no engine work for the ImportJob at all
+            for ev in ("job_submitted", "wave_dispatched", "batch_completed", "job_completed"):
+                assert low.log_events(ev) == [], f"the paused operator logged {ev}"
+            assert high.log_events("job_completed")
+            assert "Pausing operations" not in high.log()
+            peers = json.loads(
+                k8s_cluster.kubectl("get", "clusterkopfpeering", "importwaves", "-o", "json").stdout
+            ).get("status", {})
+            assert sorted(p.get("priority") for p in peers.values()) == [100, 200], peers
+            assert_one_job_per_dispatch(jobs, t, job_id)
+            assert_imported(t, job_id, body["spec"], data)
+    finally:
+        if high.running:
+            k8s_cluster.kubectl(
+                "-n", ns, "delete", "importjobs", "--all", "--timeout=30s", check=False
+            )
+        for op in (high, low):
+            if op.running and op.proc is not None:
+                op.proc.send_signal(signal.SIGTERM)
+                try:
+                    op.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(op.proc.pid, signal.SIGKILL)
+                    op.proc.wait(10)
