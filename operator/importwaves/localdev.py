@@ -57,8 +57,7 @@ class LocalPostgres:
             f"-c fsync={'on' if self.fsync else 'off'} -c synchronous_commit="
             f"{'on' if self.fsync else 'off'} -c shared_buffers=128MB"
         )
-        self._run(
-            "pg_ctl",
+        args = (
             "-D",
             str(self.data_dir),
             "-l",
@@ -70,6 +69,20 @@ class LocalPostgres:
             opts,
             "start",
         )
+        for attempt in range(4):
+            try:
+                self._run("pg_ctl", *args)
+                break
+            except subprocess.CalledProcessError as exc:
+                # Right after a crash (kill()) the old server's pid file or processes may not
+                # be gone yet: clear what is stale and try again, then fail with the reason.
+                if attempt == 3:
+                    raise RuntimeError(
+                        f"PostgreSQL did not start (pg_ctl exit {exc.returncode}): "
+                        f"{(exc.stderr or '').strip()}"
+                    ) from None
+                self._clear_stale_pid_file()
+                time.sleep(1.0 + attempt)
         if not _wait_port(self.port, 30):
             raise RuntimeError(f"PostgreSQL did not listen on {self.port}; see {self.log_file}")
         return self
@@ -93,6 +106,12 @@ class LocalPostgres:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and any(Path(f"/proc/{v}").exists() for v in victims):
             time.sleep(0.05)
+
+    def _clear_stale_pid_file(self) -> None:
+        pid = self.pid()
+        if pid is not None and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                (self.data_dir / "postmaster.pid").unlink()
 
     def pid(self) -> int | None:
         try:
