@@ -32,9 +32,13 @@ def connect(dsn: str, schema: str, *, autocommit: bool = False, timeout: int = 1
 
 
 def make_pool(
-    dsn: str, schema: str, *, min_size: int = 1, max_size: int = 4
+    dsn: str, schema: str, *, min_size: int = 1, max_size: int = 4, timeout: float = 10.0
 ) -> ConnectionPool[Conn]:
-    """A connection pool whose connections all live in `schema`."""
+    """A connection pool whose connections all live in `schema`. `timeout`: how long a caller
+    waits for a connection before an OperationalError (PoolTimeout); with the database down
+    that is how long a coordinator run waits before its caller (the operator's reconcile, the
+    runner) reports the outage and backs off, so it stays short (psycopg_pool's default, 30 s,
+    hid outages shorter than that and held the operator's handler threads meanwhile)."""
 
     def configure(conn: Conn) -> None:
         conn.autocommit = True
@@ -52,6 +56,7 @@ def make_pool(
         # failing the next coordinator run.
         check=ConnectionPool.check_connection,
         connection_class=psycopg.Connection[dict[str, Any]],
+        timeout=timeout,
         open=True,
         name=f"importwaves:{schema}",
     )
