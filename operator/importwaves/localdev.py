@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,9 +24,28 @@ _PG_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; it runs as 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port BELOW the kernel's ephemeral range: a server that is stopped and
+    restarted on its port (tests do that) must not find it taken by some client connection's
+    ephemeral local port in between."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()  # noqa: S311 - picking a port, not a secret
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _wait_port(port: int, timeout: float) -> bool:
