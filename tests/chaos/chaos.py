@@ -306,7 +306,6 @@ class Chaos:
         }
         (self.workdir / "spec.json").write_text(self.spec.model_dump_json())
         self.launches.write_text("")
-        _become_subreaper()
 
     def start_runner(self) -> float:
         self.incarnation += 1
@@ -344,6 +343,7 @@ class Chaos:
     def run(self) -> ChaosResult:
         t0 = time.monotonic()
         self.prepare()
+        _subreaper(True)
         started = self.start_runner()
         next_kill = started + self.rng.uniform(*self.cfg.kill_after)
         next_redis = time.time() + self.rng.uniform(*self.cfg.redis_every)
@@ -382,6 +382,8 @@ class Chaos:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
             self._wait_for_workers(15)
+            _subreaper(False)
+            _reap()
         self.result.seconds = time.monotonic() - t0
         self.measure()
         return self.result
@@ -530,10 +532,12 @@ class Chaos:
         _reap()
 
 
-def _become_subreaper() -> None:
-    """Orphaned workers (their runner was killed) are re-parented to this process, reaped here."""
+def _subreaper(on: bool) -> None:
+    """While a run lasts, orphaned workers (their runner was killed) are re-parented to this
+    process and reaped here. Cleared afterwards: any daemon started later (a test server's
+    postmaster) would otherwise become this process's child and stay a zombie once killed."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 def _reap() -> None:

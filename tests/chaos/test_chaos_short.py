@@ -5,6 +5,7 @@ and no lost row (definitions in tests/chaos/chaos.py)."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,8 @@ def test_runner_killed_five_times_resumes_and_verifies(
     assert result.duplicate_dispatches == 0
     assert result.lost_rows == 0
     assert result.staged["transaction_lines"] == result.imported["transaction_lines"] > 0
+    # The driver reaps orphaned workers only while it runs: left a subreaper, this process
+    # would adopt (and never reap) every daemon started later, e.g. a restarted test server.
+    flag = ctypes.c_int(-1)
+    ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+    assert flag.value == 0
