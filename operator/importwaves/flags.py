@@ -3,7 +3,11 @@
 Keys (namespaced by tenant and job, so two tenants with the same job id never collide):
     importwaves:{tenant}:{job}:wave_monitoring_active    "1", TTL 7200 s
     importwaves:{tenant}:{job}:derived_lines_ready        "1", TTL 7200 s
-    importwaves:{tenant}:{job}:parent_ids:{batch_id}      JSON id list, TTL 7200 s
+
+Parent ids are not cached: a parent batch's ids live in its row (wave_batches.chunk_ids_json, NOT
+NULL), and the statement that creates its derived batches reads them there, in the same round
+trip (the seed prefers the DB-stored ids; a cache read would only add a round trip and a way to
+be wrong).
 
 Every read answers True/False/None; None means "unknown" (key missing, Redis down or not
 configured) and the caller falls back to the database. When Redis fails, calls skip it for a short
@@ -12,7 +16,6 @@ back-off instead of waiting on a dead socket each time, and the fallback is logg
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,12 +37,8 @@ def key(tenant: str, job_id: str, name: str) -> str:
     return f"importwaves:{tenant}:{job_id}:{name}"
 
 
-def parent_ids_key(tenant: str, job_id: str, batch_id: str) -> str:
-    return key(tenant, job_id, f"parent_ids:{batch_id}")
-
-
 class Flags:
-    """Monitoring / derived-ready flags and the parent-id cache for one tenant."""
+    """Monitoring / derived-ready flags for one tenant."""
 
     def __init__(
         self,
@@ -99,23 +98,6 @@ class Flags:
         ttl = self._call("ttl", key(self.tenant, job_id, name))
         return int(ttl) if isinstance(ttl, int) and ttl >= 0 else None
 
-    # -- parent id cache -----------------------------------------------------------------------
-    def cache_parent_ids(self, job_id: str, ids_by_batch: dict[str, list[int]]) -> None:
-        if not ids_by_batch or not self.enabled:
-            return
-        mapping = {
-            parent_ids_key(self.tenant, job_id, b): json.dumps(ids)
-            for b, ids in ids_by_batch.items()
-        }
-        self._pipeline_set(mapping)
-
-    def parent_ids(self, job_id: str, batch_id: str) -> list[int] | None:
-        raw = self._call("get", parent_ids_key(self.tenant, job_id, batch_id))
-        if raw is None:
-            metrics.CACHE_FALLBACKS.labels(self.tenant, "parent_ids").inc()
-            return None
-        return [int(x) for x in json.loads(raw)]
-
     def ping(self) -> bool:
         """True when Redis answers now (ignores the back-off)."""
         if self._client is None:
@@ -157,19 +139,6 @@ class Flags:
             return None
         self._recovered()
         return result
-
-    def _pipeline_set(self, mapping: dict[str, str]) -> None:
-        if self._client is None or not self._usable():
-            return
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for k, v in mapping.items():
-                pipe.set(k, v, ex=self.ttl)
-            pipe.execute()
-        except redis.RedisError as exc:
-            self._failed(exc)
-            return
-        self._recovered()
 
     def _failed(self, exc: Exception) -> None:
         with self._lock:

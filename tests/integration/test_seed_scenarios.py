@@ -29,7 +29,6 @@ from helpers import (
     tenant_conn,
     waves,
 )
-from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.model import Outcome
 from importwaves.engine.snapshot import gates, read_waves
@@ -210,20 +209,17 @@ def test_derived_upsert_is_idempotent_under_retries_and_races(
     derived_launches = [b.batch_id for b in launched(engine, LINE)]
     assert len(derived_launches) == len(set(derived_launches)) == min(8, want[LINE])
 
-    # Re-running the creation directly changes nothing.
+    # Re-running the creation directly changes nothing, even for parents marked again.
     with tenant_conn(dsn, tenant) as conn, conn.transaction():
-        again = derived.create_for_completed_parents(conn, "job", spec, engine.flags)
-        for parent in ("SalesOrder-000000", LAST_PARENT):
-            row = conn.execute(Q("batch_get"), {"job_id": "job", "batch_id": parent}).fetchone()
-            assert row is not None
-            redo = derived.create_for_batch(
-                conn,
-                "job",
-                spec,
-                engine.flags,
-                {**row, "batch_id": parent, "needs_derivation": True},
-            )
-            assert redo.batch_ids == [] and redo.parent_batches == 1
+        again = derived.create_for_completed_parents(conn, "job", spec)
+        redo_parents = ["SalesOrder-000000", LAST_PARENT]
+        conn.execute(
+            "UPDATE wave_batches SET needs_derivation = true "
+            "WHERE job_id = 'job' AND batch_id = ANY(%s)",
+            (redo_parents,),
+        )
+        redo = derived.create_for_completed_parents(conn, "job", spec)
+        assert redo.batch_ids == [] and redo.parent_batches == 2
     assert again.batch_ids == []
 
     assert drive(engine, dsn, tenant, "job", threads=4).outcome == Outcome.COMPLETED

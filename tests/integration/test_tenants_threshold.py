@@ -65,11 +65,6 @@ def test_two_tenants_with_the_same_job_id_do_not_collide(
     assert keys and all(
         k.startswith((f"importwaves:{tenant}:job:", f"importwaves:{tenant2}:job:")) for k in keys
     )
-    # Each tenant's batch ids are cached under its own namespace only.
-    own2 = {b["batch_id"] for b in batches(dsn, tenant2, "job")}
-    for k in keys:
-        if k.startswith(f"importwaves:{tenant2}:job:parent_ids:"):
-            assert k.rsplit(":", 1)[1] in own2
 
     assert drive(e2, dsn, tenant2, "job", include=r2.held).outcome == Outcome.COMPLETED
     # DB: each schema holds exactly its own import.

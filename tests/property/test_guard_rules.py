@@ -583,7 +583,7 @@ class GuardRules(RuleBasedStateMachine):
     @precondition(lambda self: self.engine is not None)
     @rule(
         what=st.sampled_from(["flushall", "expire", "expire", "stop_or_start", "stop_or_start"]),
-        which=st.sampled_from(["*", flagmod.MONITORING, flagmod.DERIVED_READY, "parent_ids:*"]),
+        which=st.sampled_from(["*", flagmod.MONITORING, flagmod.DERIVED_READY]),
     )
     def redis_fault(self, what: str, which: str) -> None:
         if not self.env.redis.running():

@@ -77,7 +77,6 @@ def test_flag_keys_are_namespaced_by_tenant_and_job() -> None:
     assert flagmod.key("t2", "job", flagmod.DERIVED_READY) == (
         "importwaves:t2:job:derived_lines_ready"
     )
-    assert flagmod.parent_ids_key("t1", "job", "B-1") == "importwaves:t1:job:parent_ids:B-1"
     assert flagmod.key("t1", "job", "x") != flagmod.key("t2", "job", "x")
 
 
@@ -86,12 +85,10 @@ def test_flags_without_redis_answer_unknown_and_never_raise() -> None:
     assert not f.enabled
     f.set_monitoring("j")
     f.set_derived_ready("j")
-    f.cache_parent_ids("j", {"b": [1, 2]})
     f.clear_monitoring("j")
     f.forget_job("j")
     assert f.monitoring("j") is None
     assert f.derived_ready("j") is None
-    assert f.parent_ids("j", "b") is None
     assert f.ttl_of("j", flagmod.MONITORING) is None
 
 

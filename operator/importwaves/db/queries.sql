@@ -88,29 +88,6 @@ CROSS JOIN (
 WHERE w.job_id = %(job_id)s
 ORDER BY w.wave_number;
 
--- name: wave_mark_first_dispatch
--- Stamp a wave's first dispatch and its dispatch lag (the database clock now minus ready_at, when
--- the wave became dispatchable; kept from the first dispatch on), remember the lag on the job for
--- the status view, and return it. One statement: the dispatch path pays one round trip for it.
-WITH w AS (
-    UPDATE wave_coordination
-    SET first_dispatched_at = coalesce(first_dispatched_at, clock_timestamp()),
-        dispatch_lag_seconds = coalesce(
-            dispatch_lag_seconds,
-            greatest(0, extract(epoch FROM clock_timestamp()
-                                           - %(ready_at)s::timestamptz))::double precision),
-        updated_at = clock_timestamp()
-    WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s
-    RETURNING dispatch_lag_seconds
-), j AS (
-    UPDATE import_jobs
-    SET last_dispatch_lag_seconds = w.dispatch_lag_seconds, updated_at = clock_timestamp()
-    FROM w
-    WHERE import_jobs.job_id = %(job_id)s AND w.dispatch_lag_seconds IS NOT NULL
-    RETURNING 1
-)
-SELECT dispatch_lag_seconds AS lag FROM w;
-
 -- name: plan_main_batches
 -- Cut one main record type's staging rows into batches of batch_size ids, in id order.
 -- Server-side and idempotent: re-planning inserts nothing new.
@@ -142,8 +119,43 @@ WHERE b.id IN (
     ORDER BY id LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-RETURNING b.batch_id, b.wave_number, b.record_type_id, b.dispatch_seq, b.attempts,
-          b.needs_derivation, b.chunk_ids_json;
+RETURNING b.batch_id, b.wave_number, b.record_type_id, b.dispatch_seq, b.attempts;
+
+-- name: batches_dispatch_first
+-- batches_dispatch for a wave never dispatched before, stamping in the same statement (one
+-- round trip, on the path the derived dispatch lag measures) the wave's first dispatch and its
+-- dispatch lag: the database clock now minus ready_at, when the wave became dispatchable; the
+-- job keeps the lag for the status view. Every returned row carries the lag.
+WITH d AS (
+    UPDATE wave_batches b
+    SET status = 'dispatched', dispatch_seq = b.dispatch_seq + 1,
+        dispatched_at = clock_timestamp(), started_at = NULL, heartbeat_at = NULL,
+        worker_id = NULL, updated_at = clock_timestamp()
+    WHERE b.id IN (
+        SELECT id FROM wave_batches
+        WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND status = 'pending'
+        ORDER BY id LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING b.batch_id, b.wave_number, b.record_type_id, b.dispatch_seq, b.attempts
+), w AS (
+    UPDATE wave_coordination
+    SET first_dispatched_at = coalesce(first_dispatched_at, clock_timestamp()),
+        dispatch_lag_seconds = coalesce(
+            dispatch_lag_seconds,
+            greatest(0, extract(epoch FROM clock_timestamp()
+                                           - %(ready_at)s::timestamptz))::double precision),
+        updated_at = clock_timestamp()
+    WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND EXISTS (SELECT 1 FROM d)
+    RETURNING dispatch_lag_seconds
+), j AS (
+    UPDATE import_jobs
+    SET last_dispatch_lag_seconds = w.dispatch_lag_seconds, updated_at = clock_timestamp()
+    FROM w
+    WHERE import_jobs.job_id = %(job_id)s AND w.dispatch_lag_seconds IS NOT NULL
+    RETURNING 1
+)
+SELECT d.*, (SELECT dispatch_lag_seconds FROM w) AS lag FROM d;
 
 -- name: batches_dispatched_list
 -- Batches currently handed to workers (dispatched or processing), for launchers to re-ensure.
@@ -265,51 +277,80 @@ WHERE job_id = %(job_id)s AND status = 'failed'
 RETURNING batch_id, status, attempts;
 
 -- name: batches_needing_derivation
--- Completed parent batches whose derived batches have not been created yet.
+-- Completed parent batches whose derived batches have not been created yet (several derived
+-- types: the set their derived_batches_create statements share).
 SELECT batch_id, record_type_id FROM wave_batches
 WHERE job_id = %(job_id)s AND needs_derivation AND status = 'completed'
 ORDER BY id LIMIT %(limit)s;
 
--- name: batch_chunk_ids
--- A batch's IN() id list from the database (the fallback when the cache has none).
-SELECT chunk_ids_json FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s;
+-- name: derived_batches_create
+-- Create the derived batches of one derived type for every completed parent batch that still
+-- lacks them (up to `limit` parent batches, oldest first; or only those in parent_batch_ids):
+-- each parent batch's children in staging, grouped by parent id into batches of about
+-- batch_size records. The parent ids are the parent batches' own chunk_ids_json, read in this
+-- statement (the DB copy is the truth: no cache, no extra round trip). With mark_derived the
+-- same statement records that those parent batches' derived batches exist. Deterministic ids
+-- make it idempotent. Returns one row: how many parent batches it read, and what it created.
+WITH parents AS (
+    SELECT batch_id, record_type_id, chunk_ids_json FROM wave_batches
+    WHERE job_id = %(job_id)s AND needs_derivation AND status = 'completed'
+      AND record_type_id = ANY(%(parent_type_ids)s)
+      AND (%(parent_batch_ids)s::text[] IS NULL OR batch_id = ANY(%(parent_batch_ids)s::text[]))
+    ORDER BY id
+    LIMIT %(limit)s
+), marked AS (
+    -- a data-modifying CTE runs once whether or not it is referenced
+    UPDATE wave_batches w
+    SET needs_derivation = false, derived_created_at = clock_timestamp(),
+        updated_at = clock_timestamp()
+    FROM parents p
+    WHERE %(mark_derived)s AND w.job_id = %(job_id)s AND w.batch_id = p.batch_id
+    RETURNING w.batch_id
+), children AS (
+    SELECT p.batch_id AS parent_batch_id, s.parent_id, count(*) AS n
+    FROM parents p
+    CROSS JOIN LATERAL jsonb_array_elements_text(p.chunk_ids_json) AS ids(id)
+    JOIN staging_records s
+      ON s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+     AND s.parent_id = ids.id::bigint
+     AND (s.parent_record_type_id IS NULL OR s.parent_record_type_id = p.record_type_id)
+    GROUP BY p.batch_id, s.parent_id
+), grouped AS (
+    SELECT parent_batch_id, parent_id, n,
+           -- grp is (records before, in this parent batch) / batch_size; sum(bigint) is
+           -- numeric: cast back so the division truncates instead of rounding (rounding would
+           -- cut a half-size first batch and one batch too many)
+           ((sum(n) OVER (PARTITION BY parent_batch_id ORDER BY parent_id) - n)::bigint
+             / %(batch_size)s)::int AS grp
+    FROM children
+), created AS (
+    INSERT INTO wave_batches
+        (job_id, batch_id, wave_number, record_type_id, chunk_ids_json, record_count,
+         parent_batch_id)
+    SELECT %(job_id)s,
+           -- grp is sparse: it passes 9999 in a wide parent batch, and lpad would cut it to a
+           -- colliding id whose batch ON CONFLICT then silently drops
+           %(name)s || '-' || g.parent_batch_id || '-'
+             || lpad(g.grp::text, greatest(4, length(g.grp::text)), '0'),
+           %(wave_number)s, %(record_type_id)s,
+           jsonb_agg(g.parent_id ORDER BY g.parent_id), sum(g.n)::int, g.parent_batch_id
+    FROM grouped g
+    GROUP BY g.parent_batch_id, g.grp
+    ON CONFLICT (job_id, batch_id) DO NOTHING
+    RETURNING batch_id, parent_batch_id
+)
+SELECT (SELECT count(*) FROM parents) AS parents,
+       coalesce((SELECT array_agg(batch_id ORDER BY batch_id) FROM created), '{}') AS batch_ids,
+       coalesce((SELECT array_agg(parent_batch_id ORDER BY batch_id) FROM created), '{}')
+         AS parent_batch_ids;
 
--- name: derived_batches_upsert
--- Create the derived batches for one completed parent batch: its children in staging, grouped
--- by parent id into batches of about batch_size records. Deterministic ids make it idempotent.
-INSERT INTO wave_batches
-    (job_id, batch_id, wave_number, record_type_id, chunk_ids_json, record_count,
-     parent_batch_id)
-SELECT %(job_id)s,
-       -- grp is (records before) / batch_size, sparse: it passes 9999 in a wide parent batch,
-       -- and lpad would cut it to a colliding id whose batch ON CONFLICT then silently drops
-       %(prefix)s || '-' || lpad(g.grp::text, greatest(4, length(g.grp::text)), '0'),
-       %(wave_number)s, %(record_type_id)s,
-       jsonb_agg(g.parent_id ORDER BY g.parent_id), sum(g.n)::int, %(parent_batch_id)s
-FROM (
-    SELECT c.parent_id, c.n,
-           -- sum(bigint) is numeric: cast back so the division truncates instead of rounding
-           -- (rounding would cut a half-size first batch and one batch too many).
-           ((sum(c.n) OVER (ORDER BY c.parent_id) - c.n)::bigint / %(batch_size)s)::int AS grp
-    FROM (
-        SELECT parent_id, count(*) AS n FROM staging_records
-        WHERE job_id = %(job_id)s AND record_type_id = %(record_type_id)s
-          AND parent_id = ANY(%(parent_ids)s)
-          AND (parent_record_type_id IS NULL
-               OR parent_record_type_id = %(parent_record_type_id)s)
-        GROUP BY parent_id
-    ) c
-) g
-GROUP BY g.grp
-ON CONFLICT (job_id, batch_id) DO NOTHING
-RETURNING batch_id;
-
--- name: batch_mark_derived
--- The parent batch's derived batches exist now.
+-- name: batches_mark_derived
+-- These parent batches' derived batches exist now (after one derived_batches_create per derived
+-- type, when several derived types read them).
 UPDATE wave_batches
 SET needs_derivation = false, derived_created_at = clock_timestamp(),
     updated_at = clock_timestamp()
-WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND needs_derivation;
+WHERE job_id = %(job_id)s AND batch_id = ANY(%(batch_ids)s) AND needs_derivation;
 
 -- name: unfinished_by_type
 -- The completion guard's fresh look at the batches themselves: non-terminal batches per

@@ -103,12 +103,18 @@ class Coordinator:
             if job["planned_at"] is None:
                 plan(conn, job_id, spec)
             created = prepare(conn, spec) if prepare is not None else derived.Created()
-            created += derived.create_for_completed_parents(conn, job_id, spec, self.flags)
             snap = read_snapshot(conn, job, spec)
+            if snap.awaiting_derivation:
+                # Level-based catch-up (a listener that died after its commit, a parent batch
+                # completed by a worker whose event never came): the snapshot, one instant, says
+                # whether any completed parent batch still lacks its derived batches. Read again
+                # after creating them, so the decision sees them.
+                created += derived.create_for_completed_parents(conn, job_id, spec)
+                snap = read_snapshot(conn, job, spec)
             decision = decide(snap)
             if decision.job_status == JobStatus.COMPLETED:
                 decision = self._verify_completion(conn, job_id, decision)
-            dispatched, parent_ids = self._dispatch(conn, job, spec, snap, decision)
+            dispatched = self._dispatch(conn, job, spec, snap, decision)
             if decision.job_status is not None and decision.job_status != snap.status:
                 conn.execute(
                     Q("job_set_status"),
@@ -128,7 +134,7 @@ class Coordinator:
             decision=decision,
         )
         self._after_commit(
-            spec, snap, decision, created, dispatched, parent_ids, cause, result, on_commit, source
+            spec, snap, decision, created, dispatched, cause, result, on_commit, source
         )
         result.seconds = time.perf_counter() - t0
         return result
@@ -158,17 +164,22 @@ class Coordinator:
         spec: ImportSpec,
         snap: Snapshot,
         decision: Decision,
-    ) -> tuple[list[BatchDispatch], dict[str, list[int]]]:
+    ) -> list[BatchDispatch]:
         out: list[BatchDispatch] = []
-        parent_ids: dict[str, list[int]] = {}
         for d in decision.dispatches:
+            wave = snap.wave(d.wave_number)
+            params: dict[str, Any] = {
+                "job_id": snap.job_id,
+                "wave_number": d.wave_number,
+                "limit": d.limit,
+            }
+            first = wave.first_dispatched_at is None
+            if first:
+                # The same statement stamps the wave's first dispatch and its lag (the
+                # database's clock, now, minus when the wave became dispatchable).
+                params["ready_at"] = self._ready_at(conn, job, spec, snap, wave)
             rows = conn.execute(
-                Q("batches_dispatch"),
-                {
-                    "job_id": snap.job_id,
-                    "wave_number": d.wave_number,
-                    "limit": d.limit,
-                },
+                Q("batches_dispatch_first" if first else "batches_dispatch"), params
             ).fetchall()
             for r in rows:
                 out.append(
@@ -181,25 +192,11 @@ class Coordinator:
                         r["attempts"] + 1,
                     )
                 )
-                if r["needs_derivation"]:
-                    parent_ids[r["batch_id"]] = [int(x) for x in r["chunk_ids_json"]]
-            wave = snap.wave(d.wave_number)
-            if rows and wave.first_dispatched_at is None:
-                # One statement stamps the wave's first dispatch and its lag (the database's
-                # clock, now, minus when the wave became dispatchable) on the wave and the job.
-                row = conn.execute(
-                    Q("wave_mark_first_dispatch"),
-                    {
-                        "job_id": snap.job_id,
-                        "wave_number": d.wave_number,
-                        "ready_at": self._ready_at(conn, job, spec, snap, wave),
-                    },
-                ).fetchone()
-                lag = row["lag"] if row else None
-                if lag is not None:
-                    level = "derived" if wave.is_derived else "main"
-                    metrics.DISPATCH_LAG.labels(self.tenant, level).observe(lag)
-        return out, parent_ids
+            lag = rows[0]["lag"] if first and rows else None
+            if lag is not None:
+                level = "derived" if wave.is_derived else "main"
+                metrics.DISPATCH_LAG.labels(self.tenant, level).observe(lag)
+        return out
 
     def _ready_at(
         self, conn: Conn, job: dict[str, Any], spec: ImportSpec, snap: Snapshot, wave: WaveState
@@ -246,16 +243,13 @@ class Coordinator:
         decision: Decision,
         created: derived.Created,
         dispatched: list[BatchDispatch],
-        parent_ids: dict[str, list[int]],
         cause: str,
         result: RunResult,
         on_commit: OnCommit | None = None,
         source: str = "coordinator",
     ) -> None:
         job_id = snap.job_id
-        # Workers first: everything else here is bookkeeping that no worker waits for. The
-        # parent-id cache goes before them (a fast parent completion reads it).
-        self.flags.cache_parent_ids(job_id, parent_ids)
+        # Workers first: everything else here is bookkeeping that no worker waits for.
         if dispatched:
             failures = self.launcher.launch(self.tenant, job_id, spec, dispatched)
             result.launch_failures = failures

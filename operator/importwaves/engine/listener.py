@@ -15,7 +15,6 @@ already done by the time the event is emitted.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from psycopg_pool import ConnectionPool
 
@@ -50,41 +49,26 @@ class BatchCompletedListener:
         self.coordinator = coordinator
 
     def on_completed(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
-        """A worker reported success (or its pod exited 0). Idempotent."""
+        """A worker reported success (or its pod exited 0). Idempotent.
+
+        Fast path: the reference worker records its own completion in its transaction, so the
+        coordinator run reads the batch row under the job lock (no round trip before it). If the
+        completion is not recorded yet, the run is abandoned before it changes anything, the
+        completion is recorded and committed here (fenced by the dispatch sequence), and the run
+        is made again."""
+        try:
+            return self._derived_after_parent(job_id, batch_id, recorded_by="worker")
+        except _NotRecorded:
+            pass
         ids = {"job_id": job_id, "batch_id": batch_id}
-        recorded = None
-        with self.pool.connection() as conn:
-            # One autocommit read (no BEGIN/COMMIT round trips). `completed` is terminal, so a
-            # batch its worker already recorded (the reference worker does, in its own
-            # transaction) needs no write; otherwise record it here, fenced by the dispatch
-            # sequence like any completion, and read it again.
-            conn.autocommit = True
-            try:
-                batch = conn.execute(Q("batch_get"), ids).fetchone()
-                if batch is not None and batch["status"] != "completed":
-                    with conn.transaction():
-                        recorded = conn.execute(
-                            Q("batch_complete"), {**ids, "dispatch_seq": dispatch_seq}
-                        ).fetchone()
-                        batch = conn.execute(Q("batch_get"), ids).fetchone()
-            finally:
-                if not conn.closed:
-                    conn.autocommit = False  # the pool's connections are not autocommit
-        # --- committed (and the connection is back in the pool): the coordinator run below
-        # borrows its own and sees this completion ---
-        if batch is None:
-            return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
-        metrics.COMPLETIONS.labels(self.tenant).inc()
-        event(
-            log,
-            "batch_completed",
-            logging.DEBUG,
-            job_id=job_id,
-            batch_id=batch_id,
-            recorded_by="listener" if recorded else "worker",
-            status=batch["status"],
+        with self.pool.connection() as conn, conn.transaction():
+            recorded = conn.execute(
+                Q("batch_complete"), {**ids, "dispatch_seq": dispatch_seq}
+            ).fetchone()
+        # --- committed: the coordinator run below sees this completion ---
+        return self._derived_after_parent(
+            job_id, batch_id, recorded_by="listener" if recorded else "nobody (fenced)"
         )
-        return self._derived_after_parent(job_id, batch)
 
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
         """A worker failed (or its pod did); counts an attempt unless the worker already did."""
@@ -136,18 +120,38 @@ class BatchCompletedListener:
         # The next timer tick or completion re-dispatches; no recursion from inside a launch.
 
     # -- seed A: post-commit derived initialization ---------------------------------------------
-    def _derived_after_parent(self, job_id: str, batch: dict[str, Any]) -> RunResult:
-        """The coordinator run for a completion. For a parent batch, its derived batches are
-        created first in that run's transaction (under the job lock, after the completion's
-        commit); the run then recomputes parent completion from the database and dispatches."""
+    def _derived_after_parent(self, job_id: str, batch_id: str, recorded_by: str) -> RunResult:
+        """The coordinator run for a completion, after its commit. For a parent batch, derived
+        batches are created first in that run's transaction (under the job lock), for it and
+        for any other completed parent batch still without them; the run then recomputes parent
+        completion from the database and dispatches."""
         parent = False
+        found = True
 
         def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
-            nonlocal parent
-            parent = batch["record_type_id"] in spec.derived_parent_type_ids()
-            if not parent:
+            nonlocal parent, found
+            batch = conn.execute(
+                Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
+            ).fetchone()
+            if batch is None:
+                found = False
                 return derived.Created()
-            return derived.create_for_batch(conn, job_id, spec, self.flags, batch)
+            if batch["status"] not in ("completed", "failed") and recorded_by == "worker":
+                raise _NotRecorded(batch_id)  # rolls the run back: nothing was changed yet
+            metrics.COMPLETIONS.labels(self.tenant).inc()
+            event(
+                log,
+                "batch_completed",
+                logging.DEBUG,
+                job_id=job_id,
+                batch_id=batch_id,
+                recorded_by=recorded_by,
+                status=batch["status"],
+            )
+            parent = batch["record_type_id"] in spec.derived_parent_type_ids()
+            if not parent or batch["status"] != "completed":
+                return derived.Created()
+            return derived.create_for_completed_parents(conn, job_id, spec)
 
         def on_commit(result: RunResult) -> None:
             snap = result.snapshot
@@ -164,20 +168,27 @@ class BatchCompletedListener:
                 "derived_initialized",
                 job_id=job_id,
                 tenant=self.tenant,
-                parent_batch_id=batch["batch_id"],
+                parent_batch_id=batch_id,
                 parent_completion_percent=round(min(g.percent for g in open_gates), 2),
                 threshold=min(g.threshold for g in open_gates),
                 created_batches=result.derived_created,
                 dispatched_batches=len(result.dispatched),
             )
 
-        return self.coordinator.check_and_trigger_next_wave(
+        result = self.coordinator.check_and_trigger_next_wave(
             job_id,
             cause="batch_completed",
             prepare=prepare,
             on_commit=on_commit,
             source="listener",
         )
+        if not found and result.outcome != Outcome.NOT_FOUND:
+            return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
+        return result
+
+
+class _NotRecorded(Exception):
+    """The worker's completion is not in the database (yet): take the recording path."""
 
 
 class DerivedWavesCreatedListener:
