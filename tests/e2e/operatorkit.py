@@ -201,6 +201,49 @@ def importjob(
     return body
 
 
+def small_spec(
+    customers: int = 100,
+    orders: int = 100,
+    lines: int = 1000,
+    *,
+    parallelism: int = 3,
+    hold: float | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """ImportJob spec fields (no tenant or database) for the reference import with these batch
+    sizes: Customer, then SalesOrder, then the derived TransactionLine. `hold`: the reference
+    worker holds each batch that many seconds (so kills and patches land while batches are out).
+    """
+    spec: dict[str, Any] = {
+        "recordTypes": [
+            {"name": "Customer", "recordTypeId": -2, "batchSize": customers},
+            {
+                "name": "SalesOrder",
+                "recordTypeId": -30,
+                "batchSize": orders,
+                "parentTypes": ["Customer"],
+            },
+        ],
+        "derivedTypes": [
+            {
+                "name": "TransactionLine",
+                "recordTypeId": -13,
+                "batchSize": lines,
+                "parentTypes": ["SalesOrder"],
+            }
+        ],
+        "parallelism": parallelism,
+    }
+    if hold is not None:
+        spec["worker"] = {
+            "image": "importwaves:test",
+            "command": ["importwaves", "worker"],
+            "env": [{"name": "IMPORTWAVES_WORKER_HOLD_SECONDS", "value": str(hold)}],
+        }
+    spec.update(overrides)
+    return spec
+
+
 def apply(cluster: Cluster, body: dict[str, Any], check: bool = True) -> Any:
     return cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=check)
 

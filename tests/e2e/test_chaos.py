@@ -41,6 +41,7 @@ from .operatorkit import (
     created_jobs,
     importjob,
     is_true,
+    small_spec,
     watch_jobs,
 )
 
@@ -48,32 +49,7 @@ LINE = "TransactionLine"
 
 
 def chaos_spec(hold: float, derived_size: int = 300) -> dict[str, Any]:
-    return {
-        "recordTypes": [
-            {"name": "Customer", "recordTypeId": -2, "batchSize": 60},
-            {
-                "name": "SalesOrder",
-                "recordTypeId": -30,
-                "batchSize": 100,
-                "parentTypes": ["Customer"],
-            },
-        ],
-        "derivedTypes": [
-            {
-                "name": LINE,
-                "recordTypeId": -13,
-                "batchSize": derived_size,
-                "parentTypes": ["SalesOrder"],
-            }
-        ],
-        "parallelism": 4,
-        "staleAfterSeconds": 5,
-        "worker": {
-            "image": "importwaves:test",
-            "command": ["importwaves", "worker"],
-            "env": [{"name": "IMPORTWAVES_WORKER_HOLD_SECONDS", "value": str(hold)}],
-        },
-    }
+    return small_spec(60, 100, derived_size, parallelism=4, hold=hold, staleAfterSeconds=5)
 
 
 def derived_jobs(rec: Recorder) -> list[Any]:

@@ -23,33 +23,9 @@ from .operatorkit import (
     deleted_unfinished,
     importjob,
     is_true,
+    small_spec,
     watch_jobs,
 )
-
-
-def small_spec(**overrides: object) -> dict[str, object]:
-    spec: dict[str, object] = {
-        "recordTypes": [
-            {"name": "Customer", "recordTypeId": -2, "batchSize": 100},
-            {
-                "name": "SalesOrder",
-                "recordTypeId": -30,
-                "batchSize": 100,
-                "parentTypes": ["Customer"],
-            },
-        ],
-        "derivedTypes": [
-            {
-                "name": "TransactionLine",
-                "recordTypeId": -13,
-                "batchSize": 1000,
-                "parentTypes": ["SalesOrder"],
-            }
-        ],
-        "parallelism": 3,
-    }
-    spec.update(overrides)
-    return spec
 
 
 def test_bad_row_is_retried_then_failed_and_retry_failed_completes(

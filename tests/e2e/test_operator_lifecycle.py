@@ -22,24 +22,11 @@ from .operatorkit import (
     created_jobs,
     importjob,
     is_true,
+    small_spec,
     watch_jobs,
 )
 
-SMALL = {
-    "recordTypes": [
-        {"name": "Customer", "recordTypeId": -2, "batchSize": 100},
-        {"name": "SalesOrder", "recordTypeId": -30, "batchSize": 50, "parentTypes": ["Customer"]},
-    ],
-    "derivedTypes": [
-        {
-            "name": "TransactionLine",
-            "recordTypeId": -13,
-            "batchSize": 1000,
-            "parentTypes": ["SalesOrder"],
-        }
-    ],
-    "parallelism": 3,
-}
+SMALL = small_spec(100, 50)
 
 
 def test_deleting_an_importjob_removes_its_jobs_and_keeps_tenant_data(
@@ -227,24 +214,7 @@ def test_suspend_stops_new_jobs_and_resume_completes(
     create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
     op = operator(ns)
     h = harness(ns, [op], [t])
-    spec = {
-        **SMALL,
-        "recordTypes": [
-            {"name": "Customer", "recordTypeId": -2, "batchSize": 100},
-            {
-                "name": "SalesOrder",
-                "recordTypeId": -30,
-                "batchSize": 20,
-                "parentTypes": ["Customer"],
-            },
-        ],
-        "parallelism": 2,
-        "worker": {
-            "image": "importwaves:test",
-            "command": ["importwaves", "worker"],
-            "env": [{"name": "IMPORTWAVES_WORKER_HOLD_SECONDS", "value": "0.5"}],
-        },
-    }
+    spec = small_spec(100, 20, parallelism=2, hold=0.5)
     body = importjob(name, ns, t.name, **spec)
 
     def patch_suspend(value: bool) -> None:

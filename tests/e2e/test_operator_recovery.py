@@ -22,6 +22,7 @@ from .operatorkit import (
     deleted_unfinished,
     importjob,
     is_true,
+    small_spec,
     watch_jobs,
 )
 
@@ -38,32 +39,8 @@ def test_operator_killed_mid_import_and_restarted(
     t = tenant_db(f"kill_{uuid.uuid4().hex[:8]}")
     data = t.generate(job_id, orders=600)
     create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
-    spec = {
-        "recordTypes": [
-            {"name": "Customer", "recordTypeId": -2, "batchSize": 30},
-            {
-                "name": "SalesOrder",
-                "recordTypeId": -30,
-                "batchSize": 100,
-                "parentTypes": ["Customer"],
-            },
-        ],
-        "derivedTypes": [
-            {
-                "name": "TransactionLine",
-                "recordTypeId": -13,
-                "batchSize": 500,
-                "parentTypes": ["SalesOrder"],
-            }
-        ],
-        "parallelism": 3,
-        # Workers hold their batch a little so that the kills land while batches are out.
-        "worker": {
-            "image": "importwaves:test",
-            "command": ["importwaves", "worker"],
-            "env": [{"name": "IMPORTWAVES_WORKER_HOLD_SECONDS", "value": "0.7"}],
-        },
-    }
+    # Workers hold their batch a little so that the kills land while batches are out.
+    spec = small_spec(30, 100, 500, hold=0.7)
     body = importjob(name, ns, t.name, **spec)
     op = operator(ns)
     h = harness(ns, [op], [t])
