@@ -42,6 +42,7 @@ from bench.common import BENCH_DIR, new_tenant, pct, proc_status_kb, summary_ms,
 from importwaves.datagen import generate
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
 from importwaves.localdev import free_port
+from importwaves.log import events_named
 
 REPO = BENCH_DIR.parent
 IMPORTWAVES = Path(sys.executable).parent / "importwaves"
@@ -266,14 +267,7 @@ class Operator:
         self._log.close()
 
     def log_events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if f'"{name}"' in line:
-                with contextlib.suppress(ValueError):
-                    rec = json.loads(line)
-                    if rec.get("event") == name:
-                        out.append(rec)
-        return out
+        return events_named(self.log_path.read_text(errors="replace"), name)
 
 
 # -- watching the namespace -------------------------------------------------------------------

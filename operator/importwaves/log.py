@@ -6,6 +6,7 @@ event name and fields become top-level keys next to time, level and logger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -51,3 +52,16 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
         exc_info = fields.pop("exc_info", None)
         extra = {(k if k not in _RESERVED else f"{k}_field"): v for k, v in fields.items()}
         logger.log(level, name, extra={"event": name, **extra}, exc_info=exc_info, stacklevel=2)
+
+
+def events_named(text: str, name: str) -> list[dict[str, Any]]:
+    """The records with `"event": name` in a log this module wrote (other lines are skipped)."""
+    out = []
+    for line in text.splitlines():
+        if f'"{name}"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if isinstance(rec, dict) and rec.get("event") == name:
+                out.append(rec)
+    return out

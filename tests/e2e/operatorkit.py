@@ -31,6 +31,7 @@ from importwaves.db import migrate
 from importwaves.db.connect import Conn, connect
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
 from importwaves.localdev import free_port
+from importwaves.log import events_named
 
 from .cluster import REPO_ROOT, Cluster
 
@@ -119,15 +120,7 @@ class OperatorProcess:
 
     def log_events(self, name: str) -> list[dict[str, Any]]:
         """The operator's structured log records with `"event": name`."""
-        out = []
-        for line in self.log().splitlines():
-            if f'"{name}"' not in line:
-                continue
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if rec.get("event") == name:
-                    out.append(rec)
-        return out
+        return events_named(self.log(), name)
 
 
 # -- tenant databases ------------------------------------------------------------------------------

@@ -49,3 +49,18 @@ def test_events_keep_their_fields() -> None:
     iwlog.event(logging.getLogger("importwaves.test"), "wave_dispatched", job_id="j", wave_number=2)
     rec = json.loads(stream.getvalue())
     assert (rec["event"], rec["job_id"], rec["wave_number"]) == ("wave_dispatched", "j", 2)
+
+
+def test_events_named_reads_back_what_event_wrote() -> None:
+    stream = io.StringIO()
+    iwlog.setup("INFO", stream)
+    lg = logging.getLogger("importwaves.test")
+    iwlog.event(lg, "batch_completed", job_id="j", batch_id="b1")
+    iwlog.event(lg, "wave_dispatched", job_id="j", wave_number=2)
+    iwlog.event(lg, "batch_completed", job_id="j", batch_id="b2")
+    # other processes' lines in the same file: plain text, or JSON naming the event elsewhere
+    text = stream.getvalue() + 'kopf said "batch_completed"\n{"msg": "batch_completed"}\n'
+    got = iwlog.events_named(text, "batch_completed")
+    assert [(r["job_id"], r["batch_id"]) for r in got] == [("j", "b1"), ("j", "b2")]
+    assert [r["wave_number"] for r in iwlog.events_named(text, "wave_dispatched")] == [2]
+    assert iwlog.events_named(text, "job_completed") == []
