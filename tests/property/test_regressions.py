@@ -10,9 +10,14 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 
 from helpers import CUSTOMER, setup_job, tenant_conn
+from importwaves.db.connect import connect
+from importwaves.db.queries import Q
 from importwaves.engine.model import Outcome
 from importwaves.launch.base import BatchDispatch, LaunchFailure, RecordingLauncher
 from importwaves.runner import LocalRunner
@@ -83,3 +88,69 @@ def test_idle_pooled_connections_killed_do_not_fail_the_next_run(
     for _ in range(4):  # every pooled connection would be tried in turn
         assert engine.check("job", "timer").outcome == Outcome.IN_PROGRESS
     assert engine.recovery.reconcile("job").result is not None
+
+
+def test_recovery_never_deadlocks_with_a_worker_holding_its_batch(
+    engine, dsn, tenant, redis_url
+) -> None:
+    """3. Recovery demoted a stale batch (its trigger then holds the wave's counter row) and
+    went on to requeue a stuck dispatched batch whose row a worker held; that worker, updating
+    its batch, waited for the counter row: DeadlockDetected, and the reconcile failed (the soak
+    found it). A batch row locked by a worker is in use, not stuck: recovery skips it now."""
+    setup_job(engine, "job", orders=1000, parallelism=2)  # 100 customers: 2 batches
+    stale, stuck = engine.check("job", "start").dispatched
+    with tenant_conn(dsn, tenant) as admin:
+        # `stale` was claimed long ago and never heartbeated; `stuck` was never claimed
+        admin.execute(
+            "UPDATE wave_batches SET status = 'processing', attempts = 1, "
+            "started_at = now() - interval '1 hour', heartbeat_at = now() - interval '1 hour' "
+            "WHERE job_id = 'job' AND batch_id = %s",
+            (stale.batch_id,),
+        )
+        admin.execute(
+            "UPDATE wave_batches SET dispatched_at = now() - interval '1 hour' "
+            "WHERE job_id = 'job' AND batch_id = %s",
+            (stuck.batch_id,),
+        )
+    worker = connect(dsn, tenant)  # a worker in the middle of claiming `stuck`
+    try:
+        worker.execute(Q("batch_lock"), {"job_id": "job", "batch_id": stuck.batch_id})
+        outcome: list[object] = []
+        t = threading.Thread(target=lambda: outcome.append(_reconcile(engine)))
+        t.start()
+        t.join(3)  # the old code blocked here on the worker's row (holding the counter row)
+        # the worker's claim: its statement trigger needs the wave's counter row
+        worker.execute(
+            Q("batch_claim"),
+            {
+                "job_id": "job",
+                "batch_id": stuck.batch_id,
+                "dispatch_seq": stuck.dispatch_seq,
+                "worker_id": "w",
+            },
+        )
+        worker.commit()
+        t.join(10)
+    finally:
+        worker.close()
+    assert not t.is_alive()
+    assert outcome and not isinstance(outcome[0], BaseException), outcome
+    with tenant_conn(dsn, tenant) as conn:
+        rows = {
+            r["batch_id"]: r["status"]
+            for r in conn.execute(
+                "SELECT batch_id, status FROM wave_batches WHERE batch_id = ANY(%s)",
+                ([stale.batch_id, stuck.batch_id],),
+            ).fetchall()
+        }
+    # the stale batch was demoted (and dispatched again by the run after it); the claimed one
+    # was left to its worker
+    assert rows[stuck.batch_id] == "processing"
+    assert rows[stale.batch_id] in ("pending", "dispatched")
+
+
+def _reconcile(engine: Any) -> object:
+    try:
+        return engine.recovery.reconcile("job")
+    except BaseException as exc:  # reported by the test
+        return exc

@@ -242,29 +242,42 @@ RETURNING status, attempts;
 
 -- name: batches_demote_stale_processing
 -- Recovery: processing batches whose heartbeat is older than stale_after go back to pending
--- (or to failed when the lost attempt was their last).
-UPDATE wave_batches
-SET status = CASE WHEN attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+-- (or to failed when the lost attempt was their last). A batch row locked right now is in a
+-- worker's hands (claiming, heartbeating, completing): not stale, skipped. Waiting for it
+-- instead deadlocked: recovery's first statement holds the wave's counter row (its trigger)
+-- when its second waits for a batch row, and a worker holding that batch row waits for the
+-- counter row (found by the guard-rule soak).
+UPDATE wave_batches b
+SET status = CASE WHEN b.attempts >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
     last_error = 'stale: no heartbeat for ' || %(stale_after)s || ' s (worker '
-                 || coalesce(worker_id, '?') || ')',
+                 || coalesce(b.worker_id, '?') || ')',
     heartbeat_at = NULL, updated_at = clock_timestamp()
-WHERE job_id = %(job_id)s AND status = 'processing'
-  AND coalesce(heartbeat_at, started_at, dispatched_at)
-      < clock_timestamp() - make_interval(secs => %(stale_after)s)
-RETURNING batch_id, status, attempts;
+WHERE b.id IN (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND status = 'processing'
+      AND coalesce(heartbeat_at, started_at, dispatched_at)
+          < clock_timestamp() - make_interval(secs => %(stale_after)s)
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.batch_id, b.status, b.attempts;
 
 -- name: batches_requeue_stuck_dispatched
 -- Recovery: dispatched batches no worker claimed within stale_after go back to pending. The
 -- lost launch counts an attempt, so a launcher that keeps losing them ends in `failed` (with
--- this message) instead of looping forever.
-UPDATE wave_batches
-SET attempts = attempts + 1,
-    status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+-- this message) instead of looping forever. Locked rows are skipped (a worker is claiming
+-- them; see batches_demote_stale_processing).
+UPDATE wave_batches b
+SET attempts = b.attempts + 1,
+    status = CASE WHEN b.attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
     last_error = 'not claimed by a worker within ' || %(stale_after)s || ' s',
     updated_at = clock_timestamp()
-WHERE job_id = %(job_id)s AND status = 'dispatched'
-  AND dispatched_at < clock_timestamp() - make_interval(secs => %(stale_after)s)
-RETURNING batch_id, status, attempts;
+WHERE b.id IN (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND status = 'dispatched'
+      AND dispatched_at < clock_timestamp() - make_interval(secs => %(stale_after)s)
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.batch_id, b.status, b.attempts;
 
 -- name: batches_requeue_failed
 -- Retry failed batches (argo-retry style): back to pending with fresh attempts; completed
