@@ -1,6 +1,6 @@
 # Proof of the guard rules under faults (issue 6).
 #   make soak    the guard-rule state machine, long profile: SOAK_EXAMPLES sequences (default
-#                5000, ~1 h on 2 cores) of random stimuli and faults on the real PostgreSQL and
+#                5000, ~35 min on 2 cores) of random stimuli and faults on the real PostgreSQL and
 #                Redis; prints how many sequences, steps, checks and faults it ran
 #   make chaos   a demo-size import (CHAOS_ARGS, default --orders 20000) whose runner process is
 #                SIGKILLed at random moments (>= 20 times) and restarted, with Redis flushed and
