@@ -126,28 +126,18 @@ class BatchCompletedListener:
         for any other completed parent batch still without them; the run then recomputes parent
         completion from the database and dispatches."""
         parent = False
-        found = True
+        status: str | None = None  # the batch's, as the run read it (None: no such batch)
 
         def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
-            nonlocal parent, found
+            nonlocal parent, status
             batch = conn.execute(
                 Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
             ).fetchone()
             if batch is None:
-                found = False
                 return derived.Created()
             if batch["status"] not in ("completed", "failed") and recorded_by == "worker":
                 raise _NotRecorded(batch_id)  # rolls the run back: nothing was changed yet
-            metrics.COMPLETIONS.labels(self.tenant).inc()
-            event(
-                log,
-                "batch_completed",
-                logging.DEBUG,
-                job_id=job_id,
-                batch_id=batch_id,
-                recorded_by=recorded_by,
-                status=batch["status"],
-            )
+            status = batch["status"]
             parent = batch["record_type_id"] in spec.derived_parent_type_ids()
             if not parent or batch["status"] != "completed":
                 return derived.Created()
@@ -182,8 +172,21 @@ class BatchCompletedListener:
             on_commit=on_commit,
             source="listener",
         )
-        if not found and result.outcome != Outcome.NOT_FOUND:
+        if status is None:
+            if result.outcome == Outcome.NOT_FOUND:
+                return result
             return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
+        # counted once the run that read the batch has committed
+        metrics.COMPLETIONS.labels(self.tenant).inc()
+        event(
+            log,
+            "batch_completed",
+            logging.DEBUG,
+            job_id=job_id,
+            batch_id=batch_id,
+            recorded_by=recorded_by,
+            status=status,
+        )
         return result
 
 
