@@ -99,18 +99,11 @@ class Kube:
     def namespace(self, name: str, dsn: str) -> str:
         """A namespace with its default ServiceAccount and the tenant Secret `tenant-db`."""
         from kubernetes import client
+        from tests.e2e.operatorkit import wait_for_default_service_account
 
         core = client.CoreV1Api(self.api)
         core.create_namespace({"metadata": {"name": name}})
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                core.read_namespaced_service_account("default", name)
-                break
-            except client.ApiException as exc:
-                if exc.status != 404 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_for_default_service_account(core, name)
         core.create_namespaced_secret(
             name,
             {"metadata": {"name": "tenant-db"}, "stringData": {"dsn": dsn}},
@@ -327,44 +320,14 @@ class Watch:
         self._thread.join(15)
 
     def _run(self) -> None:
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
+        from tests.e2e.operatorkit import follow  # the e2e watch loop (resume, 410 relist)
 
-        while not self._stop.is_set():
-            w = watch.Watch()
-            try:
-                for ev in w.stream(
-                    self.fn,
-                    *self.args,
-                    resource_version=self._rv,
-                    timeout_seconds=5,
-                    allow_watch_bookmarks=True,
-                ):
-                    now = time.time()
-                    obj = ev["raw_object"]
-                    rv = (obj.get("metadata") or {}).get("resourceVersion")
-                    if rv:
-                        self._rv = rv
-                    if ev["type"] == "BOOKMARK":
-                        continue
-                    if ev["type"] == "ERROR":
-                        raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                    self._on(ev["type"], obj, now)
-                    if self._stop.is_set():
-                        break
-            except ApiException as exc:
-                if exc.status == 410:
-                    listing = self.fn(*self.args, _preload_content=False)
-                    self._rv = str(json.loads(listing.data)["metadata"]["resourceVersion"])
-                    self.errors.append("410 Gone: relisted (events in between may be missed)")
-                else:
-                    self.errors.append(f"{exc.status} {exc.reason}")
-                    time.sleep(0.2)
-            except Exception as exc:  # keep watching; reported at the end
-                self.errors.append(repr(exc))
-                time.sleep(0.2)
-            finally:
-                w.stop()
+        follow(self.fn, self.args, self._rv, self._stop, self._on, self._relist, self.errors, 5)
+
+    def _relist(self) -> str:
+        listing = self.fn(*self.args, _preload_content=False)
+        self.errors.append("410 Gone: relisted (events in between may be missed)")
+        return str(json.loads(listing.data)["metadata"]["resourceVersion"])
 
     def _on(self, kind: str, obj: dict[str, Any], now: float) -> None:
         meta = obj.get("metadata") or {}

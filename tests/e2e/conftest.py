@@ -45,7 +45,7 @@ from .cluster import (
     testbin_dir,
 )
 from .localkubelet import LocalKubelet
-from .operatorkit import Harness, OperatorProcess, Tenant
+from .operatorkit import Harness, OperatorProcess, Tenant, wait_for_default_service_account
 
 HERE = Path(__file__).parent
 
@@ -135,16 +135,7 @@ def namespace(k8s_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[
     with k8s_cluster.api_client() as api:
         core = client.CoreV1Api(api)
         core.create_namespace({"metadata": {"name": name, "labels": {"e2e": "true"}}})
-        # With ServiceAccount admission on, pods need the namespace's `default` SA first.
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                core.read_namespaced_service_account("default", name)
-                break
-            except client.ApiException as exc:
-                if exc.status != 404 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_for_default_service_account(core, name)
         try:
             yield name
         finally:

@@ -241,6 +241,22 @@ def apply(cluster: Cluster, body: dict[str, Any], check: bool = True) -> Any:
     return cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(body), check=check)
 
 
+def wait_for_default_service_account(core: Any, namespace: str, timeout: float = 30) -> None:
+    """With ServiceAccount admission on, pods need the namespace's `default` SA first; it is
+    created asynchronously after the namespace. `core`: a kubernetes CoreV1Api."""
+    from kubernetes import client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            core.read_namespaced_service_account("default", namespace)
+            return
+        except client.ApiException as exc:
+            if exc.status != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def create_secret(cluster: Cluster, namespace: str, name: str, dsn: str) -> None:
     cluster.kubectl(
         "-n", namespace, "create", "secret", "generic", name, f"--from-literal=dsn={dsn}"
@@ -248,6 +264,57 @@ def create_secret(cluster: Cluster, namespace: str, name: str, dsn: str) -> None
 
 
 # -- watches ---------------------------------------------------------------------------------------
+def follow(
+    list_fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    rv: str,
+    stop: threading.Event,
+    on_event: Callable[[str, dict[str, Any], float], None],
+    relist: Callable[[], str],
+    errors: list[str],
+    timeout_seconds: int = 2,
+) -> None:
+    """Watch `list_fn(*args)` from resourceVersion `rv` until `stop` is set, handing each
+    ADDED/MODIFIED/DELETED object to `on_event(type, object, time.time() on arrival)`. Resumes
+    after every watch timeout from the last resourceVersion seen, skips bookmarks, on 410 Gone
+    takes the resourceVersion `relist()` returns, and records any other error in `errors` and
+    goes on watching."""
+    from kubernetes import watch
+    from kubernetes.client.exceptions import ApiException
+
+    while not stop.is_set():
+        w = watch.Watch()
+        try:
+            for ev in w.stream(
+                list_fn,
+                *args,
+                resource_version=rv,
+                timeout_seconds=timeout_seconds,
+                allow_watch_bookmarks=True,
+            ):
+                now = time.time()
+                obj = ev["raw_object"]
+                rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                if ev["type"] == "BOOKMARK":
+                    continue
+                if ev["type"] == "ERROR":
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                on_event(ev["type"], obj, now)
+                if stop.is_set():
+                    break
+        except ApiException as exc:
+            if exc.status == 410:
+                rv = relist()
+            else:
+                errors.append(f"{exc.status} {exc.reason}")
+                time.sleep(0.2)
+        except Exception as exc:  # keep watching; reported at the end
+            errors.append(repr(exc))
+            time.sleep(0.2)
+        finally:
+            w.stop()
+
+
 class Recorder:
     """Watches one kind in one namespace from "now" and keeps every event's object (dicts).
 
@@ -280,42 +347,11 @@ class Recorder:
         return str(data["metadata"]["resourceVersion"])
 
     def _run(self) -> None:
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
+        follow(self.list_fn, self.args, self._rv, self._stop, self._record, self._list, self.errors)
 
-        while not self._stop.is_set():
-            w = watch.Watch()
-            try:
-                for ev in w.stream(
-                    self.list_fn,
-                    *self.args,
-                    resource_version=self._rv,
-                    timeout_seconds=2,
-                    allow_watch_bookmarks=True,
-                ):
-                    obj = ev["raw_object"]
-                    rv = (obj.get("metadata") or {}).get("resourceVersion")
-                    if rv:
-                        self._rv = rv
-                    if ev["type"] == "BOOKMARK":
-                        continue
-                    if ev["type"] == "ERROR":
-                        raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                    with self._lock:
-                        self.events.append((ev["type"], obj))
-                    if self._stop.is_set():
-                        break
-            except ApiException as exc:
-                if exc.status == 410:
-                    self._rv = self._list()
-                else:
-                    self.errors.append(f"{exc.status} {exc.reason}")
-                    time.sleep(0.2)
-            except Exception as exc:  # keep watching; report at the end
-                self.errors.append(repr(exc))
-                time.sleep(0.2)
-            finally:
-                w.stop()
+    def _record(self, kind: str, obj: dict[str, Any], _now: float) -> None:
+        with self._lock:
+            self.events.append((kind, obj))
 
     def snapshot(self) -> list[tuple[str, dict[str, Any]]]:
         with self._lock:
