@@ -77,8 +77,11 @@ class ChaosConfig:
     parallelism: int = 4
     #: seconds each worker holds its batch (workers have work in progress when kills land)
     hold: float = 0.3
-    #: a kill lands this long (uniform) after the runner's (re)start
+    #: a kill lands this long (uniform) after the (re)started runner resumed (its loop began,
+    #: so every kill interrupts a runner at work, however slowly a loaded machine starts it)...
     kill_after: tuple[float, float] = (0.2, 2.5)
+    #: ...or this long after its start if it has not resumed by then (killed while starting)
+    resume_wait: float = 15.0
     redis_every: tuple[float, float] = (2.0, 5.0)
     worker_kill_every: tuple[float, float] = (1.5, 4.0)
     timeout: float = 900.0
@@ -339,13 +342,22 @@ class Chaos:
         log.close()
         return time.time()
 
+    def _kill_time(self, started: float, now: float) -> float | None:
+        """When to kill the current runner: kill_after past its resume (its marker), or at
+        once when it has not resumed within resume_wait; None while it is still starting."""
+        marker = self.workdir / f"resumed-{self.incarnation}"
+        if marker.exists():
+            with contextlib.suppress(ValueError):
+                return float(marker.read_text().strip()) + self.rng.uniform(*self.cfg.kill_after)
+        return now if now - started > self.cfg.resume_wait else None
+
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> ChaosResult:
         t0 = time.monotonic()
         self.prepare()
         _subreaper(True)
         started = self.start_runner()
-        next_kill = started + self.rng.uniform(*self.cfg.kill_after)
+        next_kill: float | None = None  # set once the runner has resumed (see _kill_time)
         next_redis = time.time() + self.rng.uniform(*self.cfg.redis_every)
         next_worker = time.time() + self.rng.uniform(*self.cfg.worker_kill_every)
         deadline = time.monotonic() + self.cfg.timeout
@@ -361,13 +373,19 @@ class Chaos:
                         f"runner #{self.incarnation} exited {rc}: {self._log_tail()}"
                     )
                     started = self.start_runner()
-                    next_kill = started + self.rng.uniform(*self.cfg.kill_after)
+                    next_kill = None
                 now = time.time()
-                if len(self.result.kills) < self.cfg.kills and now >= next_kill:
+                if next_kill is None:
+                    next_kill = self._kill_time(started, now)
+                if (
+                    len(self.result.kills) < self.cfg.kills
+                    and next_kill is not None
+                    and now >= next_kill
+                ):
                     if not self.kill_runner():
                         continue  # it had just finished: its exit code is looked at first
                     started = self.start_runner()
-                    next_kill = started + self.rng.uniform(*self.cfg.kill_after)
+                    next_kill = None
                 if now >= next_redis:
                     self.hit_redis()
                     next_redis = time.time() + self.rng.uniform(*self.cfg.redis_every)
