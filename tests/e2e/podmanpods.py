@@ -160,8 +160,8 @@ def security_args(
         user = str(uid) if uid is not None else (image_user.partition(":")[0] or "0")
         if gid is not None:
             user += f":{gid}"
-        elif uid is not None and ":" in image_user:
-            user += ":" + image_user.partition(":")[2]
+        # (runAsUser alone: the group comes from the image's /etc/passwd, else 0, as containerd
+        # and podman both do.)
         args += ["--user", user]
     groups = [psc["fsGroup"]] if psc.get("fsGroup") is not None else []
     groups += list(psc.get("supplementalGroups") or [])
