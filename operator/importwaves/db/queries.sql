@@ -207,10 +207,11 @@ SELECT set_config('synchronous_commit', 'on', true);
 SELECT status, dispatch_seq, record_type_id, chunk_ids_json
 FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s FOR UPDATE;
 
--- name: notify_batch_completed
--- Tell whoever LISTENs on channel `importwaves` that a batch completed; delivered only when the
--- surrounding (completion) transaction commits. A nudge, never the truth: the row is.
-SELECT pg_notify('importwaves', %(payload)s);
+-- name: notify_tenant_batch_completed
+-- Tell whoever LISTENs on the tenant's channel (engine/notify.py channel_for) that a batch
+-- completed; delivered only when the surrounding (completion) transaction commits. A prompt to
+-- look at the database, never the truth: the row is.
+SELECT pg_notify(%(channel)s, %(payload)s);
 
 -- name: batch_heartbeat
 -- A running worker's liveness signal; no status change, so no counter is touched.
