@@ -150,7 +150,7 @@ def classify(exc: BaseException) -> DsnProblem:
 
 
 def describe(exc: BaseException, source: str) -> Described:
-    """"<source>: the connection <kind>" — `source` says where the DSN came from (e.g. "the DSN
+    """ "<source>: the connection <kind>" — `source` says where the DSN came from (e.g. "the DSN
     in Secret ns/name key 'dsn'"); psycopg's text is never included."""
     kind = classify(exc)
     return Described(kind, f"{source}: the connection {_WORDS[kind]} ({type(exc).__name__})")

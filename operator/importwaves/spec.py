@@ -43,6 +43,7 @@ def reserved_tenant_problem(tenant: str) -> str | None:
         )
     return None
 
+
 Name = Annotated[
     str,
     Field(

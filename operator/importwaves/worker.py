@@ -88,9 +88,7 @@ def run_batch(
         if claimed is None:
             return _not_claimed(conn, item)
         stale_after = float(spec.get("staleAfterSeconds", 300))
-        beat = _Heartbeat(
-            item, key, heartbeat_every or max(0.5, min(10.0, stale_after / 5)), opts
-        )
+        beat = _Heartbeat(item, key, heartbeat_every or max(0.5, min(10.0, stale_after / 5)), opts)
         beat.start()
         try:
             if hold_seconds:

@@ -79,9 +79,7 @@ class ConnOptions:
             ENV_PREFIX + "CONNECT_TIMEOUT": str(self.connect_timeout),
             ENV_PREFIX + "STATEMENT_TIMEOUT_MS": str(self.statement_timeout_ms),
             ENV_PREFIX + "LOCK_TIMEOUT_MS": str(self.lock_timeout_ms),
-            ENV_PREFIX + "IDLE_IN_TRANSACTION_TIMEOUT_MS": str(
-                self.idle_in_transaction_timeout_ms
-            ),
+            ENV_PREFIX + "IDLE_IN_TRANSACTION_TIMEOUT_MS": str(self.idle_in_transaction_timeout_ms),
             ENV_PREFIX + "KEEPALIVES_IDLE": str(self.keepalives_idle),
             ENV_PREFIX + "KEEPALIVES_INTERVAL": str(self.keepalives_interval),
             ENV_PREFIX + "KEEPALIVES_COUNT": str(self.keepalives_count),

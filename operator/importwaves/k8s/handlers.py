@@ -68,7 +68,14 @@ def changed(body: kopf.Body, reason: str, retry: int, **_: Any) -> None:
     _apply(body, _reconcile(body, str(reason)), retry)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False)
+def _unfinished(body: kopf.Body, **_: Any) -> bool:
+    """The timer's filter: a Completed or Failed ImportJob is not polled (a spec change, an
+    annotation or a Job event still reconciles it)."""
+    status = cast(dict[str, Any], dict(body.get("status") or {}))
+    return str(status.get("summary") or "") not in ("Completed", "Failed")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False, when=_unfinished)
 def tick(body: kopf.Body, **_: Any) -> None:
     _apply(body, _reconcile(body, "timer"), 0)
 
