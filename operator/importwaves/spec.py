@@ -185,12 +185,13 @@ class ImportSpec(_Model):
         le=86_400,
         description="A processing batch with no heartbeat for this long is requeued.",
     )
-    claimTimeoutSeconds: int = Field(
-        default=300,
+    claimTimeoutSeconds: int | None = Field(
+        default=None,
         ge=5,
         le=86_400,
         description="A dispatched batch no worker claimed for this long is requeued (a lost "
-        "launch, a pod that never started); separate from staleAfterSeconds.",
+        "launch, a pod that never started or cannot connect); separate from "
+        "staleAfterSeconds, which it defaults to.",
     )
     suspend: bool = Field(default=False, description="Dispatch nothing new while true.")
     worker: WorkerPod = Field(default_factory=WorkerPod, description="Worker pod settings.")
@@ -214,6 +215,12 @@ class ImportSpec(_Model):
     @property
     def max_attempts(self) -> int:
         return self.retries + 1
+
+    @property
+    def claim_timeout(self) -> int:
+        """Seconds a dispatched batch may stay unclaimed (claimTimeoutSeconds, else
+        staleAfterSeconds)."""
+        return self.claimTimeoutSeconds or self.staleAfterSeconds
 
     def main_type(self, name: str) -> RecordType:
         for rt in self.recordTypes:
