@@ -274,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"importwaves worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     redact.remember(item.dsn)
-    hold = float(os.environ.get("IMPORTWAVES_WORKER_HOLD_SECONDS", "0") or 0)
+    # a testing aid: hold each batch this long (IWTEST_* because worker.env may not set
+    # IMPORTWAVES_* variables on pods)
+    hold = float(
+        os.environ.get("IMPORTWAVES_WORKER_HOLD_SECONDS")
+        or os.environ.get("IWTEST_WORKER_HOLD_SECONDS")
+        or 0
+    )
     try:
         result = run_batch(item, hold_seconds=hold)
     except psycopg.Error as exc:  # could not connect, or lost the database: nothing recorded
