@@ -126,6 +126,14 @@ class WorkerPod(_Model):
         max_length=128,
         description="Extra env vars (core/v1 EnvVar); IMPORTWAVES_* names are reserved for "
         "the operator.",
+        # `name` declared so the CRD's CEL rule can read it (the rest of an EnvVar is kept as is)
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}},
+                "additionalProperties": True,
+            }
+        },
     )
     resources: dict[str, Any] = Field(
         default_factory=dict, description="Container resources (core/v1 ResourceRequirements)."

@@ -105,7 +105,7 @@ CEL_RULES: list[dict[str, str]] = [
     },
     {
         "rule": "!has(self.worker) || !has(self.worker.env) || "
-        "self.worker.env.all(e, !has(e.name) || !string(e.name).startsWith('IMPORTWAVES_'))",
+        "self.worker.env.all(e, !has(e.name) || !e.name.startsWith('IMPORTWAVES_'))",
         "message": "worker.env: IMPORTWAVES_* variables are reserved: the operator sets them "
         "on worker pods",
         "fieldPath": ".worker.env",
