@@ -47,14 +47,16 @@ class DsnProblem(StrEnum):
 
 
 _WORDS = {
-    DsnProblem.MALFORMED: "is not a valid PostgreSQL connection string (check its quoting "
-    "and percent-encoding)",
-    DsnProblem.TIMEOUT: "timed out (connect_timeout, statement_timeout or lock_timeout "
-    "expired, or the server stopped answering)",
-    DsnProblem.REFUSED: "was refused (nothing listens on that host and port)",
-    DsnProblem.UNRESOLVED: "names a host that does not resolve",
-    DsnProblem.AUTH: "was rejected: authentication failed or the role/database does not exist",
-    DsnProblem.UNREACHABLE: "failed (the server is unreachable or closed the connection)",
+    DsnProblem.MALFORMED: "the DSN is not a valid PostgreSQL connection string (check its "
+    "quoting and percent-encoding)",
+    DsnProblem.TIMEOUT: "the connection timed out (connect_timeout, statement_timeout or "
+    "lock_timeout expired, or the server stopped answering)",
+    DsnProblem.REFUSED: "the connection was refused (nothing listens on that host and port)",
+    DsnProblem.UNRESOLVED: "the DSN names a host that does not resolve",
+    DsnProblem.AUTH: "the connection was rejected: authentication failed or the role or "
+    "database does not exist",
+    DsnProblem.UNREACHABLE: "the connection failed (the server is unreachable or closed the "
+    "connection)",
 }
 
 
