@@ -152,10 +152,10 @@ def classify(exc: BaseException) -> DsnProblem:
 
 
 def describe(exc: BaseException, source: str) -> Described:
-    """ "<source>: the connection <kind>" — `source` says where the DSN came from (e.g. "the DSN
-    in Secret ns/name key 'dsn'"); psycopg's text is never included."""
+    """`<source>: <the kind of problem>`: `source` says where the DSN came from (e.g. "the
+    tenant database in Secret ns/name key 'dsn'"); psycopg's text is never included."""
     kind = classify(exc)
-    return Described(kind, f"{source}: the connection {_WORDS[kind]} ({type(exc).__name__})")
+    return Described(kind, f"{source}: {_WORDS[kind]} ({type(exc).__name__})")
 
 
 def check_dsn(dsn: str, source: str) -> None:
