@@ -191,8 +191,10 @@ def test_a_malformed_password_appears_nowhere(
     )
     # a few retries with back-off: each one could have logged or posted the secret
     h.wait_for(
-        lambda: [e for e in h.events("leaky") if e.get("reason") == "InvalidDSN"]
-        and op.log().count("failed temporarily") >= 2,
+        lambda: (
+            [e for e in h.events("leaky") if e.get("reason") == "InvalidDSN"]
+            and op.log().count("failed temporarily") >= 2
+        ),
         "a Warning Event about the DSN and a retry",
     )
 
@@ -224,10 +226,12 @@ def test_a_malformed_password_appears_nowhere(
     }
     apply(k8s_cluster, pod)
     h.wait_for(
-        lambda: next(
-            (p for p in h.pods() if p["metadata"]["name"] == "leaky-worker"), {}
-        ).get("status", {}).get("phase")
-        in ("Succeeded", "Failed"),
+        lambda: (
+            next((p for p in h.pods() if p["metadata"]["name"] == "leaky-worker"), {})
+            .get("status", {})
+            .get("phase")
+            in ("Succeeded", "Failed")
+        ),
         "the worker pod to finish",
     )
     worker_out = local_kubelet.pod_log(ns, "leaky-worker")

@@ -201,7 +201,7 @@ def controller_owner(meta: dict[str, Any]) -> tuple[str, str]:
 
 def _seq(raw: Any) -> int | None:
     text = str(raw).strip() if raw is not None else ""
-    if not text.isdigit() or len(text) > 18:  # ASCII digits only, fits a bigint
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:  # ASCII digits, a bigint
         return None
     return int(text)
 
