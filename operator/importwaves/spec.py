@@ -130,7 +130,7 @@ class WorkerPod(_Model):
         json_schema_extra={
             "items": {
                 "type": "object",
-                "properties": {"name": {"type": "string"}},
+                "properties": {"name": {"type": "string", "description": "Variable name."}},
                 "additionalProperties": True,
             }
         },
