@@ -40,8 +40,6 @@ class DsnProblem(StrEnum):
 
     MALFORMED = "InvalidDSN"
     TIMEOUT = "DatabaseTimeout"
-    REFUSED = "DatabaseRefused"
-    UNRESOLVED = "DatabaseHostUnknown"
     AUTH = "DatabaseAuthFailed"
     UNREACHABLE = "DatabaseUnreachable"
 
@@ -51,13 +49,18 @@ _WORDS = {
     "quoting and percent-encoding)",
     DsnProblem.TIMEOUT: "the connection timed out (connect_timeout, statement_timeout or "
     "lock_timeout expired, or the server stopped answering)",
-    DsnProblem.REFUSED: "the connection was refused (nothing listens on that host and port)",
-    DsnProblem.UNRESOLVED: "the DSN names a host that does not resolve",
-    DsnProblem.AUTH: "the connection was rejected: authentication failed or the role or "
-    "database does not exist",
-    DsnProblem.UNREACHABLE: "the connection failed (the server is unreachable or closed the "
-    "connection)",
+    DsnProblem.AUTH: "the server rejected the connection (authentication failed, or the role "
+    "or database does not exist)",
+    DsnProblem.UNREACHABLE: "the database is unreachable",
 }
+
+#: What an unreachable database's error says, in words of our own (never its text).
+_UNREACHABLE_DETAIL = (
+    (("failed to resolve host", "could not translate host name"), "its host does not resolve"),
+    (("refused",), "the connection was refused: nothing listens on that host and port"),
+    (("closed the connection", "terminat", "eof"), "the server closed the connection"),
+    (("couldn't get a connection",), "no connection could be opened in time"),
+)
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,12 @@ _AUTH_ERRORS = (
 
 def classify(exc: BaseException) -> DsnProblem:
     """The kind of a connection error, from its type and (never shown) text."""
-    if isinstance(exc, psycopg.errors.ConnectionTimeout | psycopg.errors.QueryCanceled):
-        return DsnProblem.TIMEOUT
-    if isinstance(exc, psycopg.errors.LockNotAvailable):
+    if isinstance(
+        exc,
+        psycopg.errors.ConnectionTimeout
+        | psycopg.errors.QueryCanceled
+        | psycopg.errors.LockNotAvailable,
+    ):
         return DsnProblem.TIMEOUT
     if isinstance(exc, psycopg.ProgrammingError | psycopg.InterfaceError) and not isinstance(
         exc, psycopg.OperationalError
@@ -138,24 +144,42 @@ def classify(exc: BaseException) -> DsnProblem:
     if isinstance(exc, _AUTH_ERRORS):
         return DsnProblem.AUTH
     text = str(exc).lower()
-    if "timeout" in text or "timed out" in text:
+    if "timeout expired" in text or "timed out" in text:
         return DsnProblem.TIMEOUT
-    if "password authentication failed" in text or "does not exist" in text:
+    if "fatal:" in text and (
+        "authentication failed" in text or "does not exist" in text or "no pg_hba" in text
+    ):
         return DsnProblem.AUTH
-    if "failed to resolve host" in text or "could not translate host name" in text:
-        return DsnProblem.UNRESOLVED
-    if "refused" in text:
-        return DsnProblem.REFUSED
-    if "invalid" in text and ("conninfo" in text or "connection" in text or "token" in text):
+    if "invalid" in text and ("conninfo" in text or "connection string" in text):
         return DsnProblem.MALFORMED
     return DsnProblem.UNREACHABLE
 
 
-def describe(exc: BaseException, source: str) -> Described:
+def server_reason(exc: BaseException, *secrets: str) -> str | None:
+    """What the SERVER said when it refused a connection (`FATAL: role "x" does not exist`):
+    PostgreSQL's own words, which never contain the password; scrubbed all the same."""
+    m = re.search(r"FATAL:\s+([^\n]*)", str(exc))
+    return scrub(m.group(1).strip(), *secrets)[:300] if m else None
+
+
+def describe(exc: BaseException, source: str, *secrets: str) -> Described:
     """`<source>: <the kind of problem>`: `source` says where the DSN came from (e.g. "the
-    tenant database in Secret ns/name key 'dsn'"); psycopg's text is never included."""
+    tenant database in Secret ns/name key 'dsn'"); psycopg's text is never included (only the
+    server's reason for refusing a connection, from `server_reason`). `secrets`: the DSN, so
+    that even that reason is scrubbed of it."""
     kind = classify(exc)
-    return Described(kind, f"{source}: {_WORDS[kind]} ({type(exc).__name__})")
+    words = _WORDS[kind]
+    if kind is DsnProblem.AUTH:
+        said = server_reason(exc, *secrets)
+        if said:
+            words += f"; the server said: {said}"
+    elif kind is DsnProblem.UNREACHABLE:
+        text = str(exc).lower()
+        for needles, detail in _UNREACHABLE_DETAIL:
+            if any(n in text for n in needles):
+                words += f": {detail}"
+                break
+    return Described(kind, f"{source}: {words} ({type(exc).__name__})")
 
 
 def check_dsn(dsn: str, source: str) -> None:

@@ -79,15 +79,30 @@ def test_psycopg_quotes_the_password_and_describe_does_not() -> None:
         (psycopg.errors.ConnectionTimeout("connection timeout expired"), "TIMEOUT"),
         (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), "TIMEOUT"),
         (psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"), "TIMEOUT"),
-        (psycopg.OperationalError('connection to "h" failed: Connection refused'), "REFUSED"),
-        (psycopg.OperationalError("failed to resolve host 'x': Name not known"), "UNRESOLVED"),
-        (psycopg.OperationalError('password authentication failed for user "u"'), "AUTH"),
+        (psycopg.OperationalError('connection to "h" failed: Connection refused'), "UNREACHABLE"),
+        (psycopg.OperationalError("failed to resolve host 'x': Name not known"), "UNREACHABLE"),
+        (psycopg.OperationalError('FATAL:  password authentication failed for user "u"'), "AUTH"),
         (psycopg.OperationalError("server closed the connection unexpectedly"), "UNREACHABLE"),
         (psycopg.ProgrammingError('invalid percent-encoded token: "x"'), "MALFORMED"),
     ],
 )
 def test_classify(exc: psycopg.Error, kind: str) -> None:
     assert redact.classify(exc) is redact.DsnProblem[kind]
+
+
+def test_describe_keeps_the_servers_reason_and_our_words_only() -> None:
+    dsn = "postgresql://nobody:pw-in-dsn@127.0.0.1:1/db"
+    auth = psycopg.OperationalError(
+        'connection failed: connection to server at "127.0.0.1", port 1 failed: '
+        'FATAL:  role "nobody" does not exist'
+    )
+    d = redact.describe(auth, "src", dsn)
+    assert d.kind is redact.DsnProblem.AUTH
+    assert d.message.endswith('the server said: role "nobody" does not exist (OperationalError)')
+    refused = _psycopg_error("postgresql://u:pw-in-dsn@127.0.0.1:1/db")
+    r = redact.describe(refused, "src", dsn)
+    assert r.kind is redact.DsnProblem.UNREACHABLE and "refused" in r.message
+    assert "127.0.0.1" not in r.message and "pw-in-dsn" not in r.message
 
 
 def test_check_dsn_names_the_source_only() -> None:

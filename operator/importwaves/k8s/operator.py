@@ -177,7 +177,7 @@ class ImportJobOperator:
         except SpecChangeRefused as exc:
             problem = Problem(ProblemKind.SPEC_CHANGE_REFUSED, str(exc))
         except psycopg.OperationalError as exc:
-            return self._done(namespace, name, None, _db_problem(exc, source), events)
+            return self._done(namespace, name, None, _db_problem(exc, source, engine.dsn), events)
 
         new_fields: dict[str, Any] = {}
         try:
@@ -209,7 +209,7 @@ class ImportJobOperator:
                 namespace, name, lambda: self.view(engine, job_id), problem, events, new_fields
             )
         except psycopg.OperationalError as exc:
-            return self._done(namespace, name, None, _db_problem(exc, source), events)
+            return self._done(namespace, name, None, _db_problem(exc, source, engine.dsn), events)
 
     def _done(
         self,
@@ -612,7 +612,7 @@ class ImportJobOperator:
             with psycopg.connect(dsn, autocommit=True, **opts.kwargs()) as conn:
                 applied = migrate.up(conn, tenant)
         except psycopg.OperationalError as exc:
-            raise ProblemError(_db_problem(exc, source)) from None
+            raise ProblemError(_db_problem(exc, source, dsn)) from None
         except psycopg.Error as exc:
             raise ProblemError(
                 Problem(
@@ -733,10 +733,10 @@ def _source(namespace: str, ref: DatabaseRef) -> str:
     return f"the tenant database in Secret {namespace}/{ref.secretName} key {ref.key!r}"
 
 
-def _db_problem(exc: psycopg.Error, source: str) -> Problem:
+def _db_problem(exc: psycopg.Error, source: str, dsn: str = "") -> Problem:
     """A database problem named by where its DSN came from and its kind: never psycopg's text
     (its conninfo errors quote the DSN)."""
-    d = redact.describe(exc, source)
+    d = redact.describe(exc, source, dsn)
     return Problem(ProblemKind(d.kind.value), f"{d.message}; retrying with back-off")
 
 

@@ -35,8 +35,6 @@ class ProblemKind(StrEnum):
     # the kinds of redact.DsnProblem (a DSN's problem, named without its text)
     INVALID_DSN = "InvalidDSN"
     DATABASE_TIMEOUT = "DatabaseTimeout"
-    DATABASE_REFUSED = "DatabaseRefused"
-    DATABASE_HOST_UNKNOWN = "DatabaseHostUnknown"
     DATABASE_AUTH_FAILED = "DatabaseAuthFailed"
 
 
