@@ -47,6 +47,13 @@ def setup(level: str | int = "INFO", stream: Any = None) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+    # psycopg_pool reports background connection errors itself: as JSON too (and so scrubbed)
+    pool_logger = logging.getLogger("psycopg")
+    pool_logger.handlers[:] = [handler]
+    pool_logger.setLevel(logging.WARNING)
+        max(logging.WARNING, logging.getLevelName(level) if isinstance(level, str) else level)
+    )
+    pool_logger.propagate = False
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
