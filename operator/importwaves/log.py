@@ -51,8 +51,6 @@ def setup(level: str | int = "INFO", stream: Any = None) -> None:
     pool_logger = logging.getLogger("psycopg")
     pool_logger.handlers[:] = [handler]
     pool_logger.setLevel(logging.WARNING)
-        max(logging.WARNING, logging.getLevelName(level) if isinstance(level, str) else level)
-    )
     pool_logger.propagate = False
 
 
