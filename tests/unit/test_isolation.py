@@ -277,9 +277,17 @@ def test_launch_failure_text_is_truncated() -> None:
 
 
 # -- the operator's engine cache ---------------------------------------------------------------
+class _FakeEngine(str):
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class _FakeCached:
     def __init__(self, name: str) -> None:
-        self.engine: Any = name
+        self.engine: Any = _FakeEngine(name)
+        self.registration = self
         self.closed = False
 
     def close(self) -> None:
@@ -331,6 +339,7 @@ def test_engine_replaced_on_dsn_change_and_evicted_when_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     dsns = {"db": "postgresql://h/db?password=one"}
+    monkeypatch.setattr(k8s_operator, "EVICT_GRACE_S", 0.0)
     op = _operator(monkeypatch, dsns)
     made = _install_create(monkeypatch, op, threading.Event())
     ref = DatabaseRef(secretName="db")
@@ -339,7 +348,11 @@ def test_engine_replaced_on_dsn_change_and_evicted_when_finished(
     old = op._engines[("ns", "db", "dsn", "t")]
     dsns["db"] = "postgresql://h/db?password=two"  # the Secret was rotated
     assert op.engine_for("ns", ref, "t", user="ij1") == "postgresql://h/db?password=two"
-    assert old.closed and len(made) == 2  # type: ignore[attr-defined]
+    assert old.closed and len(made) == 2  # type: ignore[attr-defined]  (its LISTEN at once)
+    wait = time.monotonic() + 5
+    while not old.engine.closed and time.monotonic() < wait:  # its pool after the grace
+        time.sleep(0.01)
+    assert old.engine.closed
     op._settle("ns", "ij1", "Completed")
     assert op.engine_count() == 1  # ij2 still uses it
     op._settle("ns", "ij2", "Running")

@@ -88,6 +88,8 @@ class JobFinished:
 EngineKey = tuple[str, str, str, str]  # namespace, Secret name, Secret key, tenant
 #: A key whose database failed answers with that failure, without retrying, for this long.
 FAILURE_HOLD_S = 3.0
+#: Seconds an evicted or replaced engine stays open for the work already using it.
+EVICT_GRACE_S = 30.0
 #: ImportJob summaries after which its engine is released.
 FINISHED_SUMMARIES = frozenset({"Completed", "Failed", "Deleted"})
 
@@ -127,6 +129,7 @@ class ImportJobOperator:
         self._failures: dict[EngineKey, tuple[str, float, Problem]] = {}
         self._key_locks: dict[EngineKey, threading.Lock] = {}
         self._users: dict[tuple[str, str], EngineKey] = {}  # ImportJob -> the engine it uses
+        self._closing: list[threading.Timer] = []  # evicted engines closed after a grace
         self._lock = threading.Lock()
         self._recorded: OrderedDict[str, None] = OrderedDict()
         self._recorded_lock = threading.Lock()
@@ -139,8 +142,13 @@ class ImportJobOperator:
             cached = list(self._engines.values())
             self._engines.clear()
             self._users.clear()
+            closing = list(self._closing)
+            self._closing.clear()
         for c in cached:
             c.close()
+        for t in closing:
+            t.cancel()
+            t.function()  # close now
         self._prompts.shutdown(wait=False, cancel_futures=True)
 
     # -- the ImportJob reconcile ----------------------------------------------------------------
@@ -598,7 +606,7 @@ class ImportJobOperator:
                 tenant=tenant,
                 reason="the Secret's DSN changed",
             )
-            old.close()
+            self._close_later(old)
         return fresh.engine
 
     def _create(self, namespace: str, ref: DatabaseRef, tenant: str, dsn: str, fp: str) -> _Cached:
@@ -666,7 +674,19 @@ class ImportJobOperator:
                 key=key[2],
                 tenant=key[3],
             )
-            cached.close()
+            self._close_later(cached)
+
+    def _close_later(self, cached: _Cached) -> None:
+        """Close an engine no longer in the cache after a grace period: a reconcile or a
+        NOTIFY prompt that took it a moment ago finishes its work first (closing under it would
+        report a closed pool as a database problem)."""
+        cached.registration.close()  # no more prompts for it
+        timer = threading.Timer(EVICT_GRACE_S, cached.engine.close)
+        timer.daemon = True
+        with self._lock:
+            self._closing.append(timer)
+            self._closing = [t for t in self._closing if t.is_alive() or t is timer]
+        timer.start()
 
     def engine_count(self) -> int:
         with self._lock:
