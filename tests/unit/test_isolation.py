@@ -379,3 +379,36 @@ def test_a_failed_key_answers_from_memory_for_a_moment(monkeypatch: pytest.Monke
     with pytest.raises(ProblemError):
         op.engine_for("ns", DatabaseRef(secretName="db"), "t")
     assert calls == [1, 1]
+
+
+# -- the timer's filter ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("summary", "annotations", "handled", "polled"),
+    [
+        ("Running", {}, {}, True),
+        ("Completed", {}, {}, False),
+        ("Failed", {}, {}, False),
+        ("Failed", {"importwaves.io/retry-failed": "fix-1"}, {}, True),
+        (
+            "Failed",
+            {"importwaves.io/retry-failed": "fix-1"},
+            {"handledRetryFailed": "fix-1"},
+            False,
+        ),
+        ("Completed", {"importwaves.io/reconcile": "r1"}, {"handledReconcile": "r0"}, True),
+    ],
+)
+def test_the_timer_skips_finished_importjobs_unless_an_annotation_waits(
+    summary: str, annotations: dict[str, str], handled: dict[str, str], polled: bool
+) -> None:
+    import kopf
+
+    from importwaves.k8s.handlers import _unfinished
+
+    body = kopf.Body(
+        {  # type: ignore[arg-type]
+            "metadata": {"name": "ij", "annotations": annotations},
+            "status": {"summary": summary, **handled},
+        }
+    )
+    assert _unfinished(body) is polled

@@ -338,7 +338,7 @@ class ImportJobOperator:
         live: set[tuple[str, int]] = set()
         for obj in jobs.items:
             body = _as_dict(self.api, obj)
-            r = read_job(body)
+            r = read_job(body, owner_uid=owner.uid or None)
             if r is None:
                 continue
             if r.job_id != job_id:  # left by an earlier ImportJob of the same name
@@ -378,7 +378,7 @@ class ImportJobOperator:
         now = datetime.now(UTC)
         for obj in jobs.items:
             body = _as_dict(self.api, obj)
-            r = read_job(body)
+            r = read_job(body, owner_uid=owner.uid or None)
             if (
                 r
                 and r.job_id == job_id
