@@ -27,6 +27,7 @@ from importwaves.k8s.jobs import (
     MAX_JOB_MESSAGE,
     Owner,
     build_job,
+    needs_polling,
     read_job,
 )
 from importwaves.k8s.operator import ImportJobOperator, ProblemError, _db_problem
@@ -401,14 +402,4 @@ def test_a_failed_key_answers_from_memory_for_a_moment(monkeypatch: pytest.Monke
 def test_the_timer_skips_finished_importjobs_unless_an_annotation_waits(
     summary: str, annotations: dict[str, str], handled: dict[str, str], polled: bool
 ) -> None:
-    import kopf
-
-    from importwaves.k8s.handlers import _unfinished
-
-    body = kopf.Body(
-        {  # type: ignore[arg-type]
-            "metadata": {"name": "ij", "annotations": annotations},
-            "status": {"summary": summary, **handled},
-        }
-    )
-    assert _unfinished(body) is polled
+    assert needs_polling({"summary": summary, **handled}, annotations) is polled

@@ -13,7 +13,7 @@ from kubernetes import client, config
 
 from importwaves import metrics
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
-from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, LABEL_IMPORTJOB
+from importwaves.k8s.jobs import LABEL_IMPORTJOB, needs_polling
 from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
 from importwaves.settings import Settings
 
@@ -69,21 +69,9 @@ def changed(body: kopf.Body, reason: str, retry: int, **_: Any) -> None:
 
 
 def _unfinished(body: kopf.Body, **_: Any) -> bool:
-    """The timer's filter: a Completed or Failed ImportJob is not polled, unless one of the
-    operator's annotations awaits handling (kopf ignores this operator's own annotation prefix
-    in its diffs, so the timer is what notices them). A spec change or a Job event still
-    reconciles it."""
+    """The timer's filter (k8s/jobs.py `needs_polling`)."""
     status = cast(dict[str, Any], dict(body.get("status") or {}))
-    if str(status.get("summary") or "") not in ("Completed", "Failed"):
-        return True
-    ann = dict(body.get("metadata", {}).get("annotations") or {})
-    return any(
-        ann.get(key) and ann.get(key) != status.get(handled)
-        for key, handled in (
-            (ANN_RECONCILE, "handledReconcile"),
-            (ANN_RETRY_FAILED, "handledRetryFailed"),
-        )
-    )
+    return needs_polling(status, dict(body.get("metadata", {}).get("annotations") or {}))
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False, when=_unfinished)

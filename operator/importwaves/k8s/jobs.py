@@ -245,3 +245,19 @@ def read_job(job: dict[str, Any], owner_uid: str | None = None) -> JobResult | N
         owner_uid=uid,
         owner_name=owner_name,
     )
+
+
+def needs_polling(status: dict[str, Any], annotations: dict[str, str]) -> bool:
+    """Whether the timer reconciles an ImportJob: not when it is Completed or Failed, unless
+    one of the operator's annotations awaits handling (kopf ignores this operator's own
+    annotation prefix in its diffs, so the timer is what notices them). A spec change or a Job
+    event still reconciles a finished ImportJob."""
+    if str(status.get("summary") or "") not in ("Completed", "Failed"):
+        return True
+    return any(
+        annotations.get(key) and annotations.get(key) != status.get(handled)
+        for key, handled in (
+            (ANN_RECONCILE, "handledReconcile"),
+            (ANN_RETRY_FAILED, "handledRetryFailed"),
+        )
+    )
