@@ -195,6 +195,8 @@ def _bounds() -> list[Case]:
     num("parallelism", 1, 1000)
     num("retries", 0, 100)
     num("staleAfterSeconds", 5, 86_400)
+    num("claimTimeoutSeconds", 5, 86_400)
+    num("worker.activeDeadlineSeconds", 1, 604_800)
     num("recordTypes.0.recordTypeId", -1_000_000, 1_000_000)
     num("recordTypes.0.batchSize", 1, 100_000)
     num("derivedTypes.0.recordTypeId", -1_000_000, 1_000_000)
@@ -381,6 +383,31 @@ def _huge() -> list[Case]:
     ]
 
 
+#: Tenant names the pattern allows but PostgreSQL owns (refused by a CEL rule and spec.py).
+RESERVED_TENANT_NAMES = ["public", "information_schema", "pg_catalog", "pg_toast", "pg_"]
+#: Worker env entries that would override what the operator sets.
+RESERVED_ENV = ["IMPORTWAVES_DSN", "IMPORTWAVES_TENANT", "IMPORTWAVES_DISPATCH_SEQ"]
+
+
+def _reserved() -> list[Case]:
+    c = [Case(f"reserved-tenant:{t}", "tenant", t, False) for t in RESERVED_TENANT_NAMES]
+    # near misses stay allowed
+    c += [Case(f"reserved-tenant-near:{t}", "tenant", t, True) for t in ("pgx", "publicx")]
+    c += [
+        Case(
+            f"reserved-env:{n}",
+            "worker.env",
+            [{"name": "OK", "value": "1"}, {"name": n, "value": "postgresql://u:p@h/db"}],
+            False,
+        )
+        for n in RESERVED_ENV
+    ]
+    c.append(
+        Case("reserved-env-near:importwaves_dsn", "worker.env", [{"name": "importwaves_dsn"}], True)
+    )
+    return c
+
+
 def _hostile() -> list[Case]:
     c = [Case(f"hostile-tenant:{t!r}"[:80], "tenant", t, False) for t in HOSTILE_TENANTS]
     c += [Case(f"hostile-name:{n!r}"[:80], "recordTypes.0.name", n, False) for n in HOSTILE_NAMES]
@@ -411,4 +438,5 @@ WRONG_TYPES = _wrong_types()
 UNKNOWN_AND_MISSING = _unknown_and_missing()
 HUGE = _huge()
 HOSTILE = _hostile()
-ALL_CASES = BOUNDS + WRONG_TYPES + UNKNOWN_AND_MISSING + HUGE + HOSTILE
+RESERVED = _reserved()
+ALL_CASES = BOUNDS + WRONG_TYPES + UNKNOWN_AND_MISSING + HUGE + HOSTILE + RESERVED

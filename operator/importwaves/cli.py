@@ -13,6 +13,8 @@ import click
 import psycopg
 
 from importwaves import log as iwlog
+from importwaves import redact
+from importwaves.db.options import ConnOptions
 
 DSN = click.option(
     "--dsn",
@@ -361,14 +363,23 @@ def _friendly_db_errors() -> Iterator[None]:
     try:
         yield
     except psycopg.OperationalError as exc:
-        raise click.ClickException(f"cannot reach the tenant database: {exc}".strip()) from None
+        raise click.ClickException(_cannot_reach(exc)) from None
+
+
+def _cannot_reach(exc: psycopg.Error) -> str:
+    """Never psycopg's text: it may quote the DSN (redact.py)."""
+    return "cannot reach the tenant database: " + redact.describe(exc, "--dsn").message
 
 
 def _db(dsn: str) -> psycopg.Connection[Any]:
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        redact.check_dsn(dsn, "--dsn")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        return psycopg.connect(dsn, autocommit=True, **ConnOptions.from_env().kwargs())
     except psycopg.OperationalError as exc:
-        raise click.ClickException(f"cannot reach the tenant database: {exc}".strip()) from None
+        raise click.ClickException(_cannot_reach(exc)) from None
 
 
 def _engine(dsn: str, tenant: str, redis_url: str | None, cls: Any, **kw: Any) -> Any:

@@ -13,6 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from importwaves import redact
+
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 #: Extras kopf attaches to its per-object records that are no use in a log line (`settings` is
 #: the whole OperatorSettings object: ~2.5 kB of repr on every handler line).
@@ -32,7 +34,8 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        # the last line of defence: no remembered DSN or password leaves in a log line
+        return redact.scrub(json.dumps(out, default=str, separators=(",", ":")))
 
 
 def setup(level: str | int = "INFO", stream: Any = None) -> None:
@@ -44,6 +47,11 @@ def setup(level: str | int = "INFO", stream: Any = None) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
+    # psycopg_pool reports background connection errors itself: as JSON too (and so scrubbed)
+    pool_logger = logging.getLogger("psycopg")
+    pool_logger.handlers[:] = [handler]
+    pool_logger.setLevel(logging.WARNING)
+    pool_logger.propagate = False
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -78,7 +78,12 @@ def job_report(conn: Conn, flags: Flags, job_id: str) -> JobReport | None:
         stuck=[
             dict(r)
             for r in conn.execute(
-                Q("batches_stuck"), {"job_id": job_id, "stale_after": spec.staleAfterSeconds}
+                Q("batches_stuck"),
+                {
+                    "job_id": job_id,
+                    "stale_after": spec.staleAfterSeconds,
+                    "claim_timeout": spec.claim_timeout,
+                },
             ).fetchall()
         ],
         failed=[

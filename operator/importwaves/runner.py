@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from importwaves import redact
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
 from importwaves.engine.model import Outcome
@@ -72,7 +73,9 @@ class LocalRunner:
         notified: queue.Queue[Completion] = queue.Queue()
         handled: set[tuple[str, int]] = set()
         listener = (
-            CompletionListener(self.engine.dsn, self.engine.tenant, notified.put, poll=0.2).start()
+            CompletionListener(
+                self.engine.dsn, self.engine.tenant, notified.put, poll=0.2, opts=self.engine.opts
+            ).start()
             if self.notify
             else None
         )
@@ -142,7 +145,7 @@ class LocalRunner:
                     job_id=job_id,
                     attempt=outage,
                     retry_in=delay,
-                    error=(str(exc).strip().splitlines() or [type(exc).__name__])[0],
+                    error=redact.describe(exc, "the tenant database").message,
                 )
                 self._check_timeout(job_id, t0, timeout, outcome)
                 time.sleep(delay)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from importwaves.db.options import ConnOptions
+
 
 def _random_priority() -> int:
     import secrets
@@ -43,3 +45,12 @@ class Settings:
     flag_ttl: int = field(default_factory=lambda: int(_env("FLAG_TTL", "7200")))
     #: Longest back-off between retries of an ImportJob whose database or Secret is unavailable.
     max_backoff: float = field(default_factory=lambda: float(_env("MAX_BACKOFF", "60")))
+    #: Timeouts and TCP keepalives of every tenant connection (IMPORTWAVES_CONNECT_TIMEOUT,
+    #: _STATEMENT_TIMEOUT_MS, _LOCK_TIMEOUT_MS, _IDLE_IN_TRANSACTION_TIMEOUT_MS, _KEEPALIVES_IDLE,
+    #: _KEEPALIVES_INTERVAL, _KEEPALIVES_COUNT, _TCP_USER_TIMEOUT_MS; defaults in db/options.py).
+    conn: ConnOptions = field(default_factory=ConnOptions.from_env)
+    #: activeDeadlineSeconds of worker Jobs when the ImportJob sets no
+    #: spec.worker.activeDeadlineSeconds (0 = none).
+    worker_active_deadline: int = field(
+        default_factory=lambda: int(_env("WORKER_ACTIVE_DEADLINE_SECONDS", "3600"))
+    )

@@ -25,6 +25,25 @@ __all__ = [
 #: The record type id of derived TransactionLine records (the seed's `-13`).
 DERIVED_RECORD_TYPE_ID = -13
 
+#: Schema names a tenant may not take: PostgreSQL's own (`pg_*`, `information_schema`) and the
+#: database's shared `public` schema. The CRD refuses them with the same rule (k8s/crd.py).
+RESERVED_TENANTS = frozenset({"public", "information_schema"})
+RESERVED_TENANT_PREFIX = "pg_"
+
+#: Environment variables the operator sets on worker pods; `worker.env` may not set them (a
+#: literal DSN in the Job spec, another tenant, a forged job id or fencing token).
+RESERVED_ENV_PREFIX = "IMPORTWAVES_"
+
+
+def reserved_tenant_problem(tenant: str) -> str | None:
+    if tenant in RESERVED_TENANTS or tenant.startswith(RESERVED_TENANT_PREFIX):
+        return (
+            f"tenant {tenant!r} is a reserved schema name (public, information_schema and "
+            "pg_* belong to PostgreSQL); choose another tenant name"
+        )
+    return None
+
+
 Name = Annotated[
     str,
     Field(
@@ -103,7 +122,18 @@ class WorkerPod(_Model):
         default_factory=list, max_length=64, description="Container args."
     )
     env: list[dict[str, Any]] = Field(
-        default_factory=list, max_length=128, description="Extra env vars (core/v1 EnvVar)."
+        default_factory=list,
+        max_length=128,
+        description="Extra env vars (core/v1 EnvVar); IMPORTWAVES_* names are reserved for "
+        "the operator.",
+        # `name` declared so the CRD's CEL rule can read it (the rest of an EnvVar is kept as is)
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "description": "Variable name."}},
+                "additionalProperties": True,
+            }
+        },
     )
     resources: dict[str, Any] = Field(
         default_factory=dict, description="Container resources (core/v1 ResourceRequirements)."
@@ -116,6 +146,13 @@ class WorkerPod(_Model):
     )
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list, max_length=64, description="Tolerations for worker pods."
+    )
+    activeDeadlineSeconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=604_800,
+        description="activeDeadlineSeconds of each worker Job (default: the operator's "
+        "IMPORTWAVES_WORKER_ACTIVE_DEADLINE_SECONDS, 3600).",
     )
 
 
@@ -156,11 +193,29 @@ class ImportSpec(_Model):
         le=86_400,
         description="A processing batch with no heartbeat for this long is requeued.",
     )
+    claimTimeoutSeconds: int | None = Field(
+        default=None,
+        ge=5,
+        le=86_400,
+        description="A dispatched batch no worker claimed for this long is requeued (a lost "
+        "launch, a pod that never started or cannot connect); separate from "
+        "staleAfterSeconds, which it defaults to.",
+    )
     suspend: bool = Field(default=False, description="Dispatch nothing new while true.")
     worker: WorkerPod = Field(default_factory=WorkerPod, description="Worker pod settings.")
 
     @model_validator(mode="after")
     def _check_graph(self) -> ImportSpec:
+        problem = reserved_tenant_problem(self.tenant)
+        if problem:
+            raise ValueError(f"tenant: {problem}")
+        for i, var in enumerate(self.worker.env):
+            name = var.get("name")
+            if isinstance(name, str) and name.startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(
+                    f"worker.env: entry {i} ({name!r}) is reserved: the operator sets the "
+                    f"{RESERVED_ENV_PREFIX}* variables of worker pods"
+                )
         check_graph(self)
         return self
 
@@ -168,6 +223,12 @@ class ImportSpec(_Model):
     @property
     def max_attempts(self) -> int:
         return self.retries + 1
+
+    @property
+    def claim_timeout(self) -> int:
+        """Seconds a dispatched batch may stay unclaimed (claimTimeoutSeconds, else
+        staleAfterSeconds)."""
+        return self.claimTimeoutSeconds or self.staleAfterSeconds
 
     def main_type(self, name: str) -> RecordType:
         for rt in self.recordTypes:

@@ -26,8 +26,11 @@ from typing import Any
 
 import psycopg
 
+from importwaves import redact
 from importwaves.db.connect import connect
+from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
+from importwaves.engine.notify import channel_for
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FENCED = 0, 1, 2, 3
 
@@ -69,11 +72,14 @@ def run_batch(
     worker_id: str | None = None,
     heartbeat_every: float | None = None,
     hold_seconds: float = 0.0,
+    opts: ConnOptions | None = None,
 ) -> WorkerResult:
-    """Run one batch to completion or recorded failure. Safe to call in threads."""
+    """Run one batch to completion or recorded failure. Safe to call in threads. Every
+    connection sets the timeouts and keepalives of `opts` (default: IMPORTWAVES_* variables)."""
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
     key = {"job_id": item.job_id, "batch_id": item.batch_id, "dispatch_seq": item.dispatch_seq}
-    with connect(item.dsn, item.tenant, autocommit=True) as conn:
+    opts = opts or ConnOptions.from_env()
+    with connect(item.dsn, item.tenant, autocommit=True, opts=opts) as conn:
         job = conn.execute(Q("job_get"), {"job_id": item.job_id}).fetchone()
         if job is None:
             return WorkerResult(EXIT_FENCED, f"no job {item.job_id}")
@@ -82,7 +88,7 @@ def run_batch(
         if claimed is None:
             return _not_claimed(conn, item)
         stale_after = float(spec.get("staleAfterSeconds", 300))
-        beat = _Heartbeat(item, key, heartbeat_every or max(0.5, min(10.0, stale_after / 5)))
+        beat = _Heartbeat(item, key, heartbeat_every or max(0.5, min(10.0, stale_after / 5)), opts)
         beat.start()
         try:
             if hold_seconds:
@@ -92,7 +98,7 @@ def run_batch(
             return WorkerResult(EXIT_FENCED, str(exc))
         except Exception as exc:  # any failure of this attempt is recorded, never swallowed
             beat.stop()
-            message = _describe(exc)
+            message = redact.scrub(_describe(exc), item.dsn)
             max_attempts = int(spec.get("retries", 3)) + 1
             row = conn.execute(
                 Q("batch_fail"), {**key, "max_attempts": max_attempts, "error": message[:4000]}
@@ -158,7 +164,10 @@ def _import_and_complete(
         conn.execute(Q(query), base)
         if conn.execute(Q("batch_complete"), key).fetchone() is None:
             raise _Fenced(f"batch {item.batch_id} completion was fenced out")
-        conn.execute(Q("notify_batch_completed"), {"payload": completion_payload(item)})
+        conn.execute(
+            Q("notify_tenant_batch_completed"),
+            {"channel": channel_for(item.tenant), "payload": completion_payload(item)},
+        )
 
 
 def completion_payload(item: WorkItem) -> str:
@@ -206,8 +215,10 @@ def _describe(exc: BaseException) -> str:
 class _Heartbeat:
     """Touches heartbeat_at on its own connection while the batch runs."""
 
-    def __init__(self, item: WorkItem, key: dict[str, Any], every: float) -> None:
-        self.item, self.key, self.every = item, key, every
+    def __init__(
+        self, item: WorkItem, key: dict[str, Any], every: float, opts: ConnOptions
+    ) -> None:
+        self.item, self.key, self.every, self.opts = item, key, every, opts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -223,7 +234,9 @@ class _Heartbeat:
         conn = None
         while not self._stop.wait(self.every):
             try:
-                conn = conn or connect(self.item.dsn, self.item.tenant, autocommit=True)
+                conn = conn or connect(
+                    self.item.dsn, self.item.tenant, autocommit=True, opts=self.opts
+                )
                 conn.execute(Q("batch_heartbeat"), self.key)
             except psycopg.Error:
                 if conn is not None:
@@ -254,10 +267,34 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"importwaves worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    hold = float(os.environ.get("IMPORTWAVES_WORKER_HOLD_SECONDS", "0") or 0)
-    result = run_batch(item, hold_seconds=hold)
+    source = f"the DSN in {ENV['dsn']}"
+    try:
+        redact.check_dsn(item.dsn, source)
+    except ValueError as exc:
+        print(f"importwaves worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    redact.remember(item.dsn)
+    # a testing aid: hold each batch this long (IWTEST_* because worker.env may not set
+    # IMPORTWAVES_* variables on pods)
+    hold = float(
+        os.environ.get("IMPORTWAVES_WORKER_HOLD_SECONDS")
+        or os.environ.get("IWTEST_WORKER_HOLD_SECONDS")
+        or 0
+    )
+    try:
+        result = run_batch(item, hold_seconds=hold)
+    except psycopg.Error as exc:  # could not connect, or lost the database: nothing recorded
+        print(
+            f"importwaves worker: batch {item.batch_id}: {redact.describe(exc, source).message}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except Exception as exc:  # never a traceback: psycopg's texts may quote the DSN
+        text = redact.scrub(f"{type(exc).__name__}: {exc}", item.dsn)
+        print(f"importwaves worker: batch {item.batch_id}: {text}", file=sys.stderr)
+        return EXIT_FAILED
     stream = sys.stdout if result.exit_code == EXIT_OK else sys.stderr
-    print(result.message, file=stream)
+    print(redact.scrub(result.message, item.dsn), file=stream)
     return result.exit_code
 
 

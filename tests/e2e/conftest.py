@@ -52,7 +52,9 @@ HERE = Path(__file__).parent
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if HERE in Path(str(item.path)).parents:
+        if HERE in Path(str(item.path)).parents or "k8s_cluster" in getattr(
+            item, "fixturenames", ()
+        ):
             item.add_marker(pytest.mark.e2e)
 
 
@@ -77,8 +79,17 @@ def _report(config: pytest.Config, line: str) -> None:
         reporter.write_line(line)
 
 
+#: Session-wide objects shared by every directory whose conftest imports these fixtures
+#: (tests/e2e and tests/adversarial): a pytest fixture imported into two conftests is two
+#: fixtures, and one test session must not start two clusters or two kubelets for one node.
+_SHARED: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="session")
 def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    if "cluster" in _SHARED:
+        yield _SHARED["cluster"]
+        return
     bin_dir = testbin_dir()
     missing = missing_binaries(bin_dir)
     if missing:
@@ -89,6 +100,7 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         )
     t0 = time.monotonic()
     cluster = Cluster.start(bin_dir)
+    _SHARED["cluster"] = cluster
     _report(
         request.config,
         f"\ne2e: cluster {cluster.name} (k8s v{cluster.kube_version}) up in "
@@ -97,6 +109,7 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
+        _SHARED.pop("cluster", None)
         failed = request.session.testsfailed > 0
         if failed:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -115,14 +128,19 @@ def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def local_kubelet(k8s_cluster: Cluster) -> Iterator[LocalKubelet]:
+    if "kubelet" in _SHARED:
+        yield _SHARED["kubelet"]
+        return
     kubelet = LocalKubelet(
         k8s_cluster.api_client,
         root_dir=k8s_cluster.workdir / "localkubelet",
         kubelet_version=f"v{k8s_cluster.kube_version}",
     ).start()
+    _SHARED["kubelet"] = kubelet
     try:
         yield kubelet
     finally:
+        _SHARED.pop("kubelet", None)
         kubelet.stop()
 
 

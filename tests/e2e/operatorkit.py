@@ -231,7 +231,7 @@ def small_spec(
         spec["worker"] = {
             "image": "importwaves:test",
             "command": ["importwaves", "worker"],
-            "env": [{"name": "IMPORTWAVES_WORKER_HOLD_SECONDS", "value": str(hold)}],
+            "env": [{"name": "IWTEST_WORKER_HOLD_SECONDS", "value": str(hold)}],
         }
     spec.update(overrides)
     return spec

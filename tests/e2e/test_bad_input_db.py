@@ -2,7 +2,7 @@
 import resuming once the problem is fixed, with nothing lost.
 
 1. One ImportJob walks through the database problems: a Secret with wrong credentials
-   (DatabaseReady=False, DatabaseUnreachable, naming the role), then the right credentials but a
+   (DatabaseReady=False, DatabaseAuthFailed, naming the role), then the right credentials but a
    tenant schema whose next migration cannot apply (MigrationFailed, naming the object), then the
    schema fixed: the import runs to Completed and verifies.
 2. The tenant database stopped in the middle of an import and started again: it completes,
@@ -77,8 +77,9 @@ def test_database_problems_are_conditions_and_clear_once_fixed(
         st = h.wait(name, lambda s: db_ready(s).get("status") == "False", "DatabaseReady=False")
         with h.explained():
             c = db_ready(st)
-            assert c["reason"] == "DatabaseUnreachable", c
+            assert c["reason"] == "DatabaseAuthFailed", c
             assert 'role "nobody" does not exist' in c["message"], c
+            assert "Secret" in c["message"] and "tenant-db" in c["message"], c
             assert "retrying with back-off" in c["message"], c
             assert not is_true(st, "Completed")
         # it keeps retrying, with back-off (not a busy loop)
@@ -111,7 +112,7 @@ def test_database_problems_are_conditions_and_clear_once_fixed(
             assert db_ready(st).get("status") == "True", db_ready(st)
             # (a Warning Event is posted when the summary changes: the first problem's)
             reasons = {e.get("reason") for e in h.events(name)}
-            assert "DatabaseUnreachable" in reasons, reasons
+            assert "DatabaseAuthFailed" in reasons, reasons
             assert migrate.applied(psycopg.connect(t.dsn, autocommit=True), t.name) == [
                 m.version for m in migrate.migrations()
             ]

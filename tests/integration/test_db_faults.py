@@ -56,7 +56,7 @@ def bad_dsns(pg: LocalPostgres) -> dict[str, tuple[str, str]]:
     return {
         "server-down": (
             f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
-            "Connection refused",
+            "connection was refused",
         ),
         "unknown-role": (
             f"postgresql://nobody@127.0.0.1:{pg.port}/postgres",

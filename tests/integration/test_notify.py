@@ -10,7 +10,13 @@ import psycopg
 import pytest
 
 from helpers import make_engine, setup_job
-from importwaves.engine.notify import CHANNEL, Completion, CompletionListener, parse
+from importwaves.engine.notify import (
+    HUBS,
+    Completion,
+    CompletionListener,
+    channel_for,
+    parse,
+)
 from importwaves.worker import EXIT_OK, WorkItem, completion_payload, run_batch
 
 pytestmark = pytest.mark.integration
@@ -53,13 +59,13 @@ def test_listener_reconnects_after_its_connection_is_killed(dsn: str, tenant: st
         with psycopg.connect(dsn, autocommit=True) as admin:
             killed = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = %s",
-                (f"LISTEN {CHANNEL}",),
+                (f'LISTEN "{channel_for(tenant)}"',),
             ).fetchone()
             assert killed is not None and killed[0] >= 1
             deadline = time.monotonic() + 15
             payload = completion_payload(WorkItem(dsn, tenant, "j", "b", 1))
             while time.monotonic() < deadline:
-                admin.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                admin.execute("SELECT pg_notify(%s, %s)", (channel_for(tenant), payload))
                 try:
                     c = got.get(timeout=0.5)
                     break
@@ -72,6 +78,58 @@ def test_listener_reconnects_after_its_connection_is_killed(dsn: str, tenant: st
         listener.stop()
 
 
-@pytest.mark.parametrize("payload", ["", "{", "[]", '{"tenant": "t"}', '{"dispatch_seq": "x"}'])
+def test_one_listen_connection_for_all_tenants_of_a_database(dsn: str, tenant: str) -> None:
+    """Tenants of one database share ONE LISTEN connection; each gets only its own channel's
+    completions; the connection goes when the last tenant leaves."""
+    a, got_a = _listen(dsn, tenant)
+    b, got_b = _listen(dsn, tenant + "_b")
+    try:
+        hub = HUBS.hub_for(dsn)
+        assert hub is not None and hub.tenants() >= {tenant, tenant + "_b"}
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %%' "
+                "AND (query LIKE %s OR query LIKE %s)",
+                (f"%{channel_for(tenant)}%", f"%{channel_for(tenant + '_b')}%"),
+            ).fetchone()
+            assert row is not None and row[0] == 1  # the last statement of the one connection
+            for t in (tenant, tenant + "_b"):
+                item = WorkItem(dsn, t, "j", f"b-{t}", 1)
+                admin.execute(
+                    "SELECT pg_notify(%s, %s)", (channel_for(t), completion_payload(item))
+                )
+            # a payload naming another tenant than its channel is dropped
+            admin.execute(
+                "SELECT pg_notify(%s, %s)",
+                (channel_for(tenant), completion_payload(WorkItem(dsn, "x", "j", "b", 1))),
+            )
+        assert got_a.get(timeout=5).batch_id == f"b-{tenant}"
+        assert got_b.get(timeout=5).batch_id == f"b-{tenant}_b"
+        # one connection delivers in send order: the mismatched payload, sent before the last
+        # one, would be queued by now
+        assert got_a.empty() and got_b.empty()
+    finally:
+        a.stop()
+        b.stop()
+    assert HUBS.hub_for(dsn) is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "",
+        "{",
+        "[]",
+        "null",
+        '{"tenant": "t"}',
+        '{"dispatch_seq": "x"}',
+        '{"tenant":"t","job_id":"j","batch_id":"b","dispatch_seq":"7"}',
+        '{"tenant":"t","job_id":"j","batch_id":"b","dispatch_seq":true}',
+        '{"tenant":"t","job_id":"j","batch_id":"b","dispatch_seq":-1}',
+        '{"tenant":"t","job_id":"j","batch_id":"","dispatch_seq":1}',
+        '{"tenant":"t","job_id":["j"],"batch_id":"b","dispatch_seq":1}',
+        '{"tenant":"t","job_id":"j","batch_id":"' + "b" * 2000 + '","dispatch_seq":1}',
+    ],
+)
 def test_malformed_payloads_are_ignored(payload: str) -> None:
     assert parse(payload) is None

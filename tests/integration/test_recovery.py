@@ -118,7 +118,7 @@ def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
         def stuck() -> list[str]:
             with tenant_conn(dsn, tenant) as conn:
                 rows = conn.execute(
-                    Q("batches_stuck"), {"job_id": "job", "stale_after": 5}
+                    Q("batches_stuck"), {"job_id": "job", "stale_after": 5, "claim_timeout": 5}
                 ).fetchall()
             return sorted(r["batch_id"] for r in rows)
 

@@ -12,6 +12,7 @@ from kubernetes import client
 from importwaves.engine.coordinator import RunResult
 from importwaves.engine.model import DERIVED, MAIN, JobStatus, Outcome, Snapshot, WaveState
 from importwaves.k8s import operator as k8s_operator
+from importwaves.k8s.crd import ImportJobSpec
 from importwaves.k8s.jobs import (
     ANN_BATCH,
     ANN_JOB_ID,
@@ -22,6 +23,7 @@ from importwaves.k8s.jobs import (
 from importwaves.k8s.operator import ImportJobOperator, _run_events
 from importwaves.launch.base import BatchDispatch
 from importwaves.settings import Settings
+from spec_cases import base_crd_spec
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -75,28 +77,42 @@ def finished_job(uid: str) -> dict[str, Any]:
                 ANN_TENANT: "t",
                 ANN_SECRET: "db",
             },
-            "ownerReferences": [{"kind": "ImportJob", "name": "ij", "controller": True}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "importwaves.io/v1alpha1",
+                    "kind": "ImportJob",
+                    "name": "ij",
+                    "uid": "ij-uid",
+                    "controller": True,
+                }
+            ],
         },
         "status": {"conditions": [{"type": "Complete", "status": "True"}]},
     }
+
+
+def owner_spec() -> ImportJobSpec:
+    return ImportJobSpec.model_validate({**base_crd_spec("t"), "importId": "j"})
 
 
 def test_a_finished_job_is_recorded_and_deleted_once(monkeypatch: Any) -> None:
     op = ImportJobOperator(Settings(), client.ApiClient())
     calls: list[str] = []
     result = RunResult("j", Outcome.IN_PROGRESS)
-    monkeypatch.setattr(op, "read_dsn", lambda ns, ref: calls.append("secret") or "dsn")
-    monkeypatch.setattr(op, "engine_for", lambda dsn, tenant: object())
+    monkeypatch.setattr(
+        op, "_owning_importjob", lambda ns, name, uid: calls.append("owner") or owner_spec()
+    )
+    monkeypatch.setattr(op, "engine_for", lambda *a, **k: object())
     monkeypatch.setattr(op, "_record", lambda *a: calls.append("record") or result)
     monkeypatch.setattr(op, "_delete_job", lambda ns, name: calls.append("delete"))
 
     done = op.on_job_finished(finished_job("u1"))
     assert done is not None and (done.namespace, done.name, done.result) == ("ns", "ij", result)
-    assert calls == ["secret", "record", "delete"]
+    assert calls == ["owner", "record", "delete"]
     # The same Job's later events (deletion: MODIFIED, DELETED) change nothing.
     assert op.on_job_finished(finished_job("u1")) is None
     assert op.on_job_finished(finished_job("u1")) is None
-    assert calls == ["secret", "record", "delete"]
+    assert calls == ["owner", "record", "delete"]
     # Another Job object (a new uid, even with the same name) is recorded.
     assert op.on_job_finished(finished_job("u2")) is not None
     assert calls.count("record") == 2
@@ -105,8 +121,8 @@ def test_a_finished_job_is_recorded_and_deleted_once(monkeypatch: Any) -> None:
 def test_a_failed_record_or_delete_is_retried_on_the_next_event(monkeypatch: Any) -> None:
     op = ImportJobOperator(Settings(), client.ApiClient())
     calls: list[str] = []
-    monkeypatch.setattr(op, "read_dsn", lambda ns, ref: "dsn")
-    monkeypatch.setattr(op, "engine_for", lambda dsn, tenant: object())
+    monkeypatch.setattr(op, "_owning_importjob", lambda ns, name, uid: owner_spec())
+    monkeypatch.setattr(op, "engine_for", lambda *a, **k: object())
     monkeypatch.setattr(
         op, "_record", lambda *a: calls.append("record") or RunResult("j", Outcome.IN_PROGRESS)
     )
@@ -126,8 +142,8 @@ def test_a_failed_record_or_delete_is_retried_on_the_next_event(monkeypatch: Any
 def test_the_memory_of_recorded_jobs_is_bounded(monkeypatch: Any) -> None:
     monkeypatch.setattr(k8s_operator, "RECORDED_JOBS_KEPT", 3)
     op = ImportJobOperator(Settings(), client.ApiClient())
-    monkeypatch.setattr(op, "read_dsn", lambda ns, ref: "dsn")
-    monkeypatch.setattr(op, "engine_for", lambda dsn, tenant: object())
+    monkeypatch.setattr(op, "_owning_importjob", lambda ns, name, uid: owner_spec())
+    monkeypatch.setattr(op, "engine_for", lambda *a, **k: object())
     monkeypatch.setattr(op, "_record", lambda *a: RunResult("j", Outcome.IN_PROGRESS))
     monkeypatch.setattr(op, "_delete_job", lambda ns, name: None)
     for i in range(10):

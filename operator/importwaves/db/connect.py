@@ -13,6 +13,8 @@ from psycopg import pq, sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from importwaves.db.options import DEFAULT, ConnOptions
+
 Conn = psycopg.Connection[dict[str, Any]]
 
 
@@ -21,9 +23,19 @@ def set_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
 
 
-def connect(dsn: str, schema: str, *, autocommit: bool = False, timeout: int = 10) -> Conn:
-    """One connection with search_path set to `schema` and dict rows."""
-    conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row, connect_timeout=timeout)
+def connect(
+    dsn: str,
+    schema: str,
+    *,
+    autocommit: bool = False,
+    timeout: int | None = None,
+    opts: ConnOptions = DEFAULT,
+) -> Conn:
+    """One connection with search_path set to `schema` and dict rows, with the timeouts and
+    keepalives of `opts` (db/options.py)."""
+    conn = psycopg.connect(
+        dsn, autocommit=True, row_factory=dict_row, **opts.kwargs(connect_timeout=timeout)
+    )
     try:
         set_schema(conn, schema)
         conn.autocommit = autocommit
@@ -34,13 +46,20 @@ def connect(dsn: str, schema: str, *, autocommit: bool = False, timeout: int = 1
 
 
 def make_pool(
-    dsn: str, schema: str, *, min_size: int = 1, max_size: int = 4, timeout: float = 10.0
+    dsn: str,
+    schema: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    timeout: float = 10.0,
+    opts: ConnOptions = DEFAULT,
 ) -> ConnectionPool[Conn]:
     """A connection pool whose connections all live in `schema`. `timeout`: how long a caller
     waits for a connection before an OperationalError (PoolTimeout); with the database down
     that is how long a coordinator run waits before its caller (the operator's reconcile, the
     runner) reports the outage and backs off, so it stays short (psycopg_pool's default, 30 s,
-    hid outages shorter than that and held the operator's handler threads meanwhile)."""
+    hid outages shorter than that and held the operator's handler threads meanwhile). Every
+    connection sets the timeouts and keepalives of `opts`."""
 
     def configure(conn: Conn) -> None:
         _watch_fatal(conn)
@@ -53,7 +72,7 @@ def make_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        kwargs={"row_factory": dict_row, "connect_timeout": 10},
+        kwargs={"row_factory": dict_row, **opts.kwargs()},
         configure=configure,
         # A pooled connection can die while idle (a database restart, pg_terminate_backend, an
         # idle timeout): check it when it is handed out, so a dead one is replaced instead of

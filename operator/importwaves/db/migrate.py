@@ -18,6 +18,12 @@ from importwaves.db.connect import set_schema
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(up|down)\.sql$")
 _LOCK_SQL: LiteralString = "SELECT pg_advisory_xact_lock(hashtext('importwaves:migrate:' || %s))"
+#: A migration waits at most this long for the advisory lock (or any other lock) when the
+#: connection sets no lock_timeout of its own: never forever.
+MIGRATE_LOCK_TIMEOUT = "30s"
+_BOUND_LOCK_WAIT: LiteralString = (
+    "SELECT set_config('lock_timeout', %s, true) WHERE current_setting('lock_timeout') IN ('0', '')"
+)
 _BOOKKEEPING: LiteralString = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version     integer PRIMARY KEY,
@@ -81,6 +87,7 @@ def up(conn: psycopg.Connection[Any], schema: str, target: int | None = None) ->
         if target is not None and mig.version > target:
             break
         with conn.transaction():
+            conn.execute(_BOUND_LOCK_WAIT, (MIGRATE_LOCK_TIMEOUT,))
             conn.execute(_LOCK_SQL, (schema,))
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             set_schema(conn, schema)
@@ -106,6 +113,7 @@ def down(conn: psycopg.Connection[Any], schema: str, target: int = 0) -> list[Mi
         if mig.version <= target:
             break
         with conn.transaction():
+            conn.execute(_BOUND_LOCK_WAIT, (MIGRATE_LOCK_TIMEOUT,))
             conn.execute(_LOCK_SQL, (schema,))
             if mig.version not in applied(conn, schema):
                 continue
@@ -115,6 +123,7 @@ def down(conn: psycopg.Connection[Any], schema: str, target: int = 0) -> list[Mi
             reverted.append(mig)
     if target == 0 and applied(conn, schema) == []:
         with conn.transaction():
+            conn.execute(_BOUND_LOCK_WAIT, (MIGRATE_LOCK_TIMEOUT,))
             conn.execute(_LOCK_SQL, (schema,))
             conn.execute(
                 sql.SQL("DROP TABLE IF EXISTS {}.schema_migrations").format(sql.Identifier(schema))

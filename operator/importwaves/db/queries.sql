@@ -207,10 +207,11 @@ SELECT set_config('synchronous_commit', 'on', true);
 SELECT status, dispatch_seq, record_type_id, chunk_ids_json
 FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s FOR UPDATE;
 
--- name: notify_batch_completed
--- Tell whoever LISTENs on channel `importwaves` that a batch completed; delivered only when the
--- surrounding (completion) transaction commits. A nudge, never the truth: the row is.
-SELECT pg_notify('importwaves', %(payload)s);
+-- name: notify_tenant_batch_completed
+-- Tell whoever LISTENs on the tenant's channel (engine/notify.py channel_for) that a batch
+-- completed; delivered only when the surrounding (completion) transaction commits. A prompt to
+-- look at the database, never the truth: the row is.
+SELECT pg_notify(%(channel)s, %(payload)s);
 
 -- name: batch_heartbeat
 -- A running worker's liveness signal; no status change, so no counter is touched.
@@ -262,19 +263,20 @@ WHERE b.id IN (
 RETURNING b.batch_id, b.status, b.attempts;
 
 -- name: batches_requeue_stuck_dispatched
--- Recovery: dispatched batches no worker claimed within stale_after go back to pending. The
+-- Recovery: dispatched batches no worker claimed within claim_timeout (spec
+-- claimTimeoutSeconds, separate from staleAfterSeconds) go back to pending. The
 -- lost launch counts an attempt, so a launcher that keeps losing them ends in `failed` (with
 -- this message) instead of looping forever. Locked rows are skipped (a worker is claiming
 -- them; see batches_demote_stale_processing).
 UPDATE wave_batches b
 SET attempts = b.attempts + 1,
     status = CASE WHEN b.attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
-    last_error = 'not claimed by a worker within ' || %(stale_after)s || ' s',
+    last_error = 'not claimed by a worker within ' || %(claim_timeout)s || ' s',
     updated_at = clock_timestamp()
 WHERE b.id IN (
     SELECT id FROM wave_batches
     WHERE job_id = %(job_id)s AND status = 'dispatched'
-      AND dispatched_at < clock_timestamp() - make_interval(secs => %(stale_after)s)
+      AND dispatched_at < clock_timestamp() - make_interval(secs => %(claim_timeout)s)
     FOR UPDATE SKIP LOCKED
 )
 RETURNING b.batch_id, b.status, b.attempts;
@@ -384,7 +386,8 @@ SELECT record_type_id, status, count(*) AS n FROM wave_batches
 WHERE job_id = %(job_id)s GROUP BY record_type_id, status ORDER BY record_type_id, status;
 
 -- name: batches_stuck
--- Operator view: batches that look stuck (no heartbeat / not claimed for stale_after).
+-- Operator view: batches that look stuck (no heartbeat for stale_after / not claimed for
+-- claim_timeout).
 SELECT batch_id, record_type_id, status, attempts, worker_id, dispatched_at, heartbeat_at,
        last_error
 FROM wave_batches
@@ -392,7 +395,7 @@ WHERE job_id = %(job_id)s
   AND ((status = 'processing' AND coalesce(heartbeat_at, started_at, dispatched_at)
             < clock_timestamp() - make_interval(secs => %(stale_after)s))
     OR (status = 'dispatched'
-        AND dispatched_at < clock_timestamp() - make_interval(secs => %(stale_after)s)))
+        AND dispatched_at < clock_timestamp() - make_interval(secs => %(claim_timeout)s)))
 ORDER BY id LIMIT 50;
 
 -- name: batches_failed

@@ -11,6 +11,7 @@ from psycopg.types.json import Jsonb
 from importwaves import metrics
 from importwaves.db import migrate
 from importwaves.db.connect import Conn, make_pool
+from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
@@ -39,10 +40,13 @@ class Engine:
         launcher: Launcher | None = None,
         pool_size: int = 8,
         flag_ttl: int = DEFAULT_TTL,
+        opts: ConnOptions | None = None,
     ) -> None:
         self.tenant = tenant
         self.dsn = dsn
-        self.pool = make_pool(dsn, tenant, max_size=pool_size)
+        #: timeouts and keepalives of every connection (default: the IMPORTWAVES_* variables)
+        self.opts = opts = opts or ConnOptions.from_env()
+        self.pool = make_pool(dsn, tenant, max_size=pool_size, opts=opts)
         self.flags = Flags(redis_url, tenant, ttl=flag_ttl)
         self.bus = EventBus()
         self.launcher: Launcher = launcher or RecordingLauncher()

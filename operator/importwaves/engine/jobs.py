@@ -10,6 +10,7 @@ MUTABLE_FIELDS = frozenset(
         "parallelism",
         "retries",
         "staleAfterSeconds",
+        "claimTimeoutSeconds",
         "suspend",
         "worker",
         "completionThreshold",

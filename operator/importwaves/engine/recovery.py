@@ -54,6 +54,7 @@ class Recovery:
             params = {
                 "job_id": job_id,
                 "stale_after": spec.staleAfterSeconds,
+                "claim_timeout": spec.claim_timeout,
                 "max_attempts": spec.max_attempts,
             }
             for r in conn.execute(Q("batches_demote_stale_processing"), params).fetchall():
@@ -81,7 +82,7 @@ class Recovery:
                     )
             for r in conn.execute(Q("batches_requeue_stuck_dispatched"), params).fetchall():
                 lost = (
-                    f"not claimed within {spec.staleAfterSeconds}s; attempt "
+                    f"not claimed within {spec.claim_timeout}s; attempt "
                     f"{r['attempts']}/{spec.max_attempts}"
                 )
                 if r["status"] == "failed":

@@ -94,6 +94,28 @@ CEL_RULES: list[dict[str, str]] = [
         "message": "tenant is immutable: create a new ImportJob for another tenant",
         "fieldPath": ".tenant",
     },
+    {
+        # `pattern` is RE2 (no lookahead), so the reserved names are a CEL rule (spec.py has
+        # the same rule for the engine)
+        "rule": "!(self.tenant in ['public', 'information_schema']) && "
+        "!self.tenant.startsWith('pg_')",
+        "message": "tenant: public, information_schema and pg_* are reserved schema names; "
+        "choose another tenant name",
+        "fieldPath": ".tenant",
+    },
+    {
+        "rule": "!has(self.worker) || !has(self.worker.env) || "
+        "self.worker.env.all(e, !has(e.name) || !e.name.startsWith('IMPORTWAVES_'))",
+        "message": "worker.env: IMPORTWAVES_* variables are reserved: the operator sets them "
+        "on worker pods",
+        "fieldPath": ".worker.env",
+    },
+    {
+        "rule": "self.database == oldSelf.database",
+        "message": "database is immutable: the import's rows live in that database; create a "
+        "new ImportJob for another database (rotate credentials by updating the Secret)",
+        "fieldPath": ".database",
+    },
 ]
 
 _KEEP = {

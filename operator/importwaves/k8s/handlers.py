@@ -13,7 +13,7 @@ from kubernetes import client, config
 
 from importwaves import metrics
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
-from importwaves.k8s.jobs import LABEL_IMPORTJOB
+from importwaves.k8s.jobs import LABEL_IMPORTJOB, needs_polling
 from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
 from importwaves.settings import Settings
 
@@ -68,7 +68,13 @@ def changed(body: kopf.Body, reason: str, retry: int, **_: Any) -> None:
     _apply(body, _reconcile(body, str(reason)), retry)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False)
+def _unfinished(body: kopf.Body, **_: Any) -> bool:
+    """The timer's filter (k8s/jobs.py `needs_polling`)."""
+    status = cast(dict[str, Any], dict(body.get("status") or {}))
+    return needs_polling(status, dict(body.get("metadata", {}).get("annotations") or {}))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False, when=_unfinished)
 def tick(body: kopf.Body, **_: Any) -> None:
     _apply(body, _reconcile(body, "timer"), 0)
 

@@ -35,6 +35,9 @@ ANN_SECRET_KEY = f"{GROUP}/secret-key"
 ANN_RECONCILE = f"{GROUP}/reconcile"
 ANN_RETRY_FAILED = f"{GROUP}/retry-failed"
 
+#: Longest pod-failure text taken from a Job's condition (it is stored as the batch's error).
+MAX_JOB_MESSAGE = 1000
+
 #: Finished Jobs the operator could not delete are garbage-collected by Kubernetes after this.
 JOB_TTL_SECONDS = 3600
 
@@ -68,7 +71,16 @@ def owner_label(owner_name: str) -> str:
     return f"{owner_name[:52].rstrip('-.')}-{digest}"
 
 
-def build_job(owner: Owner, batch: BatchDispatch) -> dict[str, Any]:
+def build_job(
+    owner: Owner,
+    batch: BatchDispatch,
+    *,
+    conn_env: dict[str, str] | None = None,
+    active_deadline: int = 0,
+) -> dict[str, Any]:
+    """The worker Job of one dispatch. `conn_env`: the IMPORTWAVES_* connection settings
+    (timeouts, keepalives) the worker's connections use; `active_deadline`: the Job's
+    activeDeadlineSeconds unless `spec.worker.activeDeadlineSeconds` says otherwise (0: none)."""
     labels = {
         LABEL_MANAGED: "importwaves",
         LABEL_IMPORTJOB: owner_label(owner.name),
@@ -85,7 +97,9 @@ def build_job(owner: Owner, batch: BatchDispatch) -> dict[str, Any]:
         {"name": ENV["job_id"], "value": batch.job_id},
         {"name": ENV["batch_id"], "value": batch.batch_id},
         {"name": ENV["dispatch_seq"], "value": str(batch.dispatch_seq)},
-        *owner.worker.env,
+        *({"name": k, "value": v} for k, v in sorted((conn_env or {}).items())),
+        # IMPORTWAVES_* names are refused in worker.env (CEL and spec.py); filtered here too
+        *(e for e in owner.worker.env if not str(e.get("name", "")).startswith("IMPORTWAVES_")),
     ]
     container: dict[str, Any] = {
         "name": "worker",
@@ -114,6 +128,17 @@ def build_job(owner: Owner, batch: BatchDispatch) -> dict[str, Any]:
         pod_spec["nodeSelector"] = dict(owner.worker.nodeSelector)
     if owner.worker.tolerations:
         pod_spec["tolerations"] = list(owner.worker.tolerations)
+    deadline = owner.worker.activeDeadlineSeconds or active_deadline
+    job_spec: dict[str, Any] = {
+        # The engine retries (a new dispatch, a new Job); the Job itself never does.
+        "backoffLimit": 0,
+        "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if deadline:
+        # a worker that hangs (a stalled database, a stopped process) is ended by the Job
+        # controller; the engine sees the failed Job and retries under a new dispatch
+        job_spec["activeDeadlineSeconds"] = int(deadline)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -140,12 +165,7 @@ def build_job(owner: Owner, batch: BatchDispatch) -> dict[str, Any]:
                 }
             ],
         },
-        "spec": {
-            # The engine retries (a new dispatch, a new Job); the Job itself never does.
-            "backoffLimit": 0,
-            "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-        },
+        "spec": job_spec,
     }
 
 
@@ -160,13 +180,50 @@ class JobResult:
     finished: bool
     succeeded: bool
     message: str
+    #: uid and name of the Job's controller owner (an ImportJob), "" when it has none
+    owner_uid: str = ""
+    owner_name: str = ""
 
 
-def read_job(job: dict[str, Any]) -> JobResult | None:
-    """Parse a batch/v1 Job (a dict as the API returns it); None if it is not one of ours."""
+def controller_owner(meta: dict[str, Any]) -> tuple[str, str]:
+    """(name, uid) of the ImportJob that controls a Job, ("", "") if none does."""
+    refs = meta.get("ownerReferences")
+    for ref in refs if isinstance(refs, list) else []:
+        if (
+            isinstance(ref, dict)
+            and ref.get("kind") == KIND
+            and str(ref.get("apiVersion", "")).startswith(f"{GROUP}/")
+            and ref.get("controller") is True
+        ):
+            return str(ref.get("name") or ""), str(ref.get("uid") or "")
+    return "", ""
+
+
+def _seq(raw: Any) -> int | None:
+    text = str(raw).strip() if raw is not None else ""
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:  # ASCII digits, a bigint
+        return None
+    return int(text)
+
+
+def read_job(job: dict[str, Any], owner_uid: str | None = None) -> JobResult | None:
+    """Parse a batch/v1 Job (a dict as the API returns it); None if it is not one of ours.
+
+    Annotations are anyone's to write who may edit Jobs: they are trusted only when the Job's
+    controller ownerReference is an ImportJob (with uid `owner_uid` when given), and parsed
+    defensively (a missing, empty or non-numeric dispatch sequence makes the Job not ours)."""
     meta = job.get("metadata") or {}
     ann = meta.get("annotations") or {}
-    if ANN_BATCH not in ann or ANN_JOB_ID not in ann:
+    if not isinstance(ann, dict):
+        return None
+    job_id, batch_id = ann.get(ANN_JOB_ID), ann.get(ANN_BATCH)
+    if not isinstance(job_id, str) or not job_id or not isinstance(batch_id, str) or not batch_id:
+        return None
+    seq = _seq(ann.get(ANN_SEQ))
+    if seq is None:
+        return None
+    owner_name, uid = controller_owner(meta)
+    if not uid or (owner_uid is not None and uid != owner_uid):
         return None
     conds = {
         c.get("type"): c
@@ -179,12 +236,30 @@ def read_job(job: dict[str, Any]) -> JobResult | None:
     message = f"pod failed: {cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip()
     return JobResult(
         name=meta.get("name", ""),
-        job_id=ann[ANN_JOB_ID],
-        batch_id=ann[ANN_BATCH],
-        dispatch_seq=int(ann.get(ANN_SEQ, "0")),
+        job_id=job_id,
+        batch_id=batch_id,
+        dispatch_seq=seq,
         finished=done or failed,
         succeeded=done and not failed,
-        message=message,
+        message=message[:MAX_JOB_MESSAGE],
+        owner_uid=uid,
+        owner_name=owner_name,
+    )
+
+
+def needs_polling(status: dict[str, Any], annotations: dict[str, str]) -> bool:
+    """Whether the timer reconciles an ImportJob: not when it is Completed or Failed, unless
+    one of the operator's annotations awaits handling (kopf ignores this operator's own
+    annotation prefix in its diffs, so the timer is what notices them). A spec change or a Job
+    event still reconciles a finished ImportJob."""
+    if str(status.get("summary") or "") not in ("Completed", "Failed"):
+        return True
+    return any(
+        annotations.get(key) and annotations.get(key) != status.get(handled)
+        for key, handled in (
+            (ANN_RECONCILE, "handledReconcile"),
+            (ANN_RETRY_FAILED, "handledRetryFailed"),
+        )
     )
 
 

@@ -14,8 +14,10 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -25,22 +27,20 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from importwaves import redact
 from importwaves.db import migrate
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
 from importwaves.engine.coordinator import RunResult
 from importwaves.engine.jobs import SpecChangeRefused
 from importwaves.engine.model import Outcome
-from importwaves.engine.notify import Completion, CompletionListener
+from importwaves.engine.notify import HUBS, Completion, Registration, fingerprint
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
 from importwaves.k8s.crd import GROUP, KIND, PLURAL, VERSION, DatabaseRef, ImportJobSpec
 from importwaves.k8s.jobs import (
     ANN_RECONCILE,
     ANN_RETRY_FAILED,
-    ANN_SECRET,
-    ANN_SECRET_KEY,
-    ANN_TENANT,
     LABEL_IMPORTJOB,
     Owner,
     owner_label,
@@ -85,6 +85,27 @@ class JobFinished:
     result: RunResult
 
 
+#: An engine is keyed by where its DSN comes from and the tenant it serves.
+EngineKey = tuple[str, str, str, str]  # namespace, Secret name, Secret key, tenant
+#: A key whose database failed answers with that failure, without retrying, for this long.
+FAILURE_HOLD_S = 3.0
+#: Seconds an evicted or replaced engine stays open for the work already using it.
+EVICT_GRACE_S = 30.0
+#: ImportJob summaries after which its engine is released.
+FINISHED_SUMMARIES = frozenset({"Completed", "Failed", "Deleted"})
+
+
+@dataclass
+class _Cached:
+    engine: Engine
+    fingerprint: str  # of the DSN it was made with (never the DSN itself)
+    registration: Registration
+
+    def close(self) -> None:
+        self.registration.close()
+        self.engine.close()
+
+
 class ProblemError(Exception):
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem.message)
@@ -98,21 +119,38 @@ class ImportJobOperator:
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        self.launcher = KubernetesLauncher(api)
-        self._engines: dict[tuple[str, str], Engine] = {}
-        self._notify: dict[tuple[str, str], CompletionListener] = {}
+        self.launcher = KubernetesLauncher(
+            api,
+            conn_env=settings.conn.env(),
+            active_deadline=settings.worker_active_deadline,
+        )
+        #: engines by (namespace, Secret name, key, tenant); `_lock` guards only these dicts
+        #: (never held around network work); one lock per key serialises that key's creation
+        self._engines: dict[EngineKey, _Cached] = {}
+        self._failures: dict[EngineKey, tuple[str, float, Problem]] = {}
+        self._key_locks: dict[EngineKey, threading.Lock] = {}
+        self._users: dict[tuple[str, str], EngineKey] = {}  # ImportJob -> the engine it uses
+        self._closing: list[threading.Timer] = []  # evicted engines closed after a grace
         self._lock = threading.Lock()
         self._recorded: OrderedDict[str, None] = OrderedDict()
         self._recorded_lock = threading.Lock()
+        #: runs NOTIFY prompts off the LISTEN hub's thread (one tenant's slow database does not
+        #: hold another's notifications)
+        self._prompts = ThreadPoolExecutor(max_workers=4, thread_name_prefix="notified")
 
     def close(self) -> None:
         with self._lock:
-            for listener in self._notify.values():
-                listener.stop()
-            self._notify.clear()
-            for engine in self._engines.values():
-                engine.close()
+            cached = list(self._engines.values())
             self._engines.clear()
+            self._users.clear()
+            closing = list(self._closing)
+            self._closing.clear()
+        for c in cached:
+            c.close()
+        for t in closing:
+            t.cancel()
+            t.function()  # close now
+        self._prompts.shutdown(wait=False, cancel_futures=True)
 
     # -- the ImportJob reconcile ----------------------------------------------------------------
     def reconcile(
@@ -137,9 +175,10 @@ class ImportJobOperator:
             return self._done(namespace, name, None, problem, events)
         job_id = ij.job_id(namespace, name)
         try:
-            engine = self.engine_for(self.read_dsn(namespace, ij.database), ij.tenant)
+            engine = self.engine_for(namespace, ij.database, ij.tenant, user=name)
         except ProblemError as exc:
             return self._done(namespace, name, None, exc.problem, events)
+        source = _source(namespace, ij.database)
         owner = Owner(namespace, name, uid, ij.tenant, ij.database, ij.worker)
         self.launcher.register(job_id, owner)
         try:
@@ -147,7 +186,7 @@ class ImportJobOperator:
         except SpecChangeRefused as exc:
             problem = Problem(ProblemKind.SPEC_CHANGE_REFUSED, str(exc))
         except psycopg.OperationalError as exc:
-            return self._done(namespace, name, None, _db_problem(exc), events)
+            return self._done(namespace, name, None, _db_problem(exc, source, engine.dsn), events)
 
         new_fields: dict[str, Any] = {}
         try:
@@ -179,7 +218,7 @@ class ImportJobOperator:
                 namespace, name, lambda: self.view(engine, job_id), problem, events, new_fields
             )
         except psycopg.OperationalError as exc:
-            return self._done(namespace, name, None, _db_problem(exc), events)
+            return self._done(namespace, name, None, _db_problem(exc, source, engine.dsn), events)
 
     def _done(
         self,
@@ -192,6 +231,7 @@ class ImportJobOperator:
     ) -> ReconcileResult:
         written = self.write_status(namespace, name, view_of=view_of, problem=problem, extra=extra)
         new = written[1] if written else {}
+        self._settle(namespace, name, new.get("summary") if written else "Deleted")
         if problem is not None and written and written[0].get("summary") != new.get("summary"):
             events.append(KubeEvent("Warning", problem.kind.value, problem.message[:1000]))
         return ReconcileResult(new, events, problem)
@@ -299,7 +339,7 @@ class ImportJobOperator:
         live: set[tuple[str, int]] = set()
         for obj in jobs.items:
             body = _as_dict(self.api, obj)
-            r = read_job(body)
+            r = read_job(body, owner_uid=owner.uid or None)
             if r is None:
                 continue
             if r.job_id != job_id:  # left by an earlier ImportJob of the same name
@@ -340,7 +380,7 @@ class ImportJobOperator:
         now = datetime.now(UTC)
         for obj in jobs.items:
             body = _as_dict(self.api, obj)
-            r = read_job(body)
+            r = read_job(body, owner_uid=owner.uid or None)
             if (
                 r
                 and r.job_id == job_id
@@ -386,9 +426,12 @@ class ImportJobOperator:
             if uid and uid in self._recorded:
                 return None  # recorded and deleted already: this is an event of its deletion
         ns = meta["namespace"]
-        ann = meta.get("annotations") or {}
-        ref = DatabaseRef(secretName=ann[ANN_SECRET], key=ann.get(ANN_SECRET_KEY, "dsn"))
-        engine = self.engine_for(self.read_dsn(ns, ref), ann[ANN_TENANT])
+        # The tenant and database come from the controlling ImportJob (its uid must match the
+        # Job's controller ownerReference), never from the Job's own annotations.
+        ij = self._owning_importjob(ns, r.owner_name, r.owner_uid)
+        if ij is None or ij.job_id(ns, r.owner_name) != r.job_id:
+            return None
+        engine = self.engine_for(ns, ij.database, ij.tenant, user=r.owner_name)
         message = self._failure_message(ns, r.name, r.succeeded, r.message)
         result = self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, message)
         self._delete_job(ns, r.name)
@@ -397,12 +440,34 @@ class ImportJobOperator:
                 self._recorded[uid] = None
                 while len(self._recorded) > RECORDED_JOBS_KEPT:
                     self._recorded.popitem(last=False)
-        owners = [
-            ref.get("name", "")
-            for ref in meta.get("ownerReferences") or []
-            if ref.get("kind") == KIND and ref.get("controller")
-        ]
-        return JobFinished(ns, owners[0], result) if owners else None
+        return JobFinished(ns, r.owner_name, result)
+
+    def _owning_importjob(self, namespace: str, name: str, uid: str) -> ImportJobSpec | None:
+        """The spec of ImportJob `name` if it exists with `uid` and a valid spec."""
+        if not name or not uid:
+            return None
+        try:
+            obj = cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        if (obj.get("metadata") or {}).get("uid") != uid:
+            event(
+                log,
+                "job_owner_mismatch",
+                logging.WARNING,
+                namespace=namespace,
+                importjob=name,
+            )
+            return None
+        try:
+            return ImportJobSpec.model_validate(obj.get("spec") or {})
+        except ValidationError:
+            return None
 
     def refresh_status(
         self, namespace: str, name: str, result: RunResult | None = None
@@ -422,16 +487,19 @@ class ImportJobOperator:
         events = _run_events(result, old.get("summary")) if result is not None else []
         try:
             ij = ImportJobSpec.model_validate(obj["spec"])
-            engine = self.engine_for(self.read_dsn(namespace, ij.database), ij.tenant)
+            engine = self.engine_for(namespace, ij.database, ij.tenant, user=name)
         except (ValidationError, ProblemError, psycopg.OperationalError):
             return obj, events  # the ImportJob's own reconcile reports these
         job_id = ij.job_id(namespace, name)
         with contextlib.suppress(psycopg.OperationalError):  # its own reconcile reports it
-            self.write_status(namespace, name, view_of=lambda: self.view(engine, job_id))
+            written = self.write_status(namespace, name, view_of=lambda: self.view(engine, job_id))
+            self._settle(namespace, name, written[1].get("summary") if written else "Deleted")
         return obj, events
 
     def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
-        """Drop the Redis keys of a deleted ImportJob (its tenant data stays)."""
+        """Drop the Redis keys of a deleted ImportJob (its tenant data stays) and its engine
+        when no other ImportJob uses it."""
+        self.release(namespace, name)
         try:
             ij = ImportJobSpec.model_validate(spec)
         except ValidationError:
@@ -499,52 +567,167 @@ class ImportJobOperator:
                     ),
                 )
             )
-        return base64.b64decode(raw).decode().strip()
-
-    def engine_for(self, dsn: str, tenant: str) -> Engine:
-        key = (dsn, tenant)
-        with self._lock:
-            engine = self._engines.get(key)
-            if engine is not None:
-                return engine
-            try:
-                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-                    applied = migrate.up(conn, tenant)
-            except psycopg.OperationalError as exc:
-                raise ProblemError(_db_problem(exc)) from None
-            except psycopg.Error as exc:
-                raise ProblemError(
-                    Problem(
-                        ProblemKind.MIGRATION_FAILED, (f"migrating tenant {tenant!r} failed: {exc}")
-                    )
-                ) from None
-            if applied:
-                event(
-                    log,
-                    "tenant_migrated",
-                    tenant=tenant,
-                    migrations=[f"{m.version:04d}_{m.name}" for m in applied],
+        try:
+            dsn = base64.b64decode(raw).decode().strip()
+        except ValueError:  # binascii.Error, UnicodeDecodeError
+            raise ProblemError(
+                Problem(
+                    ProblemKind.INVALID_DSN,
+                    f"{_source(namespace, ref)} is not valid base64-encoded UTF-8 text",
                 )
-            engine = Engine(
-                dsn,
-                tenant,
-                redis_url=self.settings.redis_url,
-                launcher=self.launcher,
-                pool_size=self.settings.pool_size,
-                flag_ttl=self.settings.flag_ttl,
+            ) from None
+        redact.remember(dsn)
+        return dsn
+
+    def engine_for(
+        self, namespace: str, ref: DatabaseRef, tenant: str, *, user: str | None = None
+    ) -> Engine:
+        """The engine of (namespace, Secret, key, tenant), created (migrating the tenant) on
+        first use and replaced when the Secret's DSN changes. Only callers of the SAME key wait
+        for each other: the shared lock guards dictionaries, never a connection. A key whose
+        database just failed answers with that problem for a few seconds without trying again,
+        so a stalled database does not occupy one handler thread per event. `user`: the
+        ImportJob using it (its engine is evicted when all its users are finished or gone)."""
+        key: EngineKey = (namespace, ref.secretName, ref.key, tenant)
+        dsn = self.read_dsn(namespace, ref)
+        fp = fingerprint(dsn)
+        with self._lock:
+            if user is not None:
+                self._users[(namespace, user)] = key
+            cached = self._engines.get(key)
+            if cached is not None and cached.fingerprint == fp:
+                return cached.engine
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                cached = self._engines.get(key)
+                if cached is not None and cached.fingerprint == fp:
+                    return cached.engine
+                failed = self._failures.get(key)
+            if failed is not None and failed[0] == fp and time.monotonic() < failed[1]:
+                raise ProblemError(failed[2])
+            try:
+                fresh = self._create(namespace, ref, tenant, dsn, fp)
+            except ProblemError as exc:
+                with self._lock:
+                    self._failures[key] = (fp, time.monotonic() + FAILURE_HOLD_S, exc.problem)
+                raise
+            with self._lock:
+                self._failures.pop(key, None)
+                old = self._engines.get(key)
+                self._engines[key] = fresh
+        if old is not None:
+            event(
+                log,
+                "tenant_engine_replaced",
+                namespace=namespace,
+                secret=ref.secretName,
+                key=ref.key,
+                tenant=tenant,
+                reason="the Secret's DSN changed",
             )
-            self._engines[key] = engine
-            # Completions arrive by NOTIFY the moment they commit (engine/notify.py); Job
-            # events and the timer stay the level-based backstops.
-            self._notify[key] = CompletionListener(
-                dsn, tenant, functools.partial(self._on_notified, engine)
-            ).start()
-            return engine
+            self._close_later(old)
+        return fresh.engine
+
+    def _create(self, namespace: str, ref: DatabaseRef, tenant: str, dsn: str, fp: str) -> _Cached:
+        source = _source(namespace, ref)
+        try:
+            redact.check_dsn(dsn, source)
+        except ValueError as exc:
+            raise ProblemError(Problem(ProblemKind.INVALID_DSN, str(exc))) from None
+        opts = self.settings.conn
+        try:
+            with psycopg.connect(dsn, autocommit=True, **opts.kwargs()) as conn:
+                applied = migrate.up(conn, tenant)
+        except psycopg.OperationalError as exc:
+            raise ProblemError(_db_problem(exc, source, dsn)) from None
+        except psycopg.Error as exc:
+            raise ProblemError(
+                Problem(
+                    ProblemKind.MIGRATION_FAILED,
+                    f"migrating tenant {tenant!r} failed: {_sql_error(exc, dsn)}",
+                )
+            ) from None
+        if applied:
+            event(
+                log,
+                "tenant_migrated",
+                tenant=tenant,
+                migrations=[f"{m.version:04d}_{m.name}" for m in applied],
+            )
+        engine = Engine(
+            dsn,
+            tenant,
+            redis_url=self.settings.redis_url,
+            launcher=self.launcher,
+            pool_size=self.settings.pool_size,
+            flag_ttl=self.settings.flag_ttl,
+            opts=opts,
+        )
+        # Completions arrive by NOTIFY the moment they commit (engine/notify.py), through one
+        # LISTEN connection per database; Job events and the timer stay the backstops.
+        try:
+            reg = HUBS.register(
+                dsn, tenant, functools.partial(self._on_notified, engine), opts=opts
+            )
+        except ValueError as exc:
+            engine.close()
+            raise ProblemError(Problem(ProblemKind.INVALID_DSN, f"{source}: {exc}")) from None
+        return _Cached(engine, fp, reg)
+
+    def release(self, namespace: str, name: str) -> None:
+        """ImportJob `name` no longer needs its engine (finished or deleted): evict the engine
+        (close its pool, leave the LISTEN hub) when no other ImportJob uses it."""
+        with self._lock:
+            key = self._users.pop((namespace, name), None)
+            if key is None or key in self._users.values():
+                return
+            cached = self._engines.pop(key, None)
+            self._failures.pop(key, None)
+            self._key_locks.pop(key, None)
+        if cached is not None:
+            event(
+                log,
+                "tenant_engine_evicted",
+                namespace=namespace,
+                secret=key[1],
+                key=key[2],
+                tenant=key[3],
+            )
+            self._close_later(cached)
+
+    def _close_later(self, cached: _Cached) -> None:
+        """Close an engine no longer in the cache after a grace period: a reconcile or a
+        NOTIFY prompt that took it a moment ago finishes its work first (closing under it would
+        report a closed pool as a database problem)."""
+        cached.registration.close()  # no more prompts for it
+        timer = threading.Timer(EVICT_GRACE_S, cached.engine.close)
+        timer.daemon = True
+        with self._lock:
+            self._closing.append(timer)
+            self._closing = [t for t in self._closing if t.is_alive() or t is timer]
+        timer.start()
+
+    def engine_count(self) -> int:
+        with self._lock:
+            return len(self._engines)
+
+    def _settle(self, namespace: str, name: str, summary: str | None) -> None:
+        if summary in FINISHED_SUMMARIES:
+            self.release(namespace, name)
 
     def _on_notified(self, engine: Engine, c: Completion) -> None:
-        """A worker's completion committed: record it (idempotent), let the coordinator
-        dispatch what it unblocks, and report those dispatches as Events."""
-        result = engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+        """A worker's completion committed: look at the database off the hub's thread."""
+        with contextlib.suppress(RuntimeError):  # shutting down
+            self._prompts.submit(self._prompted, engine, c)
+
+    def _prompted(self, engine: Engine, c: Completion) -> None:
+        """Record it (idempotent), let the coordinator dispatch what it unblocks, and report
+        those dispatches as Events."""
+        try:
+            result = engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+        except psycopg.Error:
+            return  # the level-based paths (Job events, the timer) retry
         owner = self.launcher.owners.get(c.job_id)
         if owner is not None:
             self.post_events(
@@ -586,12 +769,21 @@ class ImportJobOperator:
                 )
 
 
-def _db_problem(exc: psycopg.Error) -> Problem:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return Problem(
-        ProblemKind.DATABASE_UNREACHABLE,
-        f"the tenant database is unreachable: {text}; retrying with back-off",
-    )
+def _source(namespace: str, ref: DatabaseRef) -> str:
+    return f"the tenant database in Secret {namespace}/{ref.secretName} key {ref.key!r}"
+
+
+def _db_problem(exc: psycopg.Error, source: str, dsn: str = "") -> Problem:
+    """A database problem named by where its DSN came from and its kind: never psycopg's text
+    (its conninfo errors quote the DSN)."""
+    d = redact.describe(exc, source, dsn)
+    return Problem(ProblemKind(d.kind.value), f"{d.message}; retrying with back-off")
+
+
+def _sql_error(exc: psycopg.Error, dsn: str) -> str:
+    """A server-side SQL error's primary message (what the server said; scrubbed anyway)."""
+    text = exc.diag.message_primary or type(exc).__name__
+    return redact.scrub(f"{type(exc).__name__}: {text}", dsn)
 
 
 def _recovery_events(actions: list[str]) -> list[KubeEvent]:

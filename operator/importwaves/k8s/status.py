@@ -32,6 +32,10 @@ class ProblemKind(StrEnum):
     SECRET_MISSING = "SecretMissing"  # noqa: S105 - a condition reason, not a secret
     DATABASE_UNREACHABLE = "DatabaseUnreachable"
     MIGRATION_FAILED = "MigrationFailed"
+    # the kinds of redact.DsnProblem (a DSN's problem, named without its text)
+    INVALID_DSN = "InvalidDSN"
+    DATABASE_TIMEOUT = "DatabaseTimeout"
+    DATABASE_AUTH_FAILED = "DatabaseAuthFailed"
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,20 @@ class BatchDispatch:
     attempt: int
 
 
+#: Longest launch-failure text kept (an API server's answer can be long; it is stored in the
+#: batch row and shown in status and Events).
+MAX_LAUNCH_ERROR = 1000
+
+
 @dataclass(frozen=True)
 class LaunchFailure:
     batch: BatchDispatch
     error: str
+
+    def __post_init__(self) -> None:
+        if len(self.error) > MAX_LAUNCH_ERROR:
+            cut = self.error[: MAX_LAUNCH_ERROR - 15].rstrip()
+            object.__setattr__(self, "error", f"{cut} ...(truncated)")
 
 
 class Launcher(Protocol):

@@ -18,9 +18,19 @@ log = logging.getLogger("importwaves.launch.kubernetes")
 
 
 class KubernetesLauncher:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        conn_env: dict[str, str] | None = None,
+        active_deadline: int = 0,
+    ) -> None:
         self.batch = client.BatchV1Api(api)
         self.owners: dict[str, Owner] = {}
+        #: IMPORTWAVES_* connection settings given to every worker pod
+        self.conn_env = dict(conn_env or {})
+        #: default activeDeadlineSeconds of worker Jobs (0: none)
+        self.active_deadline = active_deadline
 
     def register(self, job_id: str, owner: Owner) -> None:
         self.owners[job_id] = owner
@@ -65,7 +75,9 @@ class KubernetesLauncher:
         try:
             self.batch.create_namespaced_job(
                 owner.namespace,
-                build_job(owner, batch),  # type: ignore[arg-type]
+                build_job(  # type: ignore[arg-type]
+                    owner, batch, conn_env=self.conn_env, active_deadline=self.active_deadline
+                ),
             )
         except ApiException as exc:
             if exc.status == 409:
