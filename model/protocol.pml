@@ -25,6 +25,9 @@
 #ifndef RETRIES
 #define RETRIES 0
 #endif
+#ifndef CRASHES
+#define CRASHES 0   /* coordinator deaths on top of FAULTS */
+#endif
 
 #define PAR 2       /* spec.parallelism */
 #define NP 2        /* parent batches: 0, 1 */
@@ -79,6 +82,7 @@ bit ready;              /* derived_lines_ready */
 byte thr;               /* completionThreshold */
 byte faults = FAULTS;
 byte retries = RETRIES;
+byte crashes = CRASHES;
 byte hs[NB];            /* token of the live worker on the batch's current dispatch (0: none) */
 byte work[NB];          /* ghost: how many times the batch's work was committed */
 chan launchq = [4] of { byte, byte };           /* launched (batch, token) */
@@ -123,7 +127,8 @@ inline notice(k, b, s, pre) {
 
 #define CRASH(where) \
   if \
-  :: atomic { faults > 0 -> faults--; printf("@%d %e %e\n", _pid, coordinator_dies, where); goto crashed } \
+  :: atomic { faults + crashes > 0 -> if :: crashes > 0 -> crashes-- :: else -> faults-- fi; \
+              printf("@%d %e %e\n", _pid, coordinator_dies, where); goto crashed } \
   :: true -> skip \
   fi
 
