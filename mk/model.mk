@@ -4,7 +4,7 @@
 #                 caught; prints states stored, depth, memory and time per run (< 2 min on 2 cores)
 # SPIN is Debian's `spin` (6.5.2), installed here when missing (as root, like CI on a fresh clone).
 
-TEST_PREREQS += model
+test: model
 
 .PHONY: model spin
 

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 BUILD = HERE / ".build"
 TRAILS = HERE / "trails"
 
-PASS = "pass"
+NO_ERROR = "no error"
 ASSERTION = "assertion violated"
 ACCEPTANCE = "acceptance cycle"
 NON_PROGRESS = "non-progress cycle"
@@ -52,25 +52,26 @@ RUNS: tuple[Run, ...] = (
         ASSERTION, (), ("-DNOCLAIM", "-DSAFETY", "-DREACH"), ("-i",)),
     Run("original_derived_stuck", "original.pml",
         "original design: derived batches never dispatched (weak fairness)",
-        ACCEPTANCE, ("-DNO_COMPLETION_ASSERT",), ("-DNFAIR=6",), ("-a", "-f", "-N", "derived_done")),
+        ACCEPTANCE, ("-DNO_COMPLETION_ASSERT",), ("-DNFAIR=6",),
+        ("-a", "-f", "-N", "derived_done")),
     # -- this project's protocol: every property must hold ------------------------------------
     Run("protocol_safety", "protocol.pml",
         "safety, 1 fault of any kind, thresholds 100 and 50",
-        PASS, ("-DFAULTS=1",), ("-DNOCLAIM", "-DSAFETY"), ("-m200000",), "-O2"),
+        NO_ERROR, ("-DFAULTS=1",), ("-DNOCLAIM", "-DSAFETY"), ("-m200000",), "-O2"),
     Run("protocol_safety_crashes", "protocol.pml",
         "safety, 2 coordinator deaths, thresholds 100 and 50",
-        PASS, ("-DFAULTS=0", "-DCRASHES=2"), ("-DNOCLAIM", "-DSAFETY"), ("-m200000",), "-O2"),
+        NO_ERROR, ("-DFAULTS=0", "-DCRASHES=2"), ("-DNOCLAIM", "-DSAFETY"), ("-m200000",), "-O2"),
     Run("protocol_completes", "protocol.pml",
         "liveness <>completed under weak fairness, 1 fault, 2 attempts, threshold 100",
-        PASS, ("-DFAULTS=1", "-DMAX_ATTEMPTS=2", "-DTHR=100"), ("-DNFAIR=8",),
+        NO_ERROR, ("-DFAULTS=1", "-DMAX_ATTEMPTS=2", "-DTHR=100"), ("-DNFAIR=8",),
         ("-a", "-f", "-N", "completes", "-m200000"), "-O2"),
     Run("protocol_completes_thr50", "protocol.pml",
         "liveness <>completed under weak fairness, 1 crash, threshold 50",
-        PASS, ("-DFAULTS=0", "-DCRASHES=1", "-DTHR=50"), ("-DNFAIR=8",),
+        NO_ERROR, ("-DFAULTS=0", "-DCRASHES=1", "-DTHR=50"), ("-DNFAIR=8",),
         ("-a", "-f", "-N", "completes", "-m200000"), "-O2"),
     Run("protocol_done_or_failed", "protocol.pml",
         "liveness <>(completed or failed) under weak fairness, 1 fault, 1 attempt, threshold 50",
-        PASS, ("-DFAULTS=1", "-DMAX_ATTEMPTS=1", "-DTHR=50"), ("-DNFAIR=8",),
+        NO_ERROR, ("-DFAULTS=1", "-DMAX_ATTEMPTS=1", "-DTHR=50"), ("-DNFAIR=8",),
         ("-a", "-f", "-N", "done", "-m200000"), "-O2"),
     # -- the three known-bad mutants: each must be caught --------------------------------------
     Run("mutant_no_guard", "protocol.pml",
@@ -92,7 +93,7 @@ RUNS: tuple[Run, ...] = (
 @dataclass
 class Result:
     run: Run
-    found: str = PASS
+    found: str = NO_ERROR
     states: int = 0
     depth: int = 0
     memory_mb: float = 0.0
@@ -115,7 +116,7 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 
 def parse_pan(out: str) -> tuple[str, int, int, float]:
     """(what it found, states stored, depth reached, memory in MB) from pan's report."""
-    found = PASS
+    found = NO_ERROR
     if re.search(r"pan:\d+: assertion violated", out):
         found = ASSERTION
     elif re.search(r"pan:\d+: acceptance cycle", out):
@@ -140,18 +141,18 @@ def parse_pan(out: str) -> tuple[str, int, int, float]:
 def readable_trail(replay: str) -> list[str]:
     """`spin -t` output -> numbered lines "N. Process: transition ...", repeats folded."""
     names: dict[str, str] = {}
-    for m in re.finditer(r"proc\s+(\d+) \((\w+):\d+\)", replay):
-        names[m.group(1)] = m.group(2)
+    for proc in re.finditer(r"proc\s+(\d+) \((\w+):\d+\)", replay):
+        names[proc.group(1)] = proc.group(2)
     events: list[str] = []
     for line in replay.splitlines():
         text = line.strip()
         if "START OF CYCLE" in text:
             events.append("--- the cycle starts here (it repeats forever) ---")
             continue
-        m = re.match(r"@(\d+) (.*)", text)
-        if m:
-            who = names.get(m.group(1), f"proc {m.group(1)}")
-            events.append(f"{who}[{m.group(1)}]: {m.group(2)}")
+        said = re.match(r"@(\d+) (.*)", text)
+        if said:
+            who = names.get(said.group(1), f"proc {said.group(1)}")
+            events.append(f"{who}[{said.group(1)}]: {said.group(2)}")
     out: list[str] = []
     n = 0
     i = 0
@@ -186,7 +187,7 @@ def check(run: Run) -> Result:
     result.seconds = time.monotonic() - t0
     result.output = out
     result.found, result.states, result.depth, result.memory_mb = parse_pan(out)
-    if result.found != PASS and (work / f"{run.model}.trail").exists():
+    if result.found != NO_ERROR and (work / f"{run.model}.trail").exists():
         replay = _sh(["spin", "-t", "-T", *run.defines, run.model], work)
         result.trail = readable_trail(replay)
         TRAILS.mkdir(exist_ok=True)
@@ -216,7 +217,10 @@ def table(results: list[Result]) -> str:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in rows
     )
 
@@ -240,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         r = check(run)
         results.append(r)
-        print(f"{run.name}: {r.found} ({'as it must' if r.ok else 'MUST FIND ' + run.expect})",
-              flush=True)
+        print(
+            f"{run.name}: {r.found} ({'as it must' if r.ok else 'MUST FIND ' + run.expect})",
+            flush=True,
+        )
         if r.trail:
             print(f"  trail: model/trails/{run.name}.txt ({len(r.trail)} lines)")
     print()
