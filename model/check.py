@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,8 @@ class Result:
     states: int = 0
     depth: int = 0
     memory_mb: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  #: spin -a, gcc and pan
+    pan_seconds: float = 0.0  #: pan's own search time
     trail: list[str] = field(default_factory=list)
     output: str = ""
 
@@ -187,6 +189,8 @@ def check(run: Run) -> Result:
     result.seconds = time.monotonic() - t0
     result.output = out
     result.found, result.states, result.depth, result.memory_mb = parse_pan(out)
+    elapsed = re.search(r"pan: elapsed time ([\d.e+]+) seconds", out)
+    result.pan_seconds = float(elapsed.group(1)) if elapsed else 0.0
     if result.found != NO_ERROR and (work / f"{run.model}.trail").exists():
         replay = _sh(["spin", "-t", "-T", *run.defines, run.model], work)
         result.trail = readable_trail(replay)
@@ -201,7 +205,7 @@ def check(run: Run) -> Result:
 
 
 def table(results: list[Result]) -> str:
-    rows = [("run", "must find", "found", "states", "depth", "MB", "s", "")]
+    rows = [("run", "must find", "found", "states", "depth", "MB", "search s", "total s", "")]
     for r in results:
         rows.append(
             (
@@ -211,6 +215,7 @@ def table(results: list[Result]) -> str:
                 f"{r.states:,}",
                 str(r.depth),
                 f"{r.memory_mb:.0f}",
+                f"{r.pan_seconds:.1f}",
                 f"{r.seconds:.1f}",
                 "ok" if r.ok else "FAIL",
             )
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="runs to check (default: all)")
     parser.add_argument("--list", action="store_true", help="list the runs")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="runs at once (default 2)")
     args = parser.parse_args(argv)
     if args.list:
         for run in RUNS:
@@ -241,15 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [by_name[n] for n in args.names] if args.names else list(RUNS)
     t0 = time.monotonic()
     results = []
-    for run in runs:
-        r = check(run)
-        results.append(r)
-        print(
-            f"{run.name}: {r.found} ({'as it must' if r.ok else 'MUST FIND ' + run.expect})",
-            flush=True,
-        )
-        if r.trail:
-            print(f"  trail: model/trails/{run.name}.txt ({len(r.trail)} lines)")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for r in pool.map(check, runs):
+            results.append(r)
+            verdict = "as it must" if r.ok else "MUST FIND " + r.run.expect
+            print(f"{r.run.name}: {r.found} ({verdict})", flush=True)
+            if r.trail:
+                print(f"  trail: model/trails/{r.run.name}.txt ({len(r.trail)} lines)")
     print()
     print(table(results))
     print(f"\n{len(results)} runs in {time.monotonic() - t0:.0f}s")

@@ -63,7 +63,8 @@ inline coordinator_run() {
        assert(!DERIVED_UNFINISHED);
 #endif
        job = JCOMPLETED; mon = 0;
-       printf("@%d %e (derived batches pending: %d)\n", _pid, coord_completes_job, DERIVED_UNFINISHED)
+       printf("@%d %e and clears wave_monitoring_active (derived batches pending: %d)\n", _pid,
+              coord_completes_job, (st[2] == PENDING) + (st[3] == PENDING))
     :: else ->
        n = PAR - ((st[0] == DISPATCHED) + (st[1] == DISPATCHED) + (st[2] == DISPATCHED) + (st[3] == DISPATCHED));
        i = 0;
@@ -71,14 +72,15 @@ inline coordinator_run() {
        :: i < NB && n > 0 ->
           if
           :: st[i] == PENDING && (i < NP || ready) ->
-             st[i] = DISPATCHED; launchq!i; n--;
+             st[i] = DISPATCHED; launchq!i; n--; d++;
              printf("@%d %e batch=%d\n", _pid, coord_dispatches, i)
           :: else
           fi;
           i++
        :: else -> break
        od;
-       i = 0; n = 0
+       if :: d == 0 -> SAY(coord_nothing) :: else fi;
+       i = 0; n = 0; d = 0
     fi;
     lock = 0
   }
@@ -94,7 +96,7 @@ end_worker:
 
 /* BatchJobCompletedListener->handle, original */
 active proctype Listener() {
-  byte b, pct, i, n;
+  byte b, pct, i, n, d;
 end_listener:
   do
   :: atomic { events?b ->
@@ -121,7 +123,7 @@ end_listener:
 
 /* the scheduled tick: only while monitoring is on */
 active proctype Timer() {
-  byte i, n;
+  byte i, n, d;
 end_timer:
   do
   :: job == RUNNING ->
