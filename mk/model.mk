@@ -17,3 +17,10 @@ spin:
 
 model: spin venv
 	$(BIN)/python model/check.py $(MODEL_ARGS)
+
+# The larger instance (2 faults of any kind; about 5 min): part of `make soak`.
+.PHONY: model-large
+model-large: spin venv
+	$(BIN)/python model/check.py --large
+
+soak: model-large

@@ -1,6 +1,7 @@
 """Run the SPIN checks of model/*.pml, print what each found and write readable trails.
 
-    python model/check.py               every run (`make model`)
+    python model/check.py               every run of the small instance (`make model`)
+    python model/check.py --large       the larger instance (`make soak`)
     python model/check.py NAME...       the named runs
     python model/check.py --list        the runs, with what each must find
 
@@ -43,6 +44,7 @@ class Run:
     cflags: tuple[str, ...] = ()
     pan: tuple[str, ...] = ()
     optimize: str = "-O0"
+    large: bool = False  #: a larger instance, for `make soak` (`--large`)
 
 
 # fmt: off
@@ -66,14 +68,28 @@ RUNS: tuple[Run, ...] = (
         "liveness <>completed under weak fairness, 1 fault, 2 attempts, threshold 100",
         NO_ERROR, ("-DFAULTS=1", "-DMAX_ATTEMPTS=2", "-DTHR=100"), ("-DNFAIR=8",),
         ("-a", "-f", "-N", "completes", "-m200000"), "-O2"),
-    Run("protocol_completes_thr50", "protocol.pml",
-        "liveness <>completed under weak fairness, 1 crash, threshold 50",
-        NO_ERROR, ("-DFAULTS=0", "-DCRASHES=1", "-DTHR=50"), ("-DNFAIR=8",),
-        ("-a", "-f", "-N", "completes", "-m200000"), "-O2"),
+    Run("protocol_no_progress_cycles", "protocol.pml",
+        "no non-progress cycle under weak fairness, 1 fault, threshold 100",
+        NO_ERROR, ("-DFAULTS=1", "-DTHR=100"), ("-DNP", "-DNFAIR=8", "-DNOCLAIM"),
+        ("-l", "-f", "-m200000"), "-O2"),
     Run("protocol_done_or_failed", "protocol.pml",
         "liveness <>(completed or failed) under weak fairness, 1 fault, 1 attempt, threshold 50",
         NO_ERROR, ("-DFAULTS=1", "-DMAX_ATTEMPTS=1", "-DTHR=50"), ("-DNFAIR=8",),
         ("-a", "-f", "-N", "done", "-m200000"), "-O2"),
+    # -- a larger instance (`make soak`) -------------------------------------------------------
+    Run("large_safety_thr100", "protocol.pml",
+        "safety, 2 faults of any kind, threshold 100",
+        NO_ERROR, ("-DFAULTS=2", "-DTHR=100"), ("-DNOCLAIM", "-DSAFETY", "-DCOLLAPSE"),
+        ("-m200000", "-w26"), "-O2", large=True),
+    Run("large_safety_thr50", "protocol.pml",
+        "safety, 2 faults of any kind, threshold 50",
+        NO_ERROR, ("-DFAULTS=2", "-DTHR=50"), ("-DNOCLAIM", "-DSAFETY", "-DCOLLAPSE"),
+        ("-m200000", "-w26"), "-O2", large=True),
+    Run("large_completes_thr50", "protocol.pml",
+        "liveness <>completed under weak fairness, 1 fault and 1 crash, 3 attempts, threshold 50",
+        NO_ERROR, ("-DFAULTS=1", "-DCRASHES=1", "-DMAX_ATTEMPTS=3", "-DTHR=50"),
+        ("-DNFAIR=8", "-DCOLLAPSE"), ("-a", "-f", "-N", "completes", "-m200000", "-w26"), "-O2",
+        large=True),
     # -- the three known-bad mutants: each must be caught --------------------------------------
     Run("mutant_no_guard", "protocol.pml",
         "mutant: the completion guard dropped (main waves done = job done)",
@@ -83,6 +99,10 @@ RUNS: tuple[Run, ...] = (
         "mutant: derived creation gated on parent completion read before the commit",
         ACCEPTANCE, ("-DMUTANT_PRECOMMIT", "-DFAULTS=0", "-DTHR=100"), ("-DNFAIR=8",),
         ("-a", "-f", "-N", "completes", "-m200000")),
+    Run("mutant_precommit_no_progress", "protocol.pml",
+        "mutant: the same, as a non-progress cycle (the progress check can fail)",
+        NON_PROGRESS, ("-DMUTANT_PRECOMMIT", "-DFAULTS=0", "-DTHR=100"),
+        ("-DNP", "-DNFAIR=8", "-DNOCLAIM"), ("-l", "-f", "-m200000")),
     Run("mutant_stale_token", "protocol.pml",
         "mutant: a stale fencing token may complete a batch",
         ASSERTION, ("-DMUTANT_STALE_TOKEN", "-DFAULTS=1", "-DTHR=100"),
@@ -234,17 +254,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="runs to check (default: all)")
     parser.add_argument("--list", action="store_true", help="list the runs")
+    parser.add_argument("--large", action="store_true", help="the larger instance (make soak)")
     parser.add_argument("-j", "--jobs", type=int, default=2, help="runs at once (default 2)")
     args = parser.parse_args(argv)
     if args.list:
         for run in RUNS:
-            print(f"{run.name:28} must find: {run.expect:20} {run.what}")
+            large = " (--large)" if run.large else ""
+            print(f"{run.name:28} must find: {run.expect:20} {run.what}{large}")
         return 0
     by_name = {r.name: r for r in RUNS}
     unknown = [n for n in args.names if n not in by_name]
     if unknown:
         parser.error(f"no such run: {', '.join(unknown)} (see --list)")
-    runs = [by_name[n] for n in args.names] if args.names else list(RUNS)
+    if args.names:
+        runs = [by_name[n] for n in args.names]
+    else:
+        runs = [r for r in RUNS if r.large == args.large]
     t0 = time.monotonic()
     results = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

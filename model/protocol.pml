@@ -269,6 +269,7 @@ inline coordinator_run() {
   };
   CRASH(after_dispatching);
   /* the commit: every write of the run at once, then the job lock is released */
+progress_commit:
   d_step {
     i = 0;
     do
@@ -357,7 +358,9 @@ proctype Worker() {
   byte b, s, pre; bit ok, claimed;
 end_worker:
   do
-  :: atomic { launchq?b, s -> SAYB(worker_runs, b, s);
+  :: atomic { launchq?b, s ->
+progress_worker:
+       SAYB(worker_runs, b, s);
        if
        :: st[b] == DISPATCHED && seq[b] == s ->
           SAYB(worker_claims, b, s); set_status(b, PROCESSING); att[b]++; stale[b] = 0; claimed = 1

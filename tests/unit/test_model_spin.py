@@ -68,6 +68,7 @@ def test_original_design_never_dispatches_the_derived_batches() -> None:
         ("mutant_no_guard", "ASSERTION", "job 1 -> 2"),
         ("mutant_precommit", "ACCEPTANCE", "parents done before the commit"),
         ("mutant_stale_token", "ASSERTION", "worker_stalls"),
+        ("mutant_precommit_no_progress", "NON_PROGRESS", "parents done before the commit"),
     ],
 )
 def test_each_mutant_is_caught(name: str, kind: str, evidence: str) -> None:
