@@ -477,7 +477,7 @@ end_timer:
 #define CAN_AGE(b) ((st[b] == DISPATCHED || st[b] == PROCESSING) && !stale[b] && hs[b] != seq[b])
 #define SLOW(b) (st[b] == DISPATCHED && !stale[b] && hs[b] == seq[b])
 active proctype Env() {
-  COORD_LOCALS;
+  byte i;
 end_env:
   do
   :: atomic { CAN_AGE(0) -> stale[0] = 1; SAYB(time_passes, 0, seq[0]) }
@@ -491,15 +491,15 @@ end_env:
   :: atomic { faults > 0 && SLOW(3) -> faults--; stale[3] = 1; SAYB(slow_claim, 3, seq[3]) }
   :: atomic { faults > 0 && (mon || ready) -> faults--; mon = 0; ready = 0; SAY(redis_fault) }
   :: retries > 0 && job == JFAILED ->
-     /* recovery.py retry_failed: failed batches back to pending with fresh attempts */
+     /* recovery.py retry_failed: failed batches back to pending with fresh attempts, the job
+        running; its coordinator run is the Timer's next one (the job is running again) */
      atomic { lock == 0 -> retries--;
        i = 0;
        do
        :: i < NB -> if :: st[i] == FAILED -> set_status(i, PENDING); att[i] = 0 :: else fi; i++
        :: else -> break
        od;
-       i = 0; job = RUNNING; SAY(retry_failed) };
-     coordinator_run()
+       i = 0; job = RUNNING; SAY(retry_failed) }
   od
 }
 
