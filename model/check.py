@@ -180,16 +180,25 @@ def readable_trail(replay: str) -> list[str]:
     n = 0
     i = 0
     while i < len(events):
-        j = i
-        while j + 1 < len(events) and events[j + 1] == events[i]:
-            j += 1
         if events[i].startswith("---"):
             out.append(events[i])
-        else:
+            i += 1
+            continue
+        # fold a transition, or a pair of them (an idle tick: tick + nothing), repeated in a row
+        width, times = 1, 1
+        for w in (1, 2):
+            k = 1
+            while events[i + k * w : i + (k + 1) * w] == events[i : i + w]:
+                k += 1
+            if k > 1 and not any(e.startswith("---") for e in events[i : i + w]):
+                width, times = w, k
+                break
+        for j, e in enumerate(events[i : i + width]):
             n += 1
-            times = f"  (x{j - i + 1})" if j > i else ""
-            out.append(f"{n:3d}. {events[i]}{times}")
-        i = j + 1
+            last = j == width - 1 and times > 1
+            again = f"  (x{times})" if width == 1 else f"  (lines {n - 1}-{n}, x{times})"
+            out.append(f"{n:3d}. {e}" + (again if last else ""))
+        i += width * times
     final = re.findall(r"^\s+(\w+(?:\[\d\])?) = (\d+)$", replay, re.M)
     if final:
         out.append("final state: " + ", ".join(f"{k}={v}" for k, v in final))
