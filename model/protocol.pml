@@ -85,7 +85,7 @@ byte retries = RETRIES;
 byte crashes = CRASHES;
 byte hs[NB];            /* token of the live worker on the batch's current dispatch (0: none) */
 byte work[NB];          /* ghost: how many times the batch's work was committed */
-chan launchq = [4] of { byte, byte };           /* launched (batch, token) */
+chan launchq = [6] of { byte, byte };           /* launched (batch, token) */
 chan notices = [6] of { byte, byte, byte, byte };  /* (exit, batch, token, parents done before commit) */
 
 /* Every status change goes through the counter trigger (wave_counts_apply). */
@@ -144,7 +144,7 @@ inline create_derived() {
 }
 
 /* launch a worker for (batch, token); the run holds the dispatch (hs) from its commit on */
-#define LAUNCH(b, t) assert(len(launchq) < 4); launchq!b, t
+#define LAUNCH(b, t) assert(len(launchq) < 6); launchq!b, t
 
 /* the flags after the commit: the listener's on_commit, set/clear monitoring, the DB fallback */
 #define FLAGS \
@@ -462,7 +462,8 @@ end_timer:
        :: i < NB ->
           if
           :: st[i] == DISPATCHED && hs[i] != seq[i] ->
-             seq[i]++; hs[i] = seq[i]; assert(len(launchq) < 4); launchq!i, seq[i];
+             /* batch_redispatch: a new token, dispatched_at now (not stale any more) */
+             seq[i]++; hs[i] = seq[i]; stale[i] = 0; assert(len(launchq) < 6); launchq!i, seq[i];
              printf("@%d %e batch=%d token=%d\n", _pid, adopt, i, seq[i])
           :: else
           fi;
