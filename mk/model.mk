@@ -18,7 +18,7 @@ spin:
 model: spin venv
 	$(BIN)/python model/check.py $(MODEL_ARGS)
 
-# The larger instance (2 faults of any kind; about 5 min): part of `make soak`.
+# The larger instance (2 faults of any kind; about 3 min): part of `make soak`.
 .PHONY: model-large
 model-large: spin venv
 	$(BIN)/python model/check.py --large

@@ -221,6 +221,7 @@ def check(run: Run) -> Result:
     result.found, result.states, result.depth, result.memory_mb = parse_pan(out)
     elapsed = re.search(r"pan: elapsed time ([\d.e+]+) seconds", out)
     result.pan_seconds = float(elapsed.group(1)) if elapsed else 0.0
+    (TRAILS / f"{run.name}.txt").unlink(missing_ok=True)
     if result.found != NO_ERROR and (work / f"{run.model}.trail").exists():
         replay = _sh(["spin", "-t", "-T", *run.defines, run.model], work)
         result.trail = readable_trail(replay)
