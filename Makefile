@@ -32,11 +32,12 @@ demo: venv
 	$(BIN)/importwaves demo $(DEMO_ARGS)
 
 lint: venv
-	$(BIN)/ruff check operator tests
-	$(BIN)/ruff format --check operator tests
+	$(BIN)/ruff check operator tests model
+	$(BIN)/ruff format --check operator tests model
 
 typecheck: venv
 	$(BIN)/mypy
+	$(BIN)/mypy --strict model/check.py
 
 unit: venv
 	$(BIN)/pytest tests/unit -q

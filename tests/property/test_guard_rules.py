@@ -316,7 +316,7 @@ class GuardRules(RuleBasedStateMachine):
     @rule(
         i=st.integers(0, 50), modes=st.lists(st.sampled_from(WORKER_MODES), min_size=1, max_size=4)
     )
-    def workers(self, i: int, modes: list[str]) -> None:
+    def worker_runs(self, i: int, modes: list[str]) -> None:
         self._step("workers")
         if not self.launcher.queue:
             self._stimulus(self.eng.check, self.job, "timer")
