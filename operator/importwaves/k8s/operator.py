@@ -439,8 +439,8 @@ class ImportJobOperator:
     def _record(
         self, engine: Engine, job_id: str, batch_id: str, seq: int, ok: bool, message: str
     ) -> RunResult:
-        if ok:
-            return engine.listener.on_completed(job_id, batch_id, seq)
+        if ok:  # a prompt: the worker's own transaction must have recorded the completion
+            return engine.listener.on_worker_exited_ok(job_id, batch_id, seq)
         return engine.listener.on_failed(job_id, batch_id, seq, message)
 
     def _delete_job(self, namespace: str, name: str) -> None:
@@ -522,8 +522,8 @@ class ImportJobOperator:
             return engine
 
     def _on_notified(self, engine: Engine, c: Completion) -> None:
-        """A worker's completion committed: record it (idempotent), let the coordinator
-        dispatch what it unblocks, and report those dispatches as Events."""
+        """A completion notice: let the coordinator look at the database (the notice records
+        nothing), dispatch what the recorded state unblocks, and report those as Events."""
         result = engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
         owner = self.launcher.owners.get(c.job_id)
         if owner is not None:
