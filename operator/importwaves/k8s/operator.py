@@ -276,6 +276,7 @@ class ImportJobOperator:
             "completed": Outcome.COMPLETED,
             "failed": Outcome.FAILED,
             "suspended": Outcome.SUSPENDED,
+            "invalid": Outcome.INVALID,
         }.get(job["status"], Outcome.IN_PROGRESS)
         return JobView(
             job_id,
@@ -284,6 +285,8 @@ class ImportJobOperator:
             job["status_reason"],
             job["last_dispatch_lag_seconds"],
             tuple(f"{r['batch_id']}: {r['last_error'] or 'no error recorded'}" for r in failed),
+            job.get("status_code") or "",
+            job.get("staging_report"),
         )
 
     # -- worker Jobs -----------------------------------------------------------------------------
