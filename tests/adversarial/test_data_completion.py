@@ -342,3 +342,17 @@ def test_rows_staged_after_planning_keep_the_import_from_completing(
         SALES_ORDER,
         LINE,
     }
+
+
+def test_switching_an_invalid_import_to_skip_plans_it(
+    engine: Engine, dsn: str, tenant: str
+) -> None:
+    """The import is unplanned while invalid, so `uncoveredRows` may still change (the ImportJob's
+    spec edited after reading the condition): the next run plans it with the skip recorded."""
+    ds = _stage_uncoverable(dsn, tenant, orders=100)
+    assert engine.submit("job", small_spec(tenant))
+    assert engine.check("job", "start").outcome == Outcome.INVALID
+    assert not engine.submit("job", small_spec(tenant, uncoveredRows="Skip"))
+    assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
+    assert wave_rows(dsn, tenant)["TransactionLine"] == (ds.lines + 3, ds.lines, ds.lines, 3)
+    assert job_row(dsn, tenant)["status_code"] == ""
