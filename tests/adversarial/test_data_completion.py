@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from helpers import (
     CUSTOMER,
@@ -182,6 +183,12 @@ def test_import_id_with_no_staging_rows_is_invalid_until_rows_are_loaded(
         "SalesOrder": (ds.orders, ds.orders, ds.orders, 0),
         "TransactionLine": (ds.lines, ds.lines, ds.lines, 0),
     }
+    # the imported-rows metric counted each type's rows once, when the import completed
+    for name, n in (("Customer", ds.customers), ("TransactionLine", ds.lines)):
+        got = REGISTRY.get_sample_value(
+            "importwaves_rows_imported_total", {"tenant": tenant, "record_type": name}
+        )
+        assert got == n, (name, got)
 
 
 def test_run_local_reports_no_staging_records_and_exits_1(
