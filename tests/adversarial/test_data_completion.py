@@ -38,7 +38,9 @@ from helpers import (
 from importwaves.engine.app import Engine
 from importwaves.engine.listener import EXIT_WITHOUT_COMPLETION
 from importwaves.engine.model import Outcome
+from importwaves.flags import Flags
 from importwaves.launch.local import LocalLauncher
+from importwaves.report import job_report
 from importwaves.runner import LocalRunner
 from importwaves.verify import verify_import
 from importwaves.worker import WorkItem, run_batch
@@ -274,6 +276,15 @@ def test_skip_completes_and_reports_the_skipped_rows(engine: Engine, dsn: str, t
     print(f"skip: {rows}")
     assert rows["TransactionLine"] == (ds.lines + 3, ds.lines, ds.lines, 3)
     assert rows["Customer"] == (ds.customers, ds.customers, ds.customers, 0)
+    with tenant_conn(dsn, tenant) as conn:  # what `importwaves status` shows
+        report = job_report(conn, Flags(None, tenant), "job")
+    assert report is not None
+    assert report.rows == {
+        "Customer": {"staged": ds.customers, "imported": ds.customers, "skipped": 0},
+        "SalesOrder": {"staged": ds.orders, "imported": ds.orders, "skipped": 0},
+        "TransactionLine": {"staged": ds.lines + 3, "imported": ds.lines, "skipped": 3},
+        "recordType-99": {"staged": 2, "imported": 0, "skipped": 2},
+    }
     unknown = [t for t in job["staging_report"]["types"] if t["recordTypeId"] == -99]
     assert unknown == [
         {
