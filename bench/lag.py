@@ -3,7 +3,8 @@
 importwaves (listener path): each small import (1 Customer batch, 20 SalesOrder parent batches,
 ~20 derived TransactionLine batches) is run with the real reference worker (`run_batch`, its own
 connection per batch, as a worker process does) in a thread pool; a worker's exit-0 is handed to
-the real listener (`on_completed`), exactly as the local runner and the operator do. The lag of
+the real listener (`on_worker_exited_ok`: it checks that the worker recorded its completion,
+then runs the coordinator), as the local runner and the operator do. The lag of
 one import is
 
     first derived dispatch (launcher.launch() called with the first TransactionLine batch, i.e.
@@ -128,7 +129,7 @@ class ThreadLauncher:
                 return
             assert self.engine is not None
             if result.exit_code == EXIT_OK:
-                out = self.engine.listener.on_completed(b.job_id, b.batch_id, b.dispatch_seq)
+                out = self.engine.listener.on_worker_exited_ok(b.job_id, b.batch_id, b.dispatch_seq)
             else:
                 out = self.engine.listener.on_failed(
                     b.job_id, b.batch_id, b.dispatch_seq, result.message

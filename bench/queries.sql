@@ -52,11 +52,12 @@ SET status = 'processing', dispatch_seq = 1, attempts = 1, dispatched_at = clock
 WHERE job_id = %(job_id)s AND status IN ('pending', 'dispatched');
 
 -- name: complete_first_pending
--- Complete the first `n` pending batches of a wave as if their workers had run (derived batches
--- counted as created). Counters follow through the triggers.
+-- Complete the first `n` pending batches of a wave as if their workers had run, recording their
+-- row counts as a worker does (derived batches counted as created). Counters follow through the
+-- triggers.
 UPDATE wave_batches
 SET status = 'completed', completed_at = clock_timestamp(), needs_derivation = false,
-    derived_created_at = clock_timestamp(), attempts = 1
+    derived_created_at = clock_timestamp(), attempts = 1, rows_written = record_count
 WHERE id IN (
     SELECT id FROM wave_batches
     WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND status = 'pending'
@@ -64,10 +65,11 @@ WHERE id IN (
 );
 
 -- name: complete_active
--- Complete every dispatched or processing batch of a wave (frees the parallelism slots).
+-- Complete every dispatched or processing batch of a wave (frees the parallelism slots), with
+-- the row counts a worker records.
 UPDATE wave_batches
 SET status = 'completed', completed_at = clock_timestamp(), needs_derivation = false,
-    derived_created_at = clock_timestamp()
+    derived_created_at = clock_timestamp(), rows_written = record_count
 WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s
   AND status IN ('dispatched', 'processing');
 

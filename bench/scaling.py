@@ -11,9 +11,10 @@ TransactionLine batches of one record per parent), planned by the engine itself:
 - first derived dispatch: every parent completed, one derived batch per parent; the timed run
   opens the derived wave (dispatch + first-dispatch lag bookkeeping); reset untimed;
 - statements per completion event: a real worker run (`run_batch`) plus the listener
-  (`on_completed`, which runs the coordinator), counted on the client (every statement psycopg
-  sends, by queries.sql name, and the transactions) and on the server (pg_stat_statements with
-  track = all: top-level and nested, i.e. the counter triggers' statements too).
+  (`on_worker_exited_ok`: the exit-0 check, then the coordinator), counted on the client
+  (every statement psycopg sends, by queries.sql name, and the transactions) and on the server
+  (pg_stat_statements with track = all: top-level and nested, i.e. the counter triggers'
+  statements too).
 
 State between timed runs is set with bench/queries.sql (fixture SQL, counted by the triggers
 like any batch change). The three jobs live side by side and every timed step goes round the
@@ -211,7 +212,7 @@ def _completion_events(
                 wr = run_batch(WorkItem(dsn, tenant, job, b.batch_id, b.dispatch_seq))
                 assert wr.exit_code == EXIT_OK, wr.message
                 worker_counts.append(sum(counts.values()))
-                engine.listener.on_completed(job, b.batch_id, b.dispatch_seq)
+                engine.listener.on_worker_exited_ok(job, b.batch_id, b.dispatch_seq)
                 listener_counts.append(sum(counts.values()) - worker_counts[-1])
                 transactions.append(counter.transactions)
                 by_name.update(counts)

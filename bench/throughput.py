@@ -145,6 +145,8 @@ DEFINES = {
     # The worker passes NULL (a main batch has no parent type); pgbench cannot send a NULL
     # parameter, and for a main batch (by_parent false) the predicate never reads it.
     "parent_record_type_id": "0",
+    # batch size 1: the worker records the one row its upsert wrote
+    "rows_written": "1",
 }
 PER_TRANSACTION = {"batch_id", "ids", "dispatch_seq"}
 

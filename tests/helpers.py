@@ -2,7 +2,8 @@
 
 `drive()` runs an import to its end in-process: every batch the engine dispatches (recorded by a
 `RecordingLauncher`) is run by the real reference worker (`run_batch`), and its outcome is fed to
-the real listener (`on_completed` / `on_failed`), exactly as the local runner and the operator do.
+the real listener (`on_worker_exited_ok` / `on_failed`), exactly as the local runner and the
+operator do (an exit 0 only makes the engine look: the worker recorded its completion itself).
 Options let a test run workers concurrently in threads, deliver every completion twice, deliver
 completions out of order, hold back some batches, or inject a fault between steps.
 """
@@ -262,7 +263,9 @@ def drive(
         for _ in range(2 if deliver_twice else 1):
             if run.worker.exit_code == EXIT_OK:
                 run.results.append(
-                    engine.listener.on_completed(job_id, run.batch.batch_id, run.batch.dispatch_seq)
+                    engine.listener.on_worker_exited_ok(
+                        job_id, run.batch.batch_id, run.batch.dispatch_seq
+                    )
                 )
             elif run.worker.exit_code == EXIT_FAILED:
                 run.results.append(
@@ -360,7 +363,7 @@ def run_and_notify(
     """Run one batch with the real worker and tell the listener how it went."""
     wr = run_batch(WorkItem(dsn, tenant, job_id, b.batch_id, b.dispatch_seq))
     if wr.exit_code == EXIT_OK:
-        return wr, engine.listener.on_completed(job_id, b.batch_id, b.dispatch_seq)
+        return wr, engine.listener.on_worker_exited_ok(job_id, b.batch_id, b.dispatch_seq)
     if wr.exit_code == EXIT_FAILED:
         return wr, engine.listener.on_failed(job_id, b.batch_id, b.dispatch_seq, wr.message)
     return wr, None

@@ -248,10 +248,13 @@ def run_local(
         stats = LocalRunner(engine, launcher, sweep_every=max(5.0, spec.staleAfterSeconds / 2)).run(
             job_id, timeout=timeout
         )
+        job = engine.job(job_id) or {}
     click.echo(
         f"{job_id}: {stats.status} in {stats.seconds:.1f}s "
         f"({stats.worker_runs} worker runs, {stats.worker_failures} failed)"
     )
+    if stats.status != "completed" and job.get("status_reason"):
+        click.echo(f"{job.get('status_code') or stats.status}: {job['status_reason']}", err=True)
     if stats.status != "completed":
         sys.exit(1)
 

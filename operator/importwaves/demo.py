@@ -206,7 +206,15 @@ def _summary(
 ) -> Any:
     lags = {r["wave_number"]: r for r in lag_rows}
     t = Table(title="summary", title_justify="left")
-    for col in ("wave", "record type", "batches", "wall time", "dispatch lag"):
+    for col in (
+        "wave",
+        "record type",
+        "batches",
+        "rows staged",
+        "rows imported",
+        "wall time",
+        "dispatch lag",
+    ):
         t.add_column(col, justify="left" if col == "record type" else "right")
     derived_lag: list[float] = []
     for w in waves:
@@ -223,6 +231,8 @@ def _summary(
             str(w.wave_number),
             f"{w.name}{' (derived)' if w.is_derived else ''}",
             f"{w.completed}/{w.total}",
+            f"{w.rows_staged:,}" + (f" ({w.rows_skipped:,} skipped)" if w.rows_skipped else ""),
+            f"{w.rows_written:,}",
             "-" if wall is None else f"{wall:.2f}s",
             "-" if lag is None else f"{lag * 1000:.1f} ms",
         )
@@ -233,6 +243,8 @@ def _summary(
         "",
         "all waves",
         f"{done}/{total}",
+        f"{sum(w.rows_staged for w in waves):,}",
+        f"{sum(w.rows_written for w in waves):,}",
         f"{seconds:.2f}s",
         f"derived: {derived_lag[0] * 1000:.1f} ms" if derived_lag else "-",
     )

@@ -6,6 +6,7 @@
 | queue.active_jobs.count      | importwaves_queue_active_jobs (gauge)            |
 | wave.dispatch_lag.seconds    | importwaves_wave_dispatch_lag_seconds (histogram)|
 | derived backlog indicator    | importwaves_derived_backlog_batches (gauge)      |
+| rows imported (issue 11)     | importwaves_rows_imported_total (counter)        |
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ GUARD_DECISIONS = Counter(
     "importwaves_completion_guard_decisions",
     "Coordinator runs that found the main waves done, by outcome.",
     ["tenant", "outcome"],
+)
+ROWS_IMPORTED = Counter(
+    "importwaves_rows_imported",
+    "Rows imported by completed imports, per record type (the row counts their workers recorded "
+    "in their completion transactions; counted once, when the import completes).",
+    ["tenant", "record_type"],
 )
 CACHE_FALLBACKS = Counter(
     "importwaves_cache_fallbacks",

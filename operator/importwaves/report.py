@@ -8,6 +8,7 @@ from typing import Any
 from importwaves.db.connect import Conn
 from importwaves.db.queries import Q
 from importwaves.engine.model import DerivedGate, WaveState
+from importwaves.engine.rows import rows_by_name
 from importwaves.engine.snapshot import gates, read_waves
 from importwaves.flags import DERIVED_READY, MONITORING, Flags
 from importwaves.spec import ImportSpec
@@ -36,6 +37,9 @@ class JobReport:
     failed: list[dict[str, Any]]
     flags: list[FlagState] = field(default_factory=list)
     cache: str = "disabled"
+    #: staged / imported / skipped rows per record type (name)
+    rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    status_code: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -92,6 +96,11 @@ def job_report(conn: Conn, flags: Flags, job_id: str) -> JobReport | None:
         ],
         flags=flag_states,
         cache=cache,
+        rows={
+            name: {"staged": r.staged, "imported": r.imported, "skipped": r.skipped}
+            for name, r in rows_by_name(waves, job.get("staging_report")).items()
+        },
+        status_code=job.get("status_code") or "",
     )
 
 
@@ -106,6 +115,7 @@ def render(report: JobReport) -> Any:
         (report.job_id, "bold cyan"),
         f"  tenant {report.tenant}  status ",
         (report.status, "bold green" if report.status == "completed" else "bold yellow"),
+        f"  [{report.status_code}]" if report.status_code else "",
         f"  ({report.status_reason})" if report.status_reason else "",
     )
     waves = Table(title="waves", title_justify="left")
@@ -157,7 +167,12 @@ def render(report: JobReport) -> Any:
             {True: "set", False: "false", None: "missing"}[f.value],
             "-" if f.ttl_seconds is None else str(f.ttl_seconds),
         )
-    parts: list[Any] = [head, waves, gates_t, flags_t]
+    rows_t = Table(title="rows per record type", title_justify="left")
+    for col in ("record type", "staged", "imported", "skipped"):
+        rows_t.add_column(col, justify="left" if col == "record type" else "right")
+    for name, counts in report.rows.items():
+        rows_t.add_row(name, str(counts["staged"]), str(counts["imported"]), str(counts["skipped"]))
+    parts: list[Any] = [head, waves, rows_t, gates_t, flags_t]
     if report.derived_unfinished:
         t = Table(title="derived batches not completed", title_justify="left")
         for col in ("record type", "status", "batches"):

@@ -1,8 +1,11 @@
 """Run one import locally: the engine, a local launcher and a timer, in one event loop.
 
 The same stimuli as in the operator, on one thread: a worker's completion NOTIFY (delivered at
-its commit, engine/notify.py) or, as the backstop, its process exit feeds the batch-completed
-listener; a timer tick nudges `check_and_trigger_next_wave`; a periodic sweep runs recovery.
+its commit, engine/notify.py) or, as the backstop, its process exit makes the batch-completed
+listener look at the database (a notice records nothing; an exit 0 whose dispatch recorded no
+completion counts a failed attempt); a timer tick nudges `check_and_trigger_next_wave`; a
+periodic sweep runs recovery. An `invalid` import (planning refused: no staging rows, or rows no
+batch can cover) ends the local run at once with that status.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from importwaves.worker import EXIT_FENCED, EXIT_OK
 
 log = logging.getLogger("importwaves.runner")
 
-TERMINAL = {Outcome.COMPLETED, Outcome.FAILED, Outcome.NOT_FOUND}
+TERMINAL = {Outcome.COMPLETED, Outcome.FAILED, Outcome.NOT_FOUND, Outcome.INVALID}
 
 
 @dataclass
@@ -183,8 +186,13 @@ class LocalRunner:
         b = item.batch
         key = (b.batch_id, b.dispatch_seq)
         if item.exit_code == EXIT_OK:
+            # An exit 0 proves nothing: the completion must be in the database, recorded by the
+            # worker's own transaction; if this dispatch has none, that is a failed attempt.
+            if self.engine.listener.record_exit_without_completion(job_id, *key):
+                run = self.engine.check(job_id, cause="worker_exited_without_completion")
+                return run.outcome, 1, 1, 0
             if key in handled:
-                return None, 1, 0, 0  # its NOTIFY already fed the listener
+                return None, 1, 0, 0  # its NOTIFY already made the coordinator look
             outcome = self.engine.listener.on_completed(job_id, *key).outcome
             handled.add(key)
             return outcome, 1, 0, 0

@@ -7,7 +7,7 @@ an error that names the field before anything touches a tenant.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -202,6 +202,13 @@ class ImportSpec(_Model):
         "staleAfterSeconds, which it defaults to.",
     )
     suspend: bool = Field(default=False, description="Dispatch nothing new while true.")
+    uncoveredRows: Literal["Fail", "Skip"] = Field(
+        default="Fail",
+        description="Staging rows no batch can cover (a derived row whose parentId is null or "
+        "names no staged parent, a row of a record type not in this spec): Fail (default) "
+        "never plans the import and reports them (Invalid, UncoveredStagingRows, with their "
+        "count and first ids); Skip imports the rest and records them as skipped.",
+    )
     worker: WorkerPod = Field(default_factory=WorkerPod, description="Worker pod settings.")
 
     @model_validator(mode="after")

@@ -56,6 +56,8 @@ def verify_import(conn: Conn, job_id: str, spec: ImportSpec) -> Verification:
     v.add("no batch failed", not failed, f"{len(failed)} failed batch(es)")
     bad = conn.execute(Q("counters_mismatch"), {"job_id": job_id}).fetchall()
     v.add("wave counters equal batch rows", not bad, f"{len(bad)} wave(s) disagree")
+    bad_rows = conn.execute(Q("rows_counters_mismatch"), {"job_id": job_id}).fetchall()
+    v.add("row counters equal batch rows", not bad_rows, f"{len(bad_rows)} wave(s) disagree")
     job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
     status = job["status"] if job else "missing"
     v.add("job completed", status == "completed", f"status {status}")

@@ -3,10 +3,13 @@
 Contract (also in the README): the worker gets its tenant DSN, tenant, job id, batch id and
 dispatch sequence (the fencing token), claims the batch (dispatched -> processing, counting the
 attempt), heartbeats while it runs, and in ONE transaction upserts the target rows and marks the
-batch completed. Exit codes:
+batch completed with the number of rows that upsert wrote (`batch_complete` ... rows_written),
+which must equal the batch's planned record_count. An exit 0 records nothing: the engine only
+checks that this dispatch's completion is in the database. Exit codes:
 
     0  the batch is completed (by this run or an earlier one)
-    1  this attempt failed; the failure (and its message) is recorded
+    1  this attempt failed; the failure (and its message) is recorded (bad staging data, or a
+       write count that differs from the batch's planned count: the batch fails at once)
     2  bad invocation (missing settings)
     3  fenced out: the batch belongs to a newer dispatch or is no longer dispatched; nothing done
 
@@ -100,6 +103,11 @@ def run_batch(
             beat.stop()
             message = redact.scrub(_describe(exc), item.dsn)
             max_attempts = int(spec.get("retries", 3)) + 1
+            if isinstance(exc, BatchDataError):
+                # Bad staging data fails every attempt the same way: fail the batch now (the
+                # error names the record ids; retry-failed requeues it once the data is fixed).
+                max_attempts = 1
+                message = f"non-retryable: {message}"
             row = conn.execute(
                 Q("batch_fail"), {**key, "max_attempts": max_attempts, "error": message[:4000]}
             ).fetchone()
@@ -161,13 +169,45 @@ def _import_and_complete(
             shown = "; ".join(f"record {r['record_id']}: {r['problem']}" for r in bad[:5])
             more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
             raise BatchDataError(f"{len(bad)} invalid staging row(s): {shown}{more}")
-        conn.execute(Q(query), base)
-        if conn.execute(Q("batch_complete"), key).fetchone() is None:
+        written = conn.execute(Q(query), base).rowcount
+        done = conn.execute(Q("batch_complete"), {**key, "rows_written": written}).fetchone()
+        if done is None:
             raise _Fenced(f"batch {item.batch_id} completion was fenced out")
+        if written != done["record_count"]:
+            # rolls this transaction back (nothing written, not completed); a data error
+            raise BatchDataError(
+                _count_mismatch(
+                    conn, item, record_type_id, ids, written, done, record_type_id in derived_ids
+                )
+            )
         conn.execute(
             Q("notify_tenant_batch_completed"),
             {"channel": channel_for(item.tenant), "payload": completion_payload(item)},
         )
+
+
+def _count_mismatch(
+    conn: psycopg.Connection[Any],
+    item: WorkItem,
+    record_type_id: int,
+    ids: list[int],
+    written: int,
+    done: dict[str, Any],
+    by_parent: bool,
+) -> str:
+    """The message of a batch whose write count is not its planned count, naming record ids."""
+    head = f"wrote {written} row(s), {done['record_count']} planned"
+    if not by_parent:
+        absent = conn.execute(
+            Q("batch_rows_absent"),
+            {"job_id": item.job_id, "record_type_id": record_type_id, "chunk": json.dumps(ids)},
+        ).fetchall()
+        if absent:
+            shown = ", ".join(str(r["record_id"]) for r in absent)
+            return f"{head}: record(s) {shown} no longer staged"
+    what = "parent ids" if by_parent else "record ids"
+    shown = ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+    return f"{head} (staging changed after planning; the batch's {what} {shown})"
 
 
 def completion_payload(item: WorkItem) -> str:

@@ -1,6 +1,6 @@
 """Worker failures on the real cluster: retried as new Jobs (new fencing token), then the batch
-is failed and the ImportJob says why; `importwaves.io/retry-failed` after fixing the data
-completes the import."""
+is failed and the ImportJob says why (bad staging data fails at once: it would fail every
+attempt); `importwaves.io/retry-failed` after fixing the data completes the import."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .operatorkit import (
 )
 
 
-def test_bad_row_is_retried_then_failed_and_retry_failed_completes(
+def test_bad_row_fails_at_once_and_retry_failed_completes(
     k8s_cluster: Cluster,
     namespace: str,
     tenant_db: Callable[[str], Tenant],
@@ -64,12 +64,13 @@ def test_bad_row_is_retried_then_failed_and_retry_failed_completes(
                 assert not is_true(st, "Completed")
                 [bad] = [b for b in t.batches(job_id) if b["status"] == "failed"]
                 assert bad["record_type_id"] == -30
-                assert bad["attempts"] == 2  # the first attempt and its one retry
+                # bad staging data is not retried (retries=1 is not used up)
+                assert bad["attempts"] == 1
+                assert bad["last_error"].startswith("non-retryable: BatchDataError")
                 assert "record 150" in bad["last_error"]
                 tries = [j for j in created_jobs(jobs) if j.batch_id == bad["batch_id"]]
-                # One Job per attempt, each with its own fencing token.
-                assert sorted(j.dispatch_seq for j in tries) == [1, 2], tries
-                assert len({j.name for j in tries}) == 2
+                # One Job for the one attempt.
+                assert sorted(j.dispatch_seq for j in tries) == [1], tries
                 # Nothing was imported for the failed batch; the others were.
                 assert t.scalar("SELECT count(*) FROM transactions WHERE id = 150") == 0
                 assert t.scalar("SELECT count(*) FROM transaction_lines") == 0
@@ -99,11 +100,11 @@ def test_bad_row_is_retried_then_failed_and_retry_failed_completes(
                 conn, job_id, ImportJobSpec.model_validate(body["spec"]).engine_spec()
             )
         assert v.ok, v.failures()
-        # The retried batch ran as a third Job with a third fencing token; no Job twice.
+        # The retried batch ran as a second Job with a second fencing token; no Job twice.
         made = created_jobs(jobs)
         per_dispatch = Counter((j.batch_id, j.dispatch_seq) for j in made)
         assert max(per_dispatch.values()) == 1, per_dispatch
-        assert sorted(j.dispatch_seq for j in made if j.batch_id == bad["batch_id"]) == [1, 2, 3]
+        assert sorted(j.dispatch_seq for j in made if j.batch_id == bad["batch_id"]) == [1, 2]
         assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
 
 

@@ -7,7 +7,8 @@ and every value a parameter. The spec's tenant pattern already refuses such name
 holds: the exact schema is created, the tables land in it, no other schema changes, and a whole
 import runs in it.
 
-Malformed staging rows fail their own batch, with the record id in the batch's error; every
+Malformed staging rows fail their own batch at once (no retry: the data fails every attempt
+alike), with the record id in the batch's error; every
 other batch goes on (in its wave, and derived batches of completed parents under a threshold);
 the import ends `failed`, never completed, and the runner says so.
 """
@@ -263,7 +264,9 @@ def test_malformed_rows_fail_their_batch_others_go_on_and_the_import_fails(
         b = _batch_of(dsn, tenant, rid, record_id)
         expect_failed.add(b["batch_id"])
         assert b["status"] == "failed"
-        assert b["attempts"] == spec.max_attempts == 2
+        # bad staging data fails every attempt alike: failed at its first, not retried
+        assert b["attempts"] == 1 < spec.max_attempts == 2
+        assert b["last_error"].startswith("non-retryable: BatchDataError"), b["last_error"]
         assert problem in b["last_error"], b["last_error"]
     assert failed == expect_failed
     # Other batches went on: every other batch of a wave that ran completed.

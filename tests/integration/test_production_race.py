@@ -75,7 +75,7 @@ def read_parent_completion(dsn: str, tenant: str, spec: ImportSpec) -> tuple[flo
     return gate.percent, gate.open, decision
 
 
-@pytest.mark.parametrize("completer", ["worker", "listener"])
+@pytest.mark.parametrize("completer", ["worker", "contract_sql"])
 def test_last_parent_completion_with_stale_precommit_read_still_dispatches_derived(
     engine, dsn, tenant, redis_url, completer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -86,11 +86,11 @@ def test_last_parent_completion_with_stale_precommit_read_still_dispatches_deriv
     last = r.held[0]
     install_pause(dsn, tenant, LAST_PARENT)
 
-    if completer == "listener":
-        # The worker imported its rows but its pod's exit is what reports completion: claim the
-        # batch and write the rows exactly as the worker does, and let the listener's own
-        # transaction record the completion.
-        with tenant_conn(dsn, tenant) as conn, conn.transaction():
+    if completer == "contract_sql":
+        # A custom worker following the README's worker contract by hand: it claims the batch,
+        # then (in complete() below) writes the rows and records its completion with their count
+        # in one transaction; its exit 0 then reaches the listener, which only looks.
+        with tenant_conn(dsn, tenant) as conn:
             claimed = conn.execute(
                 Q("batch_claim"),
                 {
@@ -101,14 +101,6 @@ def test_last_parent_completion_with_stale_precommit_read_still_dispatches_deriv
                 },
             ).fetchone()
             assert claimed is not None
-            conn.execute(
-                Q("import_transactions"),
-                {
-                    "job_id": "job",
-                    "record_type_id": SALES_ORDER,
-                    "ids": [int(x) for x in claimed["chunk_ids_json"]],
-                },
-            )
 
     control = psycopg.connect(dsn, autocommit=True)
     control.execute("SELECT pg_advisory_lock(%s)", (LOCK,))
@@ -121,9 +113,21 @@ def test_last_parent_completion_with_stale_precommit_read_still_dispatches_deriv
                     WorkItem(dsn, tenant, "job", last.batch_id, last.dispatch_seq)
                 )
             else:
-                out["result"] = engine.listener.on_completed(
-                    "job", last.batch_id, last.dispatch_seq
-                )
+                key = {"job_id": "job", "batch_id": last.batch_id}
+                with tenant_conn(dsn, tenant) as conn, conn.transaction():
+                    written = conn.execute(
+                        Q("import_transactions"),
+                        {
+                            **key,
+                            "record_type_id": SALES_ORDER,
+                            "ids": [int(x) for x in claimed["chunk_ids_json"]],
+                        },
+                    ).rowcount
+                    done = conn.execute(
+                        Q("batch_complete"),
+                        {**key, "dispatch_seq": last.dispatch_seq, "rows_written": written},
+                    ).fetchone()
+                    assert done is not None and done["record_count"] == written
         except BaseException as exc:  # pragma: no cover - reported below
             out["error"] = exc
 
@@ -153,6 +157,9 @@ def test_last_parent_completion_with_stale_precommit_read_still_dispatches_deriv
         assert out["worker"].exit_code == EXIT_OK
         # The worker committed; now its completion event reaches the listener.
         out["result"] = engine.listener.on_completed("job", last.batch_id, last.dispatch_seq)
+    else:
+        # The custom worker committed and exited 0: its Job's success reaches the listener.
+        out["result"] = engine.listener.on_worker_exited_ok("job", last.batch_id, last.dispatch_seq)
 
     # After the commit the listener recomputed 100 %: derived batches exist and are dispatched.
     want = expected_batches(ds, spec)[LINE]

@@ -269,7 +269,7 @@ AFTER_PARENTS = {"line_whose_parent_transaction_is_missing"}
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_row_is_retried_then_fails_the_job_and_retry_failed_completes_it(
+def test_bad_row_fails_its_batch_at_once_then_the_job_and_retry_failed_completes_it(
     engine, dsn, tenant, redis_url, case: str
 ) -> None:
     rid, record_id, breaking, fixing, problem = BAD_DATA[case]
@@ -299,14 +299,16 @@ def test_bad_row_is_retried_then_fails_the_job_and_retry_failed_completes_it(
     assert len(failed) == 1
     bad = failed[0]
     assert bad["record_type_id"] == rid
-    assert bad["attempts"] == spec.max_attempts == 3
-    assert bad["dispatch_seq"] == 3
+    # bad staging data fails every attempt alike: failed at the first (retries=2 unused)
+    assert bad["attempts"] == 1 < spec.max_attempts == 3
+    assert bad["dispatch_seq"] == 1
+    assert bad["last_error"].startswith("non-retryable: BatchDataError")
     assert f"record {record_id}:" in bad["last_error"]  # the error names the record
     assert problem in bad["last_error"]
     attempts = [x.dispatch_seq for x in launched(engine) if x.batch_id == bad["batch_id"]]
-    assert attempts == [1, 2, 3]  # retried up to `retries`, then given up
+    assert attempts == [1]  # not retried
     failing_runs = [run for run in r.runs if run.batch.batch_id == bad["batch_id"]]
-    assert [run.worker.exit_code for run in failing_runs if run.worker] == [1, 1, 1]
+    assert [run.worker.exit_code for run in failing_runs if run.worker] == [1]
     with tenant_conn(dsn, tenant) as conn:
         assert conn.execute(Q("orphan_lines"), {"job_id": "job"}).fetchone()["n"] == 0
         if rid == SALES_ORDER:  # parent-first: no line of any order before the parents finish
@@ -319,7 +321,7 @@ def test_bad_row_is_retried_then_fails_the_job_and_retry_failed_completes_it(
     assert retry.requeued == 1
     assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
     row = batch_row(dsn, tenant, bad["batch_id"])
-    assert (row["status"], row["attempts"], row["dispatch_seq"]) == ("completed", 1, 4)
+    assert (row["status"], row["attempts"], row["dispatch_seq"]) == ("completed", 1, 2)
     assert_complete(engine, "job", ds, spec)
 
 

@@ -298,3 +298,76 @@ def test_status_changed() -> None:
     moved = status_for(snap(CUSTOMERS_DONE, ORDERS_DONE, LINES_PENDING), old=first)
     assert status_changed(first, moved)
     assert status_changed(None, first)
+
+
+# -- data-level completion (issue 11) --------------------------------------------------------------
+def test_no_staging_records_is_invalid_never_completed_and_stable() -> None:
+    """An import planning refused: Invalid=True with the engine's code and message, Completed
+    False with the same reason; recomputing changes no transition time."""
+    message = "import id 'imp' of tenant 'acme' has no staging rows the plan can cover"
+    report = {"types": [{"recordTypeId": -2, "name": "Customer", "staged": 0, "skipped": 0}]}
+    v = JobView(
+        "imp",
+        snap(status=JobStatus.INVALID),
+        Outcome.INVALID,
+        message,
+        code="NoStagingRecords",
+        staging_report=report,
+    )
+    st = compute_status(None, generation=1, now=T0, view=v, problem=None)
+    assert st["summary"] == "Invalid"
+    inv = cond(st, "Invalid")
+    assert (inv["status"], inv["reason"], inv["message"]) == ("True", "NoStagingRecords", message)
+    done = cond(st, "Completed")
+    assert (done["status"], done["reason"]) == ("False", "NoStagingRecords")
+    assert "no staging rows" in done["message"]
+    assert cond(st, "Progressing")["reason"] == "Invalid"
+    assert cond(st, "Failed")["status"] == "False"
+    assert st["rows"] == {"Customer": {"staged": 0, "imported": 0, "skipped": 0}}
+    again = compute_status(st, generation=1, now=T2, view=v, problem=None)
+    assert again == st
+
+
+def test_invalid_clears_once_planned() -> None:
+    v = JobView(
+        "imp", snap(status=JobStatus.INVALID), Outcome.INVALID, "x", code="NoStagingRecords"
+    )
+    st = compute_status(None, generation=1, now=T0, view=v, problem=None)
+    st = status_for(snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_EMPTY), old=st)
+    assert cond(st, "Invalid")["status"] == "False"
+    assert cond(st, "Invalid")["reason"] == "SpecAccepted"
+    assert st["summary"] == "Running"
+
+
+def test_completed_names_rows_per_type() -> None:
+    customers = WaveState(
+        1, -2, "Customer", MAIN, total=1, completed=1, rows_staged=100, rows_written=100
+    )
+    lines = WaveState(
+        3, -13, "TransactionLine", DERIVED, total=2, completed=2, rows_staged=503,
+        rows_written=500, rows_skipped=3,
+    )  # fmt: skip
+    st = status_for(snap(customers, lines, status=JobStatus.COMPLETED))
+    assert st["rows"] == {
+        "Customer": {"staged": 100, "imported": 100, "skipped": 0},
+        "TransactionLine": {"staged": 503, "imported": 500, "skipped": 3},
+    }
+    assert cond(st, "Completed")["message"].endswith(
+        "every staged row imported: Customer 100/100, TransactionLine 500/503 (3 skipped)."
+    )
+
+
+def test_row_count_mismatch_fails_with_its_code() -> None:
+    v = JobView(
+        "j1",
+        snap(CUSTOMERS_DONE, status=JobStatus.FAILED),
+        Outcome.FAILED,
+        "rows do not add up, not completing: Customer (-2): 99 row(s) written, 100 planned",
+        code="RowCountMismatch",
+    )
+    st = compute_status(None, generation=1, now=T0, view=v, problem=None)
+    f = cond(st, "Failed")
+    assert (f["status"], f["reason"]) == ("True", "RowCountMismatch")
+    assert "99 row(s) written, 100 planned" in f["message"]
+    assert cond(st, "Completed")["reason"] == "RowCountMismatch"
+    assert st["summary"] == "Failed"

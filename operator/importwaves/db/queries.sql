@@ -18,7 +18,7 @@ FROM import_jobs WHERE job_id = %(job_id)s FOR UPDATE;
 -- name: job_get
 -- Read the job row without locking it.
 SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds,
-       created_at, updated_at
+       created_at, updated_at, status_code, staging_report
 FROM import_jobs WHERE job_id = %(job_id)s;
 
 -- name: job_list
@@ -66,7 +66,7 @@ ON CONFLICT (job_id, wave_number) DO NOTHING;
 SELECT wave_number, record_type_id, record_type_name, dependency_level, status,
        total_batches, pending_batches, dispatched_batches, processing_batches,
        completed_batches, failed_batches, last_completed_at, first_dispatched_at,
-       dispatch_lag_seconds
+       dispatch_lag_seconds, rows_staged, rows_skipped, rows_planned, rows_written
 FROM wave_coordination WHERE job_id = %(job_id)s ORDER BY wave_number;
 
 -- name: job_snapshot
@@ -76,7 +76,8 @@ FROM wave_coordination WHERE job_id = %(job_id)s ORDER BY wave_number;
 SELECT w.wave_number, w.record_type_id, w.record_type_name, w.dependency_level, w.status,
        w.total_batches, w.pending_batches, w.dispatched_batches, w.processing_batches,
        w.completed_batches, w.failed_batches, w.last_completed_at, w.first_dispatched_at,
-       w.dispatch_lag_seconds, a.n AS awaiting_derivation
+       w.dispatch_lag_seconds, w.rows_staged, w.rows_skipped, w.rows_planned, w.rows_written,
+       a.n AS awaiting_derivation
 FROM wave_coordination w
 CROSS JOIN (
     SELECT count(*) AS n FROM (
@@ -220,13 +221,15 @@ WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispa
   AND status = 'processing';
 
 -- name: batch_complete
--- Record a completion for the current dispatch only; a second delivery updates nothing.
+-- Record a completion for the current dispatch only, with the row count the completing worker
+-- wrote in this same transaction; a second delivery updates nothing. Returns the batch's planned
+-- record_count: a worker whose count differs rolls this back and fails the batch (a data error).
 UPDATE wave_batches
 SET status = 'completed', completed_at = clock_timestamp(), last_error = NULL,
-    updated_at = clock_timestamp()
+    rows_written = %(rows_written)s, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
   AND status IN ('dispatched', 'processing')
-RETURNING wave_number, record_type_id;
+RETURNING wave_number, record_type_id, record_count;
 
 -- name: batch_fail
 -- Record a failed attempt for the current dispatch: back to pending, or failed when out of
@@ -408,6 +411,93 @@ WHERE job_id = %(job_id)s AND status = 'failed' ORDER BY id LIMIT %(limit)s;
 SELECT count(*) AS n FROM wave_batches b JOIN import_jobs j USING (job_id)
 WHERE j.status = 'running' AND b.record_type_id = ANY(%(derived_type_ids)s)
   AND b.status IN ('pending', 'dispatched', 'processing');
+
+-- name: job_set_outcome
+-- Record the job's status with its machine-readable code (NoStagingRecords,
+-- UncoveredStagingRows, RowCountMismatch, ...; '' for none); completed_at only on completion.
+UPDATE import_jobs
+SET status = %(status)s,
+    status_reason = %(reason)s,
+    status_code = %(code)s,
+    completed_at = CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END,
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s;
+
+-- name: job_set_staging_report
+-- Keep the planning's staging report (staged / uncovered rows per record type, first ids).
+UPDATE import_jobs SET staging_report = %(report)s, updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s;
+
+-- name: staging_first_ids
+-- The first record ids (in id order) of one record type's staging rows.
+SELECT record_id FROM staging_records
+WHERE job_id = %(job_id)s AND record_type_id = %(record_type_id)s
+ORDER BY record_id LIMIT %(limit)s;
+
+-- name: derived_uncovered
+-- Planning: staging rows of one derived type that no derived batch can ever cover (parent_id
+-- NULL, or naming no staged row of its parent types, or of the parent_record_type_id it names):
+-- how many, and the first ids. The parent is looked up by its whole primary key, one parent type
+-- at a time (with staging just loaded and not analyzed, `record_type_id = ANY(...)` let the
+-- planner pick the (job, type, parent) index and scan every parent per child: seconds).
+WITH orphans AS (
+    SELECT s.record_id FROM staging_records s
+    WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+      AND NOT EXISTS (
+          SELECT 1 FROM unnest(%(parent_type_ids)s::integer[]) AS pt(id)
+          JOIN staging_records p
+            ON p.job_id = s.job_id AND p.record_type_id = pt.id AND p.record_id = s.parent_id
+          WHERE s.parent_record_type_id IS NULL OR s.parent_record_type_id = pt.id)
+)
+SELECT (SELECT count(*) FROM orphans) AS n,
+       coalesce((SELECT array_agg(record_id ORDER BY record_id)
+                 FROM (SELECT record_id FROM orphans ORDER BY record_id LIMIT %(limit)s) f),
+                '{}') AS first_ids;
+
+-- name: wave_set_rows
+-- Planning: the wave's staged rows and the rows skipped as uncoverable (spec.uncoveredRows=Skip).
+UPDATE wave_coordination SET rows_staged = %(staged)s, rows_skipped = %(skipped)s,
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND record_type_id = %(record_type_id)s;
+
+-- name: rows_by_type
+-- The completion check's fresh look at rows, per record type, from the batch rows themselves
+-- (not the counters): rows planned (sum of record_count), rows the completing workers recorded,
+-- completed batches that recorded no count, and the wave's skipped rows.
+SELECT w.record_type_id, w.record_type_name, w.rows_skipped,
+       coalesce(sum(b.record_count), 0)::bigint AS planned,
+       coalesce(sum(b.rows_written) FILTER (WHERE b.status = 'completed'), 0)::bigint AS written,
+       count(*) FILTER (WHERE b.status = 'completed' AND b.rows_written IS NULL) AS uncounted
+FROM wave_coordination w
+LEFT JOIN wave_batches b ON b.job_id = w.job_id AND b.wave_number = w.wave_number
+WHERE w.job_id = %(job_id)s
+GROUP BY w.record_type_id, w.record_type_name, w.rows_skipped
+ORDER BY w.record_type_id;
+
+-- name: batch_rows_absent
+-- Reference worker: the ids of a main batch with no staging row any more (its planned count
+-- cannot be written), the first few.
+SELECT ids.id::bigint AS record_id
+FROM jsonb_array_elements_text(%(chunk)s::jsonb) AS ids(id)
+WHERE NOT EXISTS (
+    SELECT 1 FROM staging_records s
+    WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+      AND s.record_id = ids.id::bigint)
+ORDER BY 1 LIMIT 10;
+
+-- name: rows_counters_mismatch
+-- Verification: waves whose row counters disagree with their batch rows (must be none).
+SELECT w.wave_number, w.rows_planned, coalesce(b.planned, 0) AS actual_planned,
+       w.rows_written, coalesce(b.written, 0) AS actual_written
+FROM wave_coordination w
+LEFT JOIN (
+    SELECT wave_number, sum(record_count)::bigint AS planned,
+           coalesce(sum(rows_written), 0)::bigint AS written
+    FROM wave_batches WHERE job_id = %(job_id)s GROUP BY wave_number
+) b USING (wave_number)
+WHERE w.job_id = %(job_id)s
+  AND (w.rows_planned, w.rows_written)
+      IS DISTINCT FROM (coalesce(b.planned, 0)::bigint, coalesce(b.written, 0)::bigint);
 
 -- name: import_customers
 -- Reference worker: upsert a batch of customers from staging.

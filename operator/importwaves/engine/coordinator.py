@@ -31,6 +31,7 @@ from importwaves.engine.decide import decide
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.model import Decision, JobStatus, Outcome, Snapshot, WaveState
 from importwaves.engine.planner import plan
+from importwaves.engine.rows import Code, TypeRows, completion_problems
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
 from importwaves.launch.base import BatchDispatch, Launcher, LaunchFailure
@@ -100,30 +101,70 @@ class Coordinator:
             if job is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
             spec = ImportSpec.model_validate(job["spec"])
-            if job["planned_at"] is None:
-                plan(conn, job_id, spec)
-            created = prepare(conn, spec) if prepare is not None else derived.Created()
-            snap = read_snapshot(conn, job, spec)
-            if snap.awaiting_derivation:
-                # Level-based catch-up (a listener that died after its commit, a parent batch
-                # completed by a worker whose event never came): the snapshot, one instant, says
-                # whether any completed parent batch still lacks its derived batches. Read again
-                # after creating them, so the decision sees them.
-                created += derived.create_for_completed_parents(conn, job_id, spec)
+            verdict = plan(conn, job_id, spec, self.tenant) if job["planned_at"] is None else None
+            if verdict is not None and not verdict.ok:
+                # Not planned: the job stays unplanned and `invalid`; every run counts the
+                # staging rows again, so rows loaded (or fixed) later start the import.
+                refused = (job["status"], job["status_reason"]) != ("invalid", verdict.message)
+                if refused:
+                    conn.execute(
+                        Q("job_set_outcome"),
+                        {
+                            "job_id": job_id,
+                            "status": JobStatus.INVALID.value,
+                            "reason": verdict.message,
+                            "code": verdict.code.value,
+                        },
+                    )
+            else:
+                created = prepare(conn, spec) if prepare is not None else derived.Created()
                 snap = read_snapshot(conn, job, spec)
-            decision = decide(snap)
-            if decision.job_status == JobStatus.COMPLETED:
-                decision = self._verify_completion(conn, job_id, decision)
-            dispatched = self._dispatch(conn, job, spec, snap, decision)
-            if decision.job_status is not None and decision.job_status != snap.status:
-                conn.execute(
-                    Q("job_set_status"),
-                    {
-                        "job_id": job_id,
-                        "status": decision.job_status.value,
-                        "reason": decision.reason,
-                    },
+                if snap.awaiting_derivation:
+                    # Level-based catch-up (a listener that died after its commit, a parent batch
+                    # completed by a worker whose event never came): the snapshot, one instant, says
+                    # whether any completed parent batch still lacks its derived batches. Read again
+                    # after creating them, so the decision sees them.
+                    created += derived.create_for_completed_parents(conn, job_id, spec)
+                    snap = read_snapshot(conn, job, spec)
+                decision = decide(snap)
+                if decision.job_status == JobStatus.COMPLETED:
+                    decision = self._verify_completion(conn, job_id, decision)
+                dispatched = self._dispatch(conn, job, spec, snap, decision)
+                if decision.job_status is not None and decision.job_status != snap.status:
+                    conn.execute(
+                        Q("job_set_outcome"),
+                        {
+                            "job_id": job_id,
+                            "status": decision.job_status.value,
+                            "reason": decision.reason,
+                            "code": decision.code,
+                        },
+                    )
+        if verdict is not None and not verdict.ok:
+            if refused:
+                event(
+                    log,
+                    "job_invalid",
+                    logging.WARNING,
+                    job_id=job_id,
+                    tenant=self.tenant,
+                    code=verdict.code.value,
+                    reason=verdict.message,
                 )
+            self.flags.clear_monitoring(job_id)
+            return RunResult(
+                job_id,
+                Outcome.INVALID,
+                verdict.message,
+                decision=Decision(
+                    Outcome.INVALID,
+                    verdict.message,
+                    job_status=JobStatus.INVALID,
+                    keep_monitoring=False,
+                    code=verdict.code.value,
+                ),
+                seconds=time.perf_counter() - t0,
+            )
         result = RunResult(
             job_id,
             decision.outcome,
@@ -141,10 +182,24 @@ class Coordinator:
 
     # -- inside the transaction ----------------------------------------------------------------
     def _verify_completion(self, conn: Conn, job_id: str, decision: Decision) -> Decision:
-        """Decide "completed" only from a fresh look at the batch rows, in this transaction."""
+        """Decide "completed" only from a fresh look at the batch rows, in this transaction:
+        every batch completed, and per record type the rows the completing workers recorded
+        equal the rows planned, and the rows staged now equal the rows planned plus skipped."""
         rows = conn.execute(Q("unfinished_by_type"), {"job_id": job_id}).fetchall()
         if not rows:
-            return decision
+            problems = completion_problems(self._type_rows(conn, job_id))
+            if not problems:
+                return decision
+            text = "; ".join(problems)
+            event(log, "completion_rows_mismatch", logging.ERROR, job_id=job_id, problems=text)
+            return replace(
+                decision,
+                outcome=Outcome.FAILED,
+                job_status=JobStatus.FAILED,
+                reason=f"rows do not add up, not completing: {text}"[:4000],
+                keep_monitoring=False,
+                code=Code.ROW_COUNT_MISMATCH.value,
+            )
         left = ", ".join(f"{r['n']} {r['status']} of type {r['record_type_id']}" for r in rows)
         event(
             log, "completion_guard_counter_mismatch", logging.ERROR, job_id=job_id, unfinished=left
@@ -156,6 +211,35 @@ class Coordinator:
             reason=f"not completing: {left}",
             keep_monitoring=True,
         )
+
+    @staticmethod
+    def _type_rows(conn: Conn, job_id: str) -> list[TypeRows]:
+        """Fresh per-type rows: staged now, planned, written, skipped (record types the spec
+        does not list: their rows staged now against those skipped at planning)."""
+        staged = {
+            int(r["record_type_id"]): int(r["n"])
+            for r in conn.execute(Q("staging_counts"), {"job_id": job_id}).fetchall()
+        }
+        out = [
+            TypeRows(
+                int(r["record_type_id"]),
+                r["record_type_name"],
+                staged.pop(int(r["record_type_id"]), 0),
+                int(r["planned"]),
+                int(r["written"]),
+                int(r["rows_skipped"]),
+                int(r["uncounted"]),
+            )
+            for r in conn.execute(Q("rows_by_type"), {"job_id": job_id}).fetchall()
+        ]
+        job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+        report = (job or {}).get("staging_report") or {}
+        skipped = {
+            int(t["recordTypeId"]): int(t.get("skipped", 0)) for t in report.get("types", [])
+        }
+        for rid, n in sorted(staged.items()):
+            out.append(TypeRows(rid, "not in the spec", n, 0, 0, skipped.get(rid, 0)))
+        return out
 
     def _dispatch(
         self,
@@ -309,6 +393,10 @@ class Coordinator:
                 dispatched_batch_count=n,
                 cause=cause,
             )
+        if decision.job_status == JobStatus.COMPLETED and snap.status != JobStatus.COMPLETED:
+            # counted once: the run that recorded the completion, after its commit
+            for w in snap.waves:
+                metrics.ROWS_IMPORTED.labels(self.tenant, w.name).inc(w.rows_written)
         if decision.job_status is not None and decision.job_status != snap.status:
             event(
                 log,

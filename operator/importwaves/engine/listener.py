@@ -1,5 +1,9 @@
 """The batch-completed listener (seed A) and the DerivedWavesCreated listener (seed D).
 
+A notice is a prompt, never a record: a NOTIFY, a Job's success or a process exit 0 only makes
+the engine look at the database. A completion is recorded by the worker's own fenced transaction
+(worker.py); an exit 0 whose dispatch recorded none is a failed attempt (`on_worker_exited_ok`).
+
 Order matters: the completion is recorded and COMMITTED first; only then is the parent
 completion recomputed from the database, so the last parent batch always sees itself counted.
 The listener never skips the progression nudge, whatever the monitoring flag says.
@@ -32,6 +36,12 @@ from importwaves.spec import ImportSpec
 
 log = logging.getLogger("importwaves.listener")
 
+#: The failed attempt recorded when a worker exits 0 but its dispatch recorded no completion.
+EXIT_WITHOUT_COMPLETION = (
+    "worker exited 0 without recording its completion; see the worker contract (README: a "
+    "worker records its completion and row count itself, in its fenced transaction)"
+)
+
 
 class BatchCompletedListener:
     def __init__(
@@ -49,26 +59,56 @@ class BatchCompletedListener:
         self.coordinator = coordinator
 
     def on_completed(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
-        """A worker reported success (or its pod exited 0). Idempotent.
+        """A completion notice (a NOTIFY) names this batch: a prompt, never a record. Idempotent.
 
-        Fast path: the reference worker records its own completion in its transaction, so the
-        coordinator run reads the batch row under the job lock (no round trip before it). If the
-        completion is not recorded yet, the run is abandoned before it changes anything, the
-        completion is recorded and committed here (fenced by the dispatch sequence), and the run
-        is made again."""
-        try:
-            return self._derived_after_parent(job_id, batch_id, recorded_by="worker")
-        except _NotRecorded:
-            pass
-        ids = {"job_id": job_id, "batch_id": batch_id}
-        with self.pool.connection() as conn, conn.transaction():
-            recorded = conn.execute(
-                Q("batch_complete"), {**ids, "dispatch_seq": dispatch_seq}
-            ).fetchone()
-        # --- committed: the coordinator run below sees this completion ---
-        return self._derived_after_parent(
-            job_id, batch_id, recorded_by="listener" if recorded else "nobody (fenced)"
+        The coordinator run reads the batch row under the job lock; whatever the row says is
+        the truth. A completion is recorded only by the worker's own fenced transaction (with
+        its row count), so a forged notice changes nothing: the run finds the batch still
+        running and only looks for other work."""
+        return self._derived_after_parent(job_id, batch_id)
+
+    def on_worker_exited_ok(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
+        """A worker process (or its Job) for this dispatch exited 0. Its completion, if it did
+        the work, committed before it exited; if this dispatch is still dispatched or processing
+        it exited without recording one: a failed attempt (fenced by the dispatch sequence, so
+        a newer dispatch or a recorded result is never touched)."""
+        if not self.record_exit_without_completion(job_id, batch_id, dispatch_seq):
+            return self._derived_after_parent(job_id, batch_id)
+        return self.coordinator.check_and_trigger_next_wave(
+            job_id, cause="worker_exited_without_completion"
         )
+
+    def record_exit_without_completion(self, job_id: str, batch_id: str, dispatch_seq: int) -> bool:
+        """The exit-0 check alone: True when this dispatch had recorded no completion (or
+        failure) and a failed attempt was counted for it now."""
+        with self.pool.connection() as conn, conn.transaction():
+            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+            if job is None:
+                return False
+            spec = ImportSpec.model_validate(job["spec"])
+            row = conn.execute(
+                Q("batch_fail"),
+                {
+                    "job_id": job_id,
+                    "batch_id": batch_id,
+                    "dispatch_seq": dispatch_seq,
+                    "max_attempts": spec.max_attempts,
+                    "error": EXIT_WITHOUT_COMPLETION,
+                },
+            ).fetchone()
+        if row is None:
+            return False
+        event(
+            log,
+            "worker_exited_without_completion",
+            logging.WARNING,
+            job_id=job_id,
+            batch_id=batch_id,
+            dispatch_seq=dispatch_seq,
+            now=row["status"],
+            attempts=row["attempts"],
+        )
+        return True
 
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
         """A worker failed (or its pod did); counts an attempt unless the worker already did."""
@@ -120,7 +160,7 @@ class BatchCompletedListener:
         # The next timer tick or completion re-dispatches; no recursion from inside a launch.
 
     # -- seed A: post-commit derived initialization ---------------------------------------------
-    def _derived_after_parent(self, job_id: str, batch_id: str, recorded_by: str) -> RunResult:
+    def _derived_after_parent(self, job_id: str, batch_id: str) -> RunResult:
         """The coordinator run for a completion, after its commit. For a parent batch, derived
         batches are created first in that run's transaction (under the job lock), for it and
         for any other completed parent batch still without them; the run then recomputes parent
@@ -135,8 +175,6 @@ class BatchCompletedListener:
             ).fetchone()
             if batch is None:
                 return derived.Created()
-            if batch["status"] not in ("completed", "failed") and recorded_by == "worker":
-                raise _NotRecorded(batch_id)  # rolls the run back: nothing was changed yet
             status = batch["status"]
             parent = batch["record_type_id"] in spec.derived_parent_type_ids()
             if not parent or batch["status"] != "completed":
@@ -176,22 +214,18 @@ class BatchCompletedListener:
             if result.outcome == Outcome.NOT_FOUND:
                 return result
             return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
-        # counted once the run that read the batch has committed
-        metrics.COMPLETIONS.labels(self.tenant).inc()
+        if status == "completed":
+            # counted once the run that read the batch has committed
+            metrics.COMPLETIONS.labels(self.tenant).inc()
         event(
             log,
-            "batch_completed",
+            "batch_completed" if status == "completed" else "batch_notice_not_completed",
             logging.DEBUG,
             job_id=job_id,
             batch_id=batch_id,
-            recorded_by=recorded_by,
             status=status,
         )
         return result
-
-
-class _NotRecorded(Exception):
-    """The worker's completion is not in the database (yet): take the recording path."""
 
 
 class DerivedWavesCreatedListener:

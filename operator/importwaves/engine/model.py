@@ -15,6 +15,8 @@ class JobStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     SUSPENDED = "suspended"
+    #: planning refused (no staging rows, or rows no batch can cover); re-tried every run
+    INVALID = "invalid"
 
 
 class Outcome(StrEnum):
@@ -28,6 +30,7 @@ class Outcome(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     SUSPENDED = "suspended"
+    INVALID = "invalid"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,12 @@ class WaveState:
     failed: int = 0
     first_dispatched_at: datetime | None = None
     last_completed_at: datetime | None = None
+    #: rows: staged at planning, skipped (uncoverable, uncoveredRows: Skip), planned (sum of the
+    #: batches' record counts) and written (sum of the row counts their workers recorded)
+    rows_staged: int = 0
+    rows_skipped: int = 0
+    rows_planned: int = 0
+    rows_written: int = 0
 
     @property
     def active(self) -> int:
@@ -156,3 +165,5 @@ class Decision:
     keep_monitoring: bool = True
     #: derived waves whose gate is open (their derived-ready flag is set)
     derived_ready: tuple[int, ...] = field(default=())
+    #: machine-readable reason recorded with job_status (engine/rows.py Code values)
+    code: str = ""

@@ -28,6 +28,10 @@ def _wave(r: dict[str, Any]) -> WaveState:
         failed=r["failed_batches"],
         first_dispatched_at=r["first_dispatched_at"],
         last_completed_at=r["last_completed_at"],
+        rows_staged=int(r.get("rows_staged") or 0),
+        rows_skipped=int(r.get("rows_skipped") or 0),
+        rows_planned=int(r.get("rows_planned") or 0),
+        rows_written=int(r.get("rows_written") or 0),
     )
 
 

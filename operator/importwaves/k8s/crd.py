@@ -277,6 +277,28 @@ def status_schema() -> dict[str, Any]:
                 "type": "number",
                 "description": "Most recent wave dispatch lag.",
             },
+            "rows": {
+                "type": "object",
+                "description": "Rows per record type (by name): staged at planning, imported "
+                "(recorded by the workers that completed the batches) and skipped "
+                "(uncoveredRows: Skip).",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "staged": {"type": "integer", "format": "int64", "description": "Staged."},
+                        "imported": {
+                            "type": "integer",
+                            "format": "int64",
+                            "description": "Imported.",
+                        },
+                        "skipped": {
+                            "type": "integer",
+                            "format": "int64",
+                            "description": "Skipped.",
+                        },
+                    },
+                },
+            },
             "handledReconcile": {
                 "type": "string",
                 "description": "Last handled value of the importwaves.io/reconcile annotation.",

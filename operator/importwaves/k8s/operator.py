@@ -317,6 +317,7 @@ class ImportJobOperator:
             "completed": Outcome.COMPLETED,
             "failed": Outcome.FAILED,
             "suspended": Outcome.SUSPENDED,
+            "invalid": Outcome.INVALID,
         }.get(job["status"], Outcome.IN_PROGRESS)
         return JobView(
             job_id,
@@ -325,6 +326,8 @@ class ImportJobOperator:
             job["status_reason"],
             job["last_dispatch_lag_seconds"],
             tuple(f"{r['batch_id']}: {r['last_error'] or 'no error recorded'}" for r in failed),
+            job.get("status_code") or "",
+            job.get("staging_report"),
         )
 
     # -- worker Jobs -----------------------------------------------------------------------------
@@ -510,8 +513,8 @@ class ImportJobOperator:
     def _record(
         self, engine: Engine, job_id: str, batch_id: str, seq: int, ok: bool, message: str
     ) -> RunResult:
-        if ok:
-            return engine.listener.on_completed(job_id, batch_id, seq)
+        if ok:  # a prompt: the worker's own transaction must have recorded the completion
+            return engine.listener.on_worker_exited_ok(job_id, batch_id, seq)
         return engine.listener.on_failed(job_id, batch_id, seq, message)
 
     def _failure_message(self, namespace: str, job: str, succeeded: bool, message: str) -> str:
@@ -722,8 +725,8 @@ class ImportJobOperator:
             self._prompts.submit(self._prompted, engine, c)
 
     def _prompted(self, engine: Engine, c: Completion) -> None:
-        """Record it (idempotent), let the coordinator dispatch what it unblocks, and report
-        those dispatches as Events."""
+        """A completion notice: let the coordinator look at the database (the notice records
+        nothing), dispatch what the recorded state unblocks, and report those as Events."""
         try:
             result = engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
         except psycopg.Error:

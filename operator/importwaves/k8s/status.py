@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from importwaves.engine.model import JobStatus, Outcome, Snapshot
+from importwaves.engine.rows import rows_by_name
 
 
 class Cond(StrEnum):
@@ -59,6 +60,10 @@ class JobView:
     last_dispatch_lag_seconds: float | None = None
     #: "<batch id>: <last error>" of the first few batches out of attempts
     failed_errors: tuple[str, ...] = ()
+    #: the job's machine-readable status code (engine/rows.py Code: NoStagingRecords, ...)
+    code: str = ""
+    #: the planning's staging report (rows per record type; kept even when nothing was planned)
+    staging_report: dict[str, Any] | None = None
 
 
 def now_iso(now: datetime | None = None) -> str:
@@ -114,6 +119,18 @@ def compute_status(
         conds = set_condition(
             conds, Cond.INVALID, True, problem.kind.value, problem.message, generation, now
         )
+    elif view is not None and view.snapshot.status == JobStatus.INVALID:
+        # Planning refused (no staging rows, or rows no batch can cover): the import's data,
+        # not the spec's shape, is invalid; the engine counts again on every reconcile.
+        conds = set_condition(
+            conds,
+            Cond.INVALID,
+            True,
+            view.code or "InvalidImport",
+            view.reason,
+            generation,
+            now,
+        )
     else:
         conds = set_condition(
             conds,
@@ -157,6 +174,7 @@ _OWN_FIELDS = {
     "failedBatches",
     "activeBatches",
     "lastDispatchLagSeconds",
+    "rows",
     "handledReconcile",
     "handledRetryFailed",
 }
@@ -178,14 +196,31 @@ def _from_view(
     status = snap.status
 
     completed = status == JobStatus.COMPLETED
+    invalid = status == JobStatus.INVALID
+    rows = rows_by_name(snap.waves, view.staging_report)
+    if completed:
+        done_msg = "Every batch of every wave, derived included, completed; every staged row " + (
+            "imported: "
+            + ", ".join(
+                f"{name} {r.imported}/{r.staged}" + (f" ({r.skipped} skipped)" if r.skipped else "")
+                for name, r in rows.items()
+            )
+            + "."
+        )
     conds = set_condition(
         conds,
         Cond.COMPLETED,
         completed,
-        "AllWavesCompleted" if completed else "WavesRemaining",
-        "Every batch of every wave, derived included, completed."
+        "AllWavesCompleted"
         if completed
-        else f"{batches_total - batches_done} of {batches_total} batch(es) not completed yet.",
+        else (view.code if view.code and status != JobStatus.RUNNING else "WavesRemaining"),
+        done_msg
+        if completed
+        else (
+            view.reason[:1].upper() + view.reason[1:] + "."
+            if invalid
+            else f"{batches_total - batches_done} of {batches_total} batch(es) not completed yet."
+        ),
         gen,
         now,
     )
@@ -214,6 +249,7 @@ def _from_view(
             JobStatus.COMPLETED: "Finished",
             JobStatus.FAILED: "Stopped",
             JobStatus.SUSPENDED: "Suspended",
+            JobStatus.INVALID: "Invalid",
         }[status],
         view.reason[:1].upper() + view.reason[1:] + "." if view.reason else "",
         gen,
@@ -224,14 +260,20 @@ def _from_view(
         conds,
         Cond.FAILED,
         is_failed,
-        "BatchesFailed" if is_failed else ("BatchRetriesExhausted" if failed else "NoFailures"),
+        (view.code or "BatchesFailed")
+        if is_failed
+        else ("BatchRetriesExhausted" if failed else "NoFailures"),
         (
             f"{failed} batch(es) failed after their last attempt"
             + (f" ({'; '.join(view.failed_errors)})"[:1500] if view.failed_errors else "")
             + "; annotate importwaves.io/retry-failed=<new value> to retry them."
         )
         if failed
-        else "No batch has run out of attempts.",
+        else (
+            view.reason[:1].upper() + view.reason[1:] + "."
+            if is_failed and view.reason
+            else "No batch has run out of attempts."
+        ),
         gen,
         now,
     )
@@ -256,6 +298,10 @@ def _from_view(
         "derivedPending": derived_pending,
         "failedBatches": failed,
         "activeBatches": snap.active,
+        "rows": {
+            name: {"staged": r.staged, "imported": r.imported, "skipped": r.skipped}
+            for name, r in rows.items()
+        },
     }
     if view.last_dispatch_lag_seconds is not None:
         fields["lastDispatchLagSeconds"] = round(view.last_dispatch_lag_seconds, 4)

@@ -25,14 +25,21 @@ class Finished:
 
 
 class LocalLauncher:
-    """Runs `python -m importwaves.worker` per batch with the worker contract's env."""
+    """Runs `python -m importwaves.worker` (or `command`, a custom worker) per batch with the
+    worker contract's env."""
 
     def __init__(
-        self, dsn: str, *, python: str = sys.executable, extra_env: dict[str, str] | None = None
+        self,
+        dsn: str,
+        *,
+        python: str = sys.executable,
+        extra_env: dict[str, str] | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.dsn = dsn
         self.python = python
         self.extra_env = dict(extra_env or {})
+        self.command = list(command) if command else [python, "-m", "importwaves.worker"]
         self._running: dict[tuple[str, str], tuple[BatchDispatch, subprocess.Popen[str]]] = {}
 
     def launch(
@@ -51,7 +58,7 @@ class LocalLauncher:
             }
             try:
                 proc = subprocess.Popen(
-                    [self.python, "-m", "importwaves.worker"],
+                    self.command,
                     env=env,
                     text=True,
                     stdin=subprocess.DEVNULL,
