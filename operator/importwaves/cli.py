@@ -533,6 +533,11 @@ def _check_tenant(
                 + f"): run `importwaves migrate up --tenant {tenant}` first"
             )
     gone = m.missing_tables(conn, tenant, tables)
+    if gone and not m.applied(conn, tenant):
+        raise _fail(
+            f"tenant schema {tenant!r} was never migrated (no table {', '.join(gone)}): run "
+            f"`importwaves migrate up --tenant {tenant}` first"
+        )
     if gone:
         raise _fail(
             f"tenant schema {tenant!r} has no table {', '.join(gone)} though its migrations are "
