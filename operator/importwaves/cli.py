@@ -224,6 +224,7 @@ def _reconcile_cluster_object(ref: str, wait_s: float) -> None:
     import time
 
     from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
 
     from importwaves.k8s.crd import GROUP, PLURAL, VERSION
     from importwaves.k8s.jobs import ANN_RECONCILE
@@ -231,18 +232,28 @@ def _reconcile_cluster_object(ref: str, wait_s: float) -> None:
     namespace, _, name = ref.partition("/")
     if not name:
         raise click.UsageError("--importjob takes NAMESPACE/NAME")
-    config.load_kube_config()  # type: ignore[no-untyped-call]
+    try:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    except (config.ConfigException, OSError) as exc:
+        raise _fail(f"--importjob: cannot load a kubeconfig: {exc}") from None
     api = client.CustomObjectsApi()
     value = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    api.patch_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        name,
-        {"metadata": {"annotations": {ANN_RECONCILE: value}}},
-        _content_type="application/merge-patch+json",
-    )
+    try:
+        api.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"metadata": {"annotations": {ANN_RECONCILE: value}}},
+            _content_type="application/merge-patch+json",
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            raise _fail(f"no ImportJob {ref} (or no ImportJob CRD in this cluster)") from None
+        raise _fail(
+            f"--importjob {ref}: the API server refused: {exc.status} {exc.reason}"
+        ) from None
     click.echo(f"annotated {ref} with {ANN_RECONCILE}={value}; waiting for the operator")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:

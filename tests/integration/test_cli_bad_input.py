@@ -247,6 +247,19 @@ def cases(w: World) -> list[Case]:
         Case("reconcile without --dsn", ("reconcile", "job", *t), 2, "--dsn"),
         Case("unknown command", ("frobnicate",), 2, "frobnicate"),
         Case(
+            "reconcile --importjob without a kubeconfig",
+            ("reconcile", "--importjob", "default/demo"),
+            1,
+            "cannot load a kubeconfig",
+            env=(("KUBECONFIG", "/nonexistent/kubeconfig"),),
+        ),
+        Case(
+            "reconcile --importjob without a namespace",
+            ("reconcile", "--importjob", "demo"),
+            2,
+            "--importjob takes NAMESPACE/NAME",
+        ),
+        Case(
             "status: --redis-url not a URL",
             ("status", "job", *t, *db, "--redis-url", f"nope:{PASSWORD}"),
             2,
