@@ -58,6 +58,14 @@ MONITORING = [
     "--set",
     "metrics.grafanaDashboard.enabled=true",
 ]
+#: What `helm template` needs to render MONITORING without a cluster that has the Prometheus
+#: Operator's CRDs (the chart fails without them: test_chart_refuses_with_a_hint).
+MONITORING_APIS = [
+    "--api-versions",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "--api-versions",
+    "monitoring.coreos.com/v1/PrometheusRule",
+]
 SEED_METRICS = (
     "importwaves_wave_stuck_detection_total",
     "importwaves_queue_active_jobs",
@@ -199,9 +207,23 @@ def _wait(fn: Any, timeout: float, what: str, interval: float = 1.0) -> Any:
     [
         [],
         ["--set", "watchNamespaces={imports,imports-b}"],
-        [*MONITORING, "--set", "redis.existingSecret=redis", "--set", "peering.enabled=false"],
+        # monitoring on fails without the Prometheus Operator's CRDs (helm lint knows only the
+        # built-in kinds and takes no --api-versions): rendered with them in
+        # test_chart_template_validated_by_api_server
+        [
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+            "--set",
+            "redis.existingSecret=redis",
+            "--set",
+            "peering.enabled=false",
+            "--set",
+            "resources.limits.cpu=1.5",
+            "--set",
+            "resources.requests.memory=1e3",
+        ],
     ],
-    ids=["default", "namespaced", "monitoring"],
+    ids=["default", "namespaced", "dashboard-secret-quantities"],
 )
 def test_chart_lint_strict(k8s_cluster: Cluster, values: list[str]) -> None:
     out = k8s_cluster.helm("lint", "--strict", str(CHART), *values).stdout
@@ -215,7 +237,10 @@ def test_chart_lint_strict(k8s_cluster: Cluster, values: list[str]) -> None:
         ("replicaCuont=1", "additional properties 'replicaCuont' not allowed"),
         ("operator.timerIntreval=3", "additional properties 'timerIntreval' not allowed"),
         ("replicaCount=2", "/replicaCount"),
-        ("redis.url=redis://:secret@redis:6379/0", "/redis/url"),
+        ("redis.url=http://redis:6379/0", "/redis/url"),
+        ("resources.limits.memory=lots", "/resources/limits/memory"),
+        ("resources.requests.cpu=-1", "/resources/requests/cpu"),
+        ("resources.requests.memory=1 Gi", "/resources/requests/memory"),
         ("watchNamespaces={Bad_NS}", "/watchNamespaces/0"),
         ("operator.logLevel=LOUD", "/operator/logLevel"),
     ],
@@ -225,6 +250,62 @@ def test_chart_values_schema_rejects(k8s_cluster: Cluster, value: str, error: st
     assert proc.returncode != 0, proc.stdout[:500]
     assert "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
     assert error in proc.stderr, proc.stderr
+
+
+PROMETHEUS_HINT = "install the Prometheus Operator"
+SECRET_HINT = "set redis.existingSecret"
+
+
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        (["metrics.serviceMonitor.enabled=true"], "metrics.serviceMonitor.enabled=true needs"),
+        (["metrics.prometheusRule.enabled=true"], "metrics.prometheusRule.enabled=true needs"),
+        (["redis.url=redis://:s3cretPw@redis:6379/0"], SECRET_HINT),
+        (["redis.url=redis://user:s3cretPw@redis:6379/0"], SECRET_HINT),
+        (["redis.url=rediss://redis:6379/0?password=s3cretPw"], SECRET_HINT),
+    ],
+    ids=["serviceMonitor", "prometheusRule", "redis-password", "redis-user", "redis-query"],
+)
+def test_chart_refuses_with_a_hint(k8s_cluster: Cluster, values: list[str], says: str) -> None:
+    """Values the schema cannot explain fail with what to do: `helm template` (no cluster: no
+    Prometheus Operator kinds) and a real `helm install` into the test cluster (which has no
+    Prometheus Operator CRDs either); the install leaves no release and no namespace objects,
+    and the Redis password is never echoed."""
+    sets = [a for v in values for a in ("--set", v)]
+    proc = k8s_cluster.helm("template", "x", str(CHART), *sets, check=False)
+    assert proc.returncode != 0, proc.stdout[:500]
+    assert says in proc.stderr, proc.stderr
+    assert "s3cretPw" not in proc.stderr + proc.stdout
+    hint = PROMETHEUS_HINT if "metrics." in values[0] else "kubectl create secret generic"
+    assert hint in proc.stderr, proc.stderr
+
+    ns = f"iwfail-{_uid()}"
+    k8s_cluster.kubectl("create", "namespace", ns)
+    try:
+        proc = k8s_cluster.helm(
+            "install", "iwfail", str(CHART), "-n", ns, *sets, "--timeout=60s", check=False
+        )
+        assert proc.returncode != 0, proc.stdout[:500]
+        assert says in proc.stderr, proc.stderr
+        assert "no matches for kind" not in proc.stderr, proc.stderr
+        assert "s3cretPw" not in proc.stderr + proc.stdout
+        releases = json.loads(k8s_cluster.helm("list", "-n", ns, "-a", "-o", "json").stdout)
+        assert releases == [], releases
+        left = k8s_cluster.kubectl(
+            "get", "deployments,services,serviceaccounts,secrets", "-n", ns, "-o", "name"
+        ).stdout.split()
+        assert [o for o in left if "iwfail" in o] == [], left
+    finally:
+        k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_chart_monitoring_renders_with_the_prometheus_operator_kinds(k8s_cluster: Cluster) -> None:
+    """With the kinds known (`--api-versions`, as a cluster with the CRDs reports them), the same
+    values render the ServiceMonitor and PrometheusRule."""
+    docs = _template(k8s_cluster, "default", *MONITORING, *MONITORING_APIS)
+    kinds = sorted(d["kind"] for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/"))
+    assert kinds == ["PrometheusRule", "ServiceMonitor"]
 
 
 # -- rendering, validated by the API server ------------------------------------------------------
@@ -268,6 +349,7 @@ def test_chart_template_validated_by_api_server(k8s_cluster: Cluster) -> None:
             "--set",
             "redis.existingSecret=redis-url",
             *MONITORING,
+            *MONITORING_APIS,
         )
         monitoring = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
         _server_dry_run(k8s_cluster, [d for d in docs if d not in monitoring])

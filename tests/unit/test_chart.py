@@ -153,6 +153,94 @@ def test_values_table_detects_an_undocumented_value(tmp_path: Path) -> None:
     assert missing == ["priorityClassName"]
 
 
+def _with(path: str, value: Any) -> dict[str, Any]:
+    """The default values with one value (a dotted path) set, as `--set path=value` would."""
+    values = copy.deepcopy(VALUES)
+    *parents, leaf = path.split(".")
+    node = values
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return values
+
+
+GOOD_QUANTITIES = ["100m", "1", 1, 0.5, "1.5", "256Mi", "1Gi", "2G", "1e3", "0", ".5", 0]
+BAD_QUANTITIES = ["lots", "", "1 Gi", "256MB", "-1", -1, "1.2.3", "Mi", "1gi", True, None]
+
+
+@pytest.mark.parametrize(
+    "field", ["limits.memory", "limits.cpu", "requests.memory", "requests.cpu"]
+)
+@pytest.mark.parametrize("value", GOOD_QUANTITIES, ids=repr)
+def test_schema_accepts_kubernetes_quantities(field: str, value: Any) -> None:
+    jsonschema.validate(_with(f"resources.{field}", value), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "field", ["limits.memory", "limits.cpu", "requests.memory", "requests.cpu"]
+)
+@pytest.mark.parametrize("value", BAD_QUANTITIES, ids=repr)
+def test_schema_refuses_what_is_not_a_quantity(field: str, value: Any) -> None:
+    with pytest.raises(jsonschema.ValidationError) as info:
+        jsonschema.validate(_with(f"resources.{field}", value), SCHEMA)
+    assert list(info.value.absolute_path) == ["resources", *field.split(".")]
+
+
+def test_schema_quantity_applies_to_every_resource_name() -> None:
+    """Any resource name (ephemeral-storage, hugepages-2Mi, a device) takes a quantity too."""
+    jsonschema.validate(_with("resources.limits.ephemeral-storage", "1Gi"), SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(_with("resources.limits.ephemeral-storage", "big"), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("", True),
+        ("redis://redis-master.redis.svc:6379/0", True),
+        ("rediss://redis:6380/1", True),
+        ("unix:///run/redis.sock", True),
+        ("http://redis:6379", False),
+        ("redis://redis :6379", False),
+        ("redis-master:6379", False),
+    ],
+)
+def test_schema_redis_url_shape(url: str, ok: bool) -> None:
+    """The schema checks the URL's shape; credentials in it are refused by the template with a
+    hint to redis.existingSecret (tests/e2e/test_chart.py test_chart_refuses_with_a_hint),
+    because a schema error can carry no hint and Helm's echoes the value, password included."""
+    if ok:
+        jsonschema.validate(_with("redis.url", url), SCHEMA)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(_with("redis.url", url), SCHEMA)
+
+
+def test_schema_and_template_point_a_credentialed_redis_url_to_existing_secret() -> None:
+    assert (
+        "redis.existingSecret" in SCHEMA["properties"]["redis"]["properties"]["url"]["description"]
+    )
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    check = helpers[helpers.index('define "importwaves.validateValues"') :]
+    assert 'regexMatch "(?i)(@|[?&]password=)" .Values.redis.url' in check
+    assert "set redis.existingSecret" in check
+    assert (
+        '{{- include "importwaves.validateValues" . -}}'
+        in (CHART / "templates" / "deployment.yaml").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "kind"),
+    [("servicemonitor.yaml", "ServiceMonitor"), ("prometheusrule.yaml", "PrometheusRule")],
+)
+def test_monitoring_templates_check_the_prometheus_operator_kinds(template: str, kind: str) -> None:
+    text = (CHART / "templates" / template).read_text()
+    assert f'include "importwaves.requirePrometheusOperator" (list . "{kind}"' in text
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert '.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind)' in helpers
+
+
 # -- templates ---------------------------------------------------------------------------------
 def test_every_rbac_rule_says_framework_or_application() -> None:
     """Each rule in the RBAC templates is preceded by a comment naming who needs it."""

@@ -142,3 +142,27 @@ Argument: dict "root" (the chart context) "resource" (clusterkopfpeerings | kopf
   verbs: ["patch"]
 {{- end }}
 {{- end }}
+
+{{/*
+Fail at install, with what to do, when a monitoring object's kind is unknown to the cluster (the
+Prometheus Operator's CRDs are not installed): otherwise the install fails later with `no matches
+for kind "ServiceMonitor"` and leaves a failed release. Called with (list $ "Kind" "value.path").
+*/}}
+{{- define "importwaves.requirePrometheusOperator" -}}
+{{- $root := index . 0 -}}
+{{- $kind := index . 1 -}}
+{{- $value := index . 2 -}}
+{{- if not ($root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind)) -}}
+{{- fail (printf "%s=true needs the Prometheus Operator's %s CRD (monitoring.coreos.com/v1), which this cluster does not have: install the Prometheus Operator (e.g. kube-prometheus-stack) first, or set %s=false (with `helm template`, pass --api-versions monitoring.coreos.com/v1/%s)" $value $kind $value $kind) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks values.schema.json cannot explain: a redis.url holding credentials is refused with a hint
+to redis.existingSecret (the URL itself is never echoed: it holds a password).
+*/}}
+{{- define "importwaves.validateValues" -}}
+{{- if regexMatch "(?i)(@|[?&]password=)" .Values.redis.url -}}
+{{- fail "redis.url must not hold credentials (they would be stored in plain text in the release and the Deployment): put the full URL in a Secret (kubectl create secret generic redis --from-literal=url='redis://:PASSWORD@host:6379/0') and set redis.existingSecret=redis (the key is redis.existingSecretKey, default url)" -}}
+{{- end -}}
+{{- end -}}

@@ -133,3 +133,24 @@ def down(conn: psycopg.Connection[Any], schema: str, target: int = 0) -> list[Mi
 
 def _first(row: Any) -> Any:
     return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """Whether the tenant schema exists at all (the CLI checks before it reads or writes)."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s) AS present", (schema,)
+    ).fetchone()
+    return bool(row and _first(row))
+
+
+def missing_tables(
+    conn: psycopg.Connection[Any], schema: str, tables: tuple[str, ...]
+) -> list[str]:
+    """Which of `tables` do not exist in `schema`, in the order given (a table dropped by hand
+    from a migrated schema: its migration is still recorded as applied)."""
+    rows = conn.execute(
+        "SELECT t FROM unnest(%s::text[]) WITH ORDINALITY AS x(t, i) "
+        "WHERE to_regclass(format('%%I.%%I', %s::text, t)) IS NULL ORDER BY i",
+        (list(tables), schema),
+    ).fetchall()
+    return [str(_first(r)) for r in rows]
