@@ -47,7 +47,14 @@ from importwaves.k8s.jobs import (
     pod_failure_message,
     read_job,
 )
-from importwaves.k8s.status import JobView, Problem, ProblemKind, compute_status, now_iso
+from importwaves.k8s.status import (
+    JobView,
+    Problem,
+    ProblemKind,
+    compute_status,
+    now_iso,
+    status_patch,
+)
 from importwaves.launch.base import BatchDispatch
 from importwaves.launch.kubernetes import KubernetesLauncher
 from importwaves.log import event
@@ -272,7 +279,7 @@ class ImportJobOperator:
                 problem=problem,
             )
             new.update(extra or {})
-            changed = {k: v for k, v in new.items() if old.get(k) != v}
+            changed = status_patch(old, new)
             if not changed:
                 return old, new
             try:
