@@ -44,8 +44,8 @@ from importwaves.k8s.crd import ImportJobSpec
 from importwaves.localdev import free_port
 from importwaves.verify import verify_import
 
-from .cluster import REPO_ROOT, Cluster, ClusterError
-from .localkubelet import LocalKubelet
+from .harness.cluster import REPO_ROOT, Cluster, ClusterError
+from .harness.localkubelet import LocalKubelet
 
 CHART = REPO_ROOT / "charts" / "importwaves"
 EXAMPLE = REPO_ROOT / "examples" / "importjob.yaml"
