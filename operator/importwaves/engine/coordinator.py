@@ -29,6 +29,7 @@ from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.decide import decide
 from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import Decision, JobStatus, Outcome, Snapshot, WaveState
 from importwaves.engine.planner import plan
 from importwaves.engine.rows import Code, TypeRows, completion_problems
@@ -97,10 +98,10 @@ class Coordinator:
         derived batches in this run, for the DerivedWavesCreated event."""
         t0 = time.perf_counter()
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id, lock=True)
+            if loaded is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-            spec = ImportSpec.model_validate(job["spec"])
+            job, spec = loaded
             verdict = plan(conn, job_id, spec, self.tenant) if job["planned_at"] is None else None
             if verdict is not None and not verdict.ok:
                 # Not planned: the job stays unplanned and `invalid`; every run counts the

@@ -28,6 +28,7 @@ from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import Outcome
 from importwaves.flags import Flags
 from importwaves.launch.base import LaunchFailure
@@ -82,10 +83,10 @@ class BatchCompletedListener:
         """The exit-0 check alone: True when this dispatch had recorded no completion (or
         failure) and a failed attempt was counted for it now."""
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id)
+            if loaded is None:
                 return False
-            spec = ImportSpec.model_validate(job["spec"])
+            spec = loaded.spec
             row = conn.execute(
                 Q("batch_fail"),
                 {
@@ -113,10 +114,10 @@ class BatchCompletedListener:
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
         """A worker failed (or its pod did); counts an attempt unless the worker already did."""
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id)
+            if loaded is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-            spec = ImportSpec.model_validate(job["spec"])
+            spec = loaded.spec
             row = conn.execute(
                 Q("batch_fail"),
                 {
@@ -143,10 +144,10 @@ class BatchCompletedListener:
     def on_launch_failure(self, failure: LaunchFailure) -> None:
         b = failure.batch
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_get"), {"job_id": b.job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, b.job_id)
+            if loaded is None:
                 return
-            spec = ImportSpec.model_validate(job["spec"])
+            spec = loaded.spec
             conn.execute(
                 Q("batch_fail"),
                 {

@@ -16,10 +16,10 @@ from importwaves import metrics
 from importwaves.db.connect import Conn
 from importwaves.db.queries import Q
 from importwaves.engine.coordinator import Coordinator, RunResult
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import JobStatus
 from importwaves.flags import Flags
 from importwaves.log import event
-from importwaves.spec import ImportSpec
 
 log = logging.getLogger("importwaves.recovery")
 
@@ -46,11 +46,11 @@ class Recovery:
     def reconcile(self, job_id: str, *, cause: str = "reconcile") -> RecoveryReport:
         report = RecoveryReport(job_id)
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id, lock=True)
+            if loaded is None:
                 report.actions.append(f"no job {job_id!r} in tenant {self.tenant!r}")
                 return report
-            spec = ImportSpec.model_validate(job["spec"])
+            job, spec = loaded
             params = {
                 "job_id": job_id,
                 "stale_after": spec.staleAfterSeconds,
