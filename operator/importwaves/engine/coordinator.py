@@ -14,7 +14,6 @@ are decided on (and dispatched) under the same lock, in one transaction, with on
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -294,7 +293,7 @@ class Coordinator:
                 return max(w.last_completed_at or job["planned_at"] for w in earlier)
             return job["planned_at"]  # type: ignore[no-any-return]
         gate = next(g for g in snap.gates if g.wave_number == wave.wave_number)
-        k = math.ceil(gate.threshold * gate.parent_total / 100)
+        k = gate.parents_needed
         if k <= 0:
             return job["planned_at"]  # type: ignore[no-any-return]
         dt = next(d for d in spec.derivedTypes if d.recordTypeId == wave.record_type_id)
