@@ -56,7 +56,7 @@ class Engine:
             tenant, self.pool, self.flags, self.bus, self.coordinator
         )
         self.coordinator.on_launch_failure = self.listener.on_launch_failure
-        self.recovery = Recovery(tenant, self.pool, self.flags, self.coordinator)
+        self.recovery = Recovery(tenant, self.pool, self.flags, self.bus, self.coordinator)
         self.bus.subscribe(DerivedWavesCreated, DerivedWavesCreatedListener(self.coordinator))
         self._schema_ready = False
 

@@ -232,9 +232,10 @@ class BatchCompletedListener:
 class DerivedWavesCreatedListener:
     """Seed D: derived creation nudges the coordinator at once, not at the next tick.
 
-    The engine creates derived batches only inside coordinator runs, which decide with them
-    included before they commit (evt.decided): that run was the nudge. Batches created any other
-    way get a coordinator run here."""
+    Derived batches created inside a coordinator run are decided on by that run before it
+    commits (evt.decided): that run was the nudge. Batches created outside a run (recovery's
+    reconcile and sweep, engine/recovery.py, for completed parents that lacked them; or any other
+    producer that emits decided=False) get a coordinator run here, at once."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
