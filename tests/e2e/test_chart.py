@@ -106,7 +106,7 @@ def _namespaced_rules(peering_kind: str, peering_name: str) -> set[Any]:
         _expand("importwaves.io", ["importjobs"], ["get", "list", "watch", "patch"])
         | _expand("importwaves.io", ["importjobs/status"], ["patch"])
         | _expand("batch", ["jobs"], ["list", "watch", "create", "delete"])
-        | _expand("", ["pods"], ["get", "list"])
+        | _expand("", ["pods"], ["list"])
         | _expand("", ["secrets"], ["get"])
         | _expand("", ["events"], ["create"])
         | _expand("kopf.dev", [peering_kind], ["list", "watch"])
