@@ -1,5 +1,5 @@
 """Row 5: the operator on the real test cluster (kube-apiserver + controllers from `make testbin`
-via tests/e2e/cluster.py, worker pods run as local processes by the e2e local kubelet, the
+via tests/e2e/harness/cluster.py, worker pods run as local processes by the e2e local kubelet, the
 bench's PostgreSQL). `row()` runs the three parts on one cluster, each in its own namespace with
 its own operator process (`importwaves run --standalone --namespace NS`, as the e2e tests start
 it; no Redis; the default 10 s timer):
@@ -58,8 +58,8 @@ class Kube:
     """The e2e cluster (kwokctl, binary runtime) with its local kubelet and the CRDs."""
 
     def __init__(self, workdir: Path) -> None:
-        from tests.e2e.cluster import Cluster, testbin_dir
-        from tests.e2e.localkubelet import LocalKubelet
+        from tests.e2e.harness.cluster import Cluster, testbin_dir
+        from tests.e2e.harness.localkubelet import LocalKubelet
 
         qps = os.environ.get("BENCH_KCM_QPS")
         if qps:
@@ -99,7 +99,7 @@ class Kube:
     def namespace(self, name: str, dsn: str) -> str:
         """A namespace with its default ServiceAccount and the tenant Secret `tenant-db`."""
         from kubernetes import client
-        from tests.e2e.operatorkit import wait_for_default_service_account
+        from tests.e2e.harness.operatorkit import wait_for_default_service_account
 
         core = client.CoreV1Api(self.api)
         core.create_namespace({"metadata": {"name": name}})
@@ -320,7 +320,7 @@ class Watch:
         self._thread.join(15)
 
     def _run(self) -> None:
-        from tests.e2e.operatorkit import follow  # the e2e watch loop (resume, 410 relist)
+        from tests.e2e.harness.operatorkit import follow  # the e2e watch loop (resume, 410 relist)
 
         follow(self.fn, self.args, self._rv, self._stop, self._on, self._relist, self.errors, 5)
 
@@ -863,7 +863,7 @@ def row(dsn: str, workdir: Path, quick: bool) -> dict[str, Any]:
         "measured": True,
         "cluster": f"kwokctl binary runtime, k8s v{kube.version} (make testbin); "
         "kube-controller-manager with its default client QPS 20 / burst 30; worker pods run "
-        "as local processes by tests/e2e/localkubelet.py",
+        "as local processes by tests/e2e/harness/localkubelet.py",
         "operator": "importwaves run --standalone --namespace NS (one per part), no Redis, "
         f"IMPORTWAVES_TIMER_INTERVAL={TIMER_S:g} (the default)",
         "sizes": size,

@@ -23,13 +23,13 @@ transaction as the change: a rolled-back change leaves no audit row, a committed
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from typing import Any
 
 from importwaves.datagen import CUSTOMER
 from importwaves.db.connect import Conn
 from importwaves.db.queries import Q
+from importwaves.engine.model import parents_needed
 from importwaves.spec import ImportSpec
 from importwaves.verify import verify_import
 
@@ -193,7 +193,7 @@ def _order_violations(
                 out.append(f"derived {a['batch_id']} dispatched before its parent {parent}")
             parents = set(spec.parent_ids_of(derived[rid]))
             total = sum(by_type[t] for t in parents)
-            k = math.ceil(spec.completionThreshold * total / 100)
+            k = parents_needed(spec.completionThreshold, total)
             got = done_before(a["at"], parents)
             if got < k:
                 out.append(

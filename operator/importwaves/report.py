@@ -7,11 +7,11 @@ from typing import Any
 
 from importwaves.db.connect import Conn
 from importwaves.db.queries import Q
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import DerivedGate, WaveState
 from importwaves.engine.rows import rows_by_name
 from importwaves.engine.snapshot import gates, read_waves
 from importwaves.flags import DERIVED_READY, MONITORING, Flags
-from importwaves.spec import ImportSpec
 
 
 @dataclass
@@ -50,10 +50,10 @@ class JobReport:
 
 
 def job_report(conn: Conn, flags: Flags, job_id: str) -> JobReport | None:
-    job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-    if job is None:
+    loaded = load_job(conn, job_id)
+    if loaded is None:
         return None
-    spec = ImportSpec.model_validate(job["spec"])
+    job, spec = loaded
     waves = read_waves(conn, job_id)
     derived_ids = {d.recordTypeId for d in spec.derivedTypes}
     by_type = [

@@ -21,12 +21,12 @@ import psycopg
 from importwaves import redact
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import Outcome
 from importwaves.engine.notify import Completion, CompletionListener
 from importwaves.launch.base import BatchDispatch
 from importwaves.launch.local import Finished, LocalLauncher
 from importwaves.log import event
-from importwaves.spec import ImportSpec
 from importwaves.worker import EXIT_FENCED, EXIT_OK
 
 log = logging.getLogger("importwaves.runner")
@@ -214,7 +214,7 @@ class LocalRunner:
         orphans: list[BatchDispatch] = []
         with self.engine.pool.connection() as conn, conn.transaction():
             rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
-            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+            loaded = load_job(conn, job_id)
             for r in rows:
                 if r["status"] != "dispatched" or r["batch_id"] in mine:
                     continue
@@ -237,9 +237,8 @@ class LocalRunner:
                             row["attempts"] + 1,
                         )
                     )
-        if orphans and job is not None:
-            spec = ImportSpec.model_validate(job["spec"])
-            for f in self.launcher.launch(self.engine.tenant, job_id, spec, orphans):
+        if orphans and loaded is not None:
+            for f in self.launcher.launch(self.engine.tenant, job_id, loaded.spec, orphans):
                 self.engine.listener.on_launch_failure(f)
             event(log, "dispatched_batches_adopted", job_id=job_id, count=len(orphans))
         return len(orphans)

@@ -1,6 +1,6 @@
 """Adversarial cases for data-level completion on the real API server (issue 11): the operator as
 a subprocess, worker pods run by the test cluster's local kubelet as local processes, the tenant
-in the session's PostgreSQL (the e2e kit, tests/e2e/operatorkit.py).
+in the session's PostgreSQL (the e2e kit, tests/e2e/harness/operatorkit.py).
 
 - a `spec.worker.command` that exits 0 and writes nothing: the ImportJob never reports
   Completed; each Job's success is a failed attempt and the import ends Failed;
@@ -17,9 +17,6 @@ from collections.abc import Callable
 
 import pytest
 
-# The e2e fixtures (cluster, local kubelet, namespace, operator, tenant, harness), shared with
-# tests/e2e; imported here so these cases live in tests/adversarial.
-from e2e.cluster import Cluster
 from e2e.conftest import (  # noqa: F401
     crds,
     harness,
@@ -29,7 +26,11 @@ from e2e.conftest import (  # noqa: F401
     operator,
     tenant_db,
 )
-from e2e.operatorkit import (
+
+# The e2e fixtures (cluster, local kubelet, namespace, operator, tenant, harness), shared with
+# tests/e2e; imported here so these cases live in tests/adversarial.
+from e2e.harness.cluster import Cluster
+from e2e.harness.operatorkit import (
     Harness,
     OperatorProcess,
     Tenant,

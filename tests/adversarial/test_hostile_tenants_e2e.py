@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from e2e.cluster import Cluster
-from e2e.localkubelet import LocalKubelet
-from e2e.operatorkit import (
+from e2e.harness.cluster import Cluster
+from e2e.harness.localkubelet import LocalKubelet
+from e2e.harness.operatorkit import (
     Harness,
     OperatorProcess,
     Tenant,

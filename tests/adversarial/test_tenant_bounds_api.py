@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.cluster import Cluster
-from e2e.operatorkit import apply, importjob
+from e2e.harness.cluster import Cluster
+from e2e.harness.operatorkit import apply, importjob
 
 
 def _refused(cluster: Cluster, body: dict[str, Any]) -> str:

@@ -1,17 +1,17 @@
 """Fixtures for the e2e tier: a real Kubernetes control plane plus a local kubelet.
 
 * `k8s_cluster` (session): a fresh kwokctl cluster from the pinned binaries built by
-  `make testbin` (see tests/e2e/cluster.py). Attributes: `.kubeconfig`, `.bin_dir`,
+  `make testbin` (see tests/e2e/harness/cluster.py). Attributes: `.kubeconfig`, `.bin_dir`,
   `.logs_dir`, `.workdir`, `.kube_version`, `.kubectl(*args)`, `.helm(*args)`,
   `.api_client()`. If any test of the session failed, the component logs and the local
   kubelet's pod logs are kept under `.run/e2e-logs/<timestamp>/` (or $IMPORTWAVES_E2E_LOGS).
 * `local_kubelet` (session): a `LocalKubelet` on node `importwaves-local` that runs the
-  pods scheduled to it as local processes (tests/e2e/localkubelet.py).
+  pods scheduled to it as local processes (tests/e2e/harness/localkubelet.py).
 * `namespace` (function): a fresh namespace (with its `default` ServiceAccount), deleted
   afterwards.
 * `crds` (session): the CRDs of crds/ applied once and Established.
 * `operator` (function): a factory `operator(namespace, **env)` starting `importwaves run
-  --standalone --namespace NS` as a subprocess (tests/e2e/operatorkit.py); its log goes to
+  --standalone --namespace NS` as a subprocess (tests/e2e/harness/operatorkit.py); its log goes to
   `<cluster workdir>/operator/<test>.log`, printed when the test fails and kept with the
   cluster logs. At teardown the ImportJobs of its namespaces are deleted while it still runs
   (their kopf finalizers need it), then it is stopped.
@@ -37,15 +37,15 @@ from typing import Any
 
 import pytest
 
-from .cluster import (
+from .harness.cluster import (
     BUILD_HINT,
     REPO_ROOT,
     Cluster,
     missing_binaries,
     testbin_dir,
 )
-from .localkubelet import LocalKubelet
-from .operatorkit import Harness, OperatorProcess, Tenant, wait_for_default_service_account
+from .harness.localkubelet import LocalKubelet
+from .harness.operatorkit import Harness, OperatorProcess, Tenant, wait_for_default_service_account
 
 HERE = Path(__file__).parent
 

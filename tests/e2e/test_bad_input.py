@@ -19,7 +19,7 @@ import yaml
 
 from spec_cases import ALL_CASES, Case, apply_case, base_crd_spec
 
-from .cluster import Cluster
+from .harness.cluster import Cluster
 
 NAMESPACE = "bad-input-dry-run"
 

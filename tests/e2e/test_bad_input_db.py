@@ -23,8 +23,8 @@ from psycopg import sql
 from importwaves.db import migrate
 from importwaves.localdev import LocalPostgres
 
-from .cluster import Cluster
-from .operatorkit import (
+from .harness.cluster import Cluster
+from .harness.operatorkit import (
     Harness,
     OperatorProcess,
     Tenant,

@@ -29,8 +29,8 @@ from importwaves.k8s.crd import ImportJobSpec
 from importwaves.localdev import free_port
 from importwaves.verify import verify_import
 
-from .cluster import Cluster
-from .operatorkit import (
+from .harness.cluster import Cluster
+from .harness.operatorkit import (
     IMPORTWAVES,
     Harness,
     OperatorProcess,

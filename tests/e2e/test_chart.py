@@ -44,8 +44,8 @@ from importwaves.k8s.crd import ImportJobSpec
 from importwaves.localdev import free_port
 from importwaves.verify import verify_import
 
-from .cluster import REPO_ROOT, Cluster, ClusterError
-from .localkubelet import LocalKubelet
+from .harness.cluster import REPO_ROOT, Cluster, ClusterError
+from .harness.localkubelet import LocalKubelet
 
 CHART = REPO_ROOT / "charts" / "importwaves"
 EXAMPLE = REPO_ROOT / "examples" / "importjob.yaml"
@@ -114,7 +114,7 @@ def _namespaced_rules(peering_kind: str, peering_name: str) -> set[Any]:
         _expand("importwaves.io", ["importjobs"], ["get", "list", "watch", "patch"])
         | _expand("importwaves.io", ["importjobs/status"], ["patch"])
         | _expand("batch", ["jobs"], ["list", "watch", "create", "delete"])
-        | _expand("", ["pods"], ["get", "list"])
+        | _expand("", ["pods"], ["list"])
         | _expand("", ["secrets"], ["get"])
         | _expand("", ["events"], ["create"])
         | _expand("kopf.dev", [peering_kind], ["list", "watch"])

@@ -2,7 +2,7 @@
 
 Every pod here runs as a podman container (runc) from the image `make image` built, on a second
 local kubelet in container mode (node `importwaves-containers`, tainted so only pods that ask
-land there; see tests/e2e/podmanpods.py for what it honours):
+land there; see tests/e2e/harness/podmanpods.py for what it honours):
 
 * a probe pod with the operator's security context reports from inside its container: uid/gid
   10001, a read-only root filesystem, no capabilities, no-new-privileges, seccomp filtering, the
@@ -40,9 +40,9 @@ from importwaves.k8s.crd import ImportJobSpec
 from importwaves.localdev import free_port
 from importwaves.verify import verify_import
 
-from .cluster import REPO_ROOT, Cluster
-from .localkubelet import LocalKubelet
-from .podmanpods import podman
+from .harness.cluster import REPO_ROOT, Cluster
+from .harness.localkubelet import LocalKubelet
+from .harness.podmanpods import podman
 
 pytestmark = pytest.mark.containers
 

@@ -17,8 +17,8 @@ import pytest
 from importwaves.k8s.crd import ImportJobSpec
 from importwaves.verify import verify_import
 
-from .cluster import Cluster
-from .operatorkit import (
+from .harness.cluster import Cluster
+from .harness.operatorkit import (
     EXAMPLES,
     Harness,
     OperatorProcess,

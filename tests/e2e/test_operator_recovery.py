@@ -11,8 +11,8 @@ from collections.abc import Callable
 from importwaves.k8s.crd import ImportJobSpec
 from importwaves.verify import verify_import
 
-from .cluster import Cluster
-from .operatorkit import (
+from .harness.cluster import Cluster
+from .harness.operatorkit import (
     Harness,
     OperatorProcess,
     Tenant,

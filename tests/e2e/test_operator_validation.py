@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from .cluster import Cluster
-from .operatorkit import (
+from .harness.cluster import Cluster
+from .harness.operatorkit import (
     Harness,
     OperatorProcess,
     apply,

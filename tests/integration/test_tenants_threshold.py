@@ -3,7 +3,6 @@ early but never imports a line before its parent."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import psycopg
@@ -27,7 +26,7 @@ from helpers import (
     waves,
 )
 from importwaves.db import migrate
-from importwaves.engine.model import Outcome
+from importwaves.engine.model import Outcome, parents_needed
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +90,7 @@ def test_threshold_controls_when_derived_start_and_parents_always_come_first(
     parents_done_then = sum(1 for b in parents.values() if b["completed_at"] <= first_line)
 
     # never below the threshold
-    assert parents_done_then >= math.ceil(threshold * len(parents) / 100)
+    assert parents_done_then >= parents_needed(threshold, len(parents))
     if threshold < 100:
         # derived work started while parent batches were still running
         assert first_line < last_parent

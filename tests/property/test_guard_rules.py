@@ -678,6 +678,8 @@ class GuardRules(RuleBasedStateMachine):
             "WHERE job_id = %s AND record_type_id = %s",
             (self.job, SALES_ORDER),
         ).fetchone()
+        # the model's own statement of the gate, independent of engine/model.py parents_needed
+        # (tests/unit/test_decide.py checks that function against this same inequality)
         return bool(w) and w["c"] * 100 >= self.spec.completionThreshold * w["t"]
 
     # -- liveness ------------------------------------------------------------------------------

@@ -87,7 +87,13 @@ def test_idle_pooled_connections_killed_do_not_fail_the_next_run(
             assert row["ok"]
     for _ in range(4):  # every pooled connection would be tried in turn
         assert engine.check("job", "timer").outcome == Outcome.IN_PROGRESS
-    assert engine.recovery.reconcile("job").result is not None
+    # the recovery path takes pooled connections too: it found the job, nothing stuck or lost,
+    # and its progression check ran to the same answer
+    report = engine.recovery.reconcile("job")
+    assert not any(a.startswith("no job") for a in report.actions), report.actions
+    assert (report.demoted, report.requeued, report.failed) == (0, 0, 0), report.actions
+    assert report.result is not None
+    assert report.result.outcome == Outcome.IN_PROGRESS, report.actions
 
 
 def test_recovery_never_deadlocks_with_a_worker_holding_its_batch(

@@ -22,6 +22,7 @@ from importwaves.engine.model import (
     Outcome,
     Snapshot,
     WaveState,
+    parents_needed,
 )
 
 
@@ -160,6 +161,50 @@ def test_running_job_gets_no_status_change_while_dispatching() -> None:
 
 
 # -- derived gates ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("threshold", "total", "needed"),
+    [
+        (1, 0, 0),  # no parent batches: nothing to wait for
+        (100, 0, 0),
+        (1, 1, 1),  # threshold 1: one batch of a few is enough...
+        (1, 100, 1),
+        (1, 101, 2),  # ...but 1 % of 101 is 1.01: two
+        (100, 1, 1),  # threshold 100: every parent batch
+        (100, 7, 7),
+        (100, 10_000, 10_000),
+        (50, 3, 2),  # 1.5 rounds up
+        (50, 4, 2),  # exact: no rounding
+        (33, 3, 1),  # 0.99 rounds up to 1
+        (34, 3, 2),  # 1.02 rounds up to 2
+        (67, 3, 3),  # 2.01
+        (66, 3, 2),  # 1.98
+        (99, 100, 99),
+        (99, 101, 100),  # 99.99
+        (29, 100, 29),  # 29 * 100 / 100 stays exact (floats would need care here)
+        (1, 10**18, 10**16),  # integers: no float precision limit
+        (1, 10**18 + 1, 10**16 + 1),
+    ],
+)
+def test_parents_needed_bounds_and_rounding(threshold: int, total: int, needed: int) -> None:
+    assert parents_needed(threshold, total) == needed
+
+
+@pytest.mark.parametrize(("threshold", "total"), [(-1, 3), (101, 3), (50, -1)])
+def test_parents_needed_refuses_what_no_spec_can_say(threshold: int, total: int) -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        parents_needed(threshold, total)
+
+
+@given(st.integers(1, 100), st.integers(0, 5000), st.data())
+def test_parents_needed_is_the_gate_inequality(threshold: int, total: int, data: Any) -> None:
+    """completed >= parents_needed  <=>  completed / total >= threshold %, for every count."""
+    completed = data.draw(st.integers(0, total))
+    gate = DerivedGate(3, total, completed, threshold)
+    assert gate.parents_needed == parents_needed(threshold, total)
+    assert gate.open is (completed * 100 >= threshold * total)
+    assert gate.open is (completed >= parents_needed(threshold, total))
+
+
 @pytest.mark.parametrize(
     ("total", "completed", "threshold", "is_open"),
     [

@@ -111,7 +111,12 @@ def test_build_job_metadata() -> None:
         LABEL_IMPORTJOB: "demo-import",
         LABEL_WAVE: "2",
     }
-    assert job["spec"]["template"]["metadata"]["labels"] == meta["labels"]
+    # the pod template carries the same labels (`kubectl get pods -l` finds a wave's pods)
+    assert job["spec"]["template"]["metadata"]["labels"] == {
+        LABEL_MANAGED: "importwaves",
+        LABEL_IMPORTJOB: "demo-import",
+        LABEL_WAVE: "2",
+    }
     assert meta["annotations"] == {
         ANN_JOB_ID: "demo-import",
         ANN_BATCH: BATCH.batch_id,
@@ -151,7 +156,11 @@ def test_build_job_spec_never_retries_itself() -> None:
 
 
 def test_build_job_env_contract() -> None:
-    job = build_job(owner(env=[{"name": "EXTRA", "value": "1"}]), BATCH)
+    # An IMPORTWAVES_* entry in worker.env (refused by the CRD and the spec, but the builder
+    # filters it too) could carry a DSN in clear or shadow the contract's variables.
+    clear = {"name": "IMPORTWAVES_DSN", "value": "postgresql://u:pw@db/tenant"}
+    shadow = {"name": "IMPORTWAVES_BATCH_ID", "value": "someone-elses-batch"}
+    job = build_job(owner(env=[{"name": "EXTRA", "value": "1"}, clear, shadow]), BATCH)
     env = env_of(job)
     assert env["IMPORTWAVES_DSN"] == {"secretKeyRef": {"name": "demo-tenant-db", "key": "dsn"}}
     assert env["IMPORTWAVES_TENANT"] == "demo"
@@ -161,8 +170,9 @@ def test_build_job_env_contract() -> None:
     assert env["EXTRA"] == "1"
     names = [e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]]
     assert len(names) == len(set(names))
-    # The DSN never appears in the Job in clear.
+    # The DSN never appears in the Job in clear, even when worker.env tried to put it there.
     assert "postgresql://" not in str(job)
+    assert "someone-elses-batch" not in str(job)
 
 
 def test_build_job_restricted_security_context() -> None:

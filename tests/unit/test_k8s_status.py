@@ -14,7 +14,7 @@ from importwaves.k8s.status import (
     ProblemKind,
     compute_status,
     set_condition,
-    status_changed,
+    status_patch,
 )
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
@@ -288,16 +288,20 @@ def test_condition_types_are_pascal_case(ctype: Cond) -> None:
     assert ctype.value[:1].isupper() and " " not in ctype.value
 
 
-def test_status_changed() -> None:
+def test_status_patch() -> None:
+    """The operator's write_status writes exactly status_patch(old, new), and nothing when empty."""
     s = snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_EMPTY)
     first = status_for(s)
     again = compute_status(
         first, generation=3, now=T2, view=view(s, reason="a reason"), problem=None
     )
-    assert not status_changed(first, again)  # a later time alone is not a change
+    assert status_patch(first, again) == {}  # a later time alone is not a change
     moved = status_for(snap(CUSTOMERS_DONE, ORDERS_DONE, LINES_PENDING), old=first)
-    assert status_changed(first, moved)
-    assert status_changed(None, first)
+    patch = status_patch(first, moved)
+    assert patch, "a wave finishing must be written"
+    assert "batches" in patch and patch["batches"] == moved["batches"]
+    assert "jobId" not in patch  # unchanged fields are not sent
+    assert status_patch(None, first) == first
 
 
 # -- data-level completion (issue 11) --------------------------------------------------------------

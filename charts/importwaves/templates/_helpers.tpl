@@ -107,11 +107,13 @@ launch/kubernetes.py, cli.py).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete"]
-# application: worker pods, read-only, for diagnosing a batch's pod. No write access: pods are
-# created and removed by the Job controller.
+# application: worker pods, listed by their Job's job-name label when a worker Job failed, to
+# read the pod's container termination reason into the batch's error (k8s/operator.py
+# _failure_message; the Job's own condition only says BackoffLimitExceeded). No get/watch and
+# no write access: pods are created and removed by the Job controller.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["list"]
 # application: the tenant database Secret named by each ImportJob (spec.database.secretName),
 # read one by name. No list/watch: the operator never enumerates Secrets.
 - apiGroups: [""]

@@ -379,6 +379,8 @@ GROUP BY record_type_id, status;
 
 -- name: parent_threshold_reached_at
 -- When parents crossed the threshold: the completion time of the k-th completed parent batch.
+-- k is engine/model.py parents_needed(threshold, parent batches), computed in Python (the one
+-- threshold formula; this query does not compute it).
 SELECT completed_at FROM wave_batches
 WHERE job_id = %(job_id)s AND record_type_id = ANY(%(parent_type_ids)s) AND status = 'completed'
 ORDER BY completed_at OFFSET %(k)s - 1 LIMIT 1;

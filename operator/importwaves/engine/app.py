@@ -15,6 +15,7 @@ from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
 from importwaves.engine.recovery import Recovery
@@ -55,7 +56,7 @@ class Engine:
             tenant, self.pool, self.flags, self.bus, self.coordinator
         )
         self.coordinator.on_launch_failure = self.listener.on_launch_failure
-        self.recovery = Recovery(tenant, self.pool, self.flags, self.coordinator)
+        self.recovery = Recovery(tenant, self.pool, self.flags, self.bus, self.coordinator)
         self.bus.subscribe(DerivedWavesCreated, DerivedWavesCreatedListener(self.coordinator))
         self._schema_ready = False
 
@@ -84,9 +85,9 @@ class Engine:
                 is not None
             )
             if not created:
-                row = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
-                assert row is not None
-                old = ImportSpec.model_validate(row["spec"])
+                loaded = load_job(conn, job_id, lock=True)
+                assert loaded is not None
+                row, old = loaded
                 if old != spec:
                     problems = spec_change_problems(
                         old, spec, planned=row["planned_at"] is not None
@@ -127,7 +128,7 @@ class Engine:
                 {
                     d.recordTypeId
                     for row in conn.execute(Q("job_specs_running")).fetchall()
-                    for d in ImportSpec.model_validate(row["spec"]).derivedTypes
+                    for d in spec_of(row).derivedTypes
                 }
             )
             backlog = conn.execute(

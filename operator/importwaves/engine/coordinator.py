@@ -14,7 +14,6 @@ are decided on (and dispatched) under the same lock, in one transaction, with on
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,6 +28,7 @@ from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.decide import decide
 from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import Decision, JobStatus, Outcome, Snapshot, WaveState
 from importwaves.engine.planner import plan
 from importwaves.engine.rows import Code, TypeRows, completion_problems
@@ -97,10 +97,10 @@ class Coordinator:
         derived batches in this run, for the DerivedWavesCreated event."""
         t0 = time.perf_counter()
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id, lock=True)
+            if loaded is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-            spec = ImportSpec.model_validate(job["spec"])
+            job, spec = loaded
             verdict = plan(conn, job_id, spec, self.tenant) if job["planned_at"] is None else None
             if verdict is not None and not verdict.ok:
                 # Not planned: the job stays unplanned and `invalid`; every run counts the
@@ -293,7 +293,7 @@ class Coordinator:
                 return max(w.last_completed_at or job["planned_at"] for w in earlier)
             return job["planned_at"]  # type: ignore[no-any-return]
         gate = next(g for g in snap.gates if g.wave_number == wave.wave_number)
-        k = math.ceil(gate.threshold * gate.parent_total / 100)
+        k = gate.parents_needed
         if k <= 0:
             return job["planned_at"]  # type: ignore[no-any-return]
         dt = next(d for d in spec.derivedTypes if d.recordTypeId == wave.record_type_id)

@@ -28,6 +28,7 @@ from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import Outcome
 from importwaves.flags import Flags
 from importwaves.launch.base import LaunchFailure
@@ -82,10 +83,10 @@ class BatchCompletedListener:
         """The exit-0 check alone: True when this dispatch had recorded no completion (or
         failure) and a failed attempt was counted for it now."""
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id)
+            if loaded is None:
                 return False
-            spec = ImportSpec.model_validate(job["spec"])
+            spec = loaded.spec
             row = conn.execute(
                 Q("batch_fail"),
                 {
@@ -113,10 +114,10 @@ class BatchCompletedListener:
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
         """A worker failed (or its pod did); counts an attempt unless the worker already did."""
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id)
+            if loaded is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-            spec = ImportSpec.model_validate(job["spec"])
+            spec = loaded.spec
             row = conn.execute(
                 Q("batch_fail"),
                 {
@@ -143,10 +144,10 @@ class BatchCompletedListener:
     def on_launch_failure(self, failure: LaunchFailure) -> None:
         b = failure.batch
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_get"), {"job_id": b.job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, b.job_id)
+            if loaded is None:
                 return
-            spec = ImportSpec.model_validate(job["spec"])
+            spec = loaded.spec
             conn.execute(
                 Q("batch_fail"),
                 {
@@ -231,9 +232,10 @@ class BatchCompletedListener:
 class DerivedWavesCreatedListener:
     """Seed D: derived creation nudges the coordinator at once, not at the next tick.
 
-    The engine creates derived batches only inside coordinator runs, which decide with them
-    included before they commit (evt.decided): that run was the nudge. Batches created any other
-    way get a coordinator run here."""
+    Derived batches created inside a coordinator run are decided on by that run before it
+    commits (evt.decided): that run was the nudge. Batches created outside a run (recovery's
+    reconcile and sweep, engine/recovery.py, for completed parents that lacked them; or any other
+    producer that emits decided=False) get a coordinator run here, at once."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator

@@ -75,6 +75,16 @@ class WaveState:
         return self.level == DERIVED
 
 
+def parents_needed(threshold: int, parent_total: int) -> int:
+    """The one threshold formula: how many of `parent_total` parent batches must be completed
+    before a derived wave may be dispatched at `threshold` percent, ceil(threshold * total / 100)
+    in integer arithmetic (no float rounding). No parent batches need none (the gate is open).
+    The gate is open exactly when completed >= parents_needed(threshold, total)."""
+    if parent_total < 0 or not 0 <= threshold <= 100:
+        raise ValueError(f"threshold {threshold} of {parent_total} parent batches")
+    return (threshold * parent_total + 99) // 100
+
+
 @dataclass(frozen=True)
 class DerivedGate:
     """Parent completion for one derived wave, from the parents' wave counters."""
@@ -93,7 +103,12 @@ class DerivedGate:
     @property
     def open(self) -> bool:
         """Parents reached the completion threshold: derived batches may be dispatched."""
-        return self.parent_completed * 100 >= self.threshold * self.parent_total
+        return self.parent_completed >= self.parents_needed
+
+    @property
+    def parents_needed(self) -> int:
+        """Completed parent batches the gate needs (`parents_needed` of the threshold)."""
+        return parents_needed(self.threshold, self.parent_total)
 
     @property
     def parents_done(self) -> bool:

@@ -1,8 +1,14 @@
 """Recovery (the seed's `waves:reconcile`) and retry of failed batches.
 
 `reconcile` demotes stale `processing` batches (heartbeat older than staleAfterSeconds), requeues
-dispatched batches no worker claimed, refreshes the monitoring flag and forces a progression
-check, and reports every action it took. The periodic sweep runs the same code.
+dispatched batches no worker claimed, creates the derived batches of completed parent batches
+that still lack them (a listener that died after its worker's commit), refreshes the monitoring
+flag and forces a progression check, and reports every action it took. The periodic sweep runs
+the same code.
+
+The derived batches it creates are created outside a coordinator run, so no run has decided on
+them yet: recovery is the producer of `DerivedWavesCreated(decided=False)`, whose handler
+(listener.DerivedWavesCreatedListener, seed D) runs the coordinator at once to dispatch them.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from psycopg_pool import ConnectionPool
 from importwaves import metrics
 from importwaves.db.connect import Conn
 from importwaves.db.queries import Q
+from importwaves.engine import derived
 from importwaves.engine.coordinator import Coordinator, RunResult
+from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import JobStatus
 from importwaves.flags import Flags
 from importwaves.log import event
-from importwaves.spec import ImportSpec
 
 log = logging.getLogger("importwaves.recovery")
 
@@ -31,26 +39,34 @@ class RecoveryReport:
     demoted: int = 0
     requeued: int = 0
     failed: int = 0
+    #: derived batches created for completed parent batches that lacked them
+    derived_created: int = 0
     result: RunResult | None = None
 
 
 class Recovery:
     def __init__(
-        self, tenant: str, pool: ConnectionPool[Conn], flags: Flags, coordinator: Coordinator
+        self,
+        tenant: str,
+        pool: ConnectionPool[Conn],
+        flags: Flags,
+        bus: EventBus,
+        coordinator: Coordinator,
     ) -> None:
         self.tenant = tenant
         self.pool = pool
         self.flags = flags
+        self.bus = bus
         self.coordinator = coordinator
 
     def reconcile(self, job_id: str, *, cause: str = "reconcile") -> RecoveryReport:
         report = RecoveryReport(job_id)
         with self.pool.connection() as conn, conn.transaction():
-            job = conn.execute(Q("job_lock"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id, lock=True)
+            if loaded is None:
                 report.actions.append(f"no job {job_id!r} in tenant {self.tenant!r}")
                 return report
-            spec = ImportSpec.model_validate(job["spec"])
+            job, spec = loaded
             params = {
                 "job_id": job_id,
                 "stale_after": spec.staleAfterSeconds,
@@ -103,7 +119,30 @@ class Recovery:
                         f"requeued batch {r['batch_id']} dispatched -> pending ({lost})",
                         cause,
                     )
+            # Completed parent batches still without their derived batches, under the same lock.
+            created = derived.create_for_completed_parents(conn, job_id, spec)
             status = job["status"]
+        if created.batch_ids:
+            report.derived_created = len(created.batch_ids)
+            self._act(
+                report,
+                "derived_batches_recovered",
+                None,
+                f"created {len(created.batch_ids)} derived batch(es) for "
+                f"{created.parent_batches} completed parent batch(es) that had none",
+                cause,
+            )
+            # After the commit: not decided on by any run yet, so the handler nudges (seed D).
+            self.bus.emit(
+                DerivedWavesCreated(
+                    self.tenant,
+                    job_id,
+                    tuple(sorted(created.wave_numbers)),
+                    len(created.batch_ids),
+                    source=cause,
+                    decided=False,
+                )
+            )
         stuck = report.demoted + report.requeued + report.failed
         if stuck:
             metrics.STUCK_DETECTED.labels(self.tenant, "stale").inc(stuck)

@@ -32,6 +32,7 @@ from importwaves.db import migrate
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
 from importwaves.engine.coordinator import RunResult
+from importwaves.engine.jobrow import load_job
 from importwaves.engine.jobs import SpecChangeRefused
 from importwaves.engine.model import Outcome
 from importwaves.engine.notify import HUBS, Completion, Registration, fingerprint
@@ -47,12 +48,19 @@ from importwaves.k8s.jobs import (
     pod_failure_message,
     read_job,
 )
-from importwaves.k8s.status import JobView, Problem, ProblemKind, compute_status, now_iso
+from importwaves.k8s.status import (
+    JobView,
+    Problem,
+    ProblemKind,
+    compute_status,
+    now_iso,
+    status_patch,
+)
 from importwaves.launch.base import BatchDispatch
 from importwaves.launch.kubernetes import KubernetesLauncher
 from importwaves.log import event
 from importwaves.settings import Settings
-from importwaves.spec import ImportSpec, format_validation_error
+from importwaves.spec import format_validation_error
 
 log = logging.getLogger("importwaves.operator")
 
@@ -272,7 +280,7 @@ class ImportJobOperator:
                 problem=problem,
             )
             new.update(extra or {})
-            changed = {k: v for k, v in new.items() if old.get(k) != v}
+            changed = status_patch(old, new)
             if not changed:
                 return old, new
             try:
@@ -304,10 +312,11 @@ class ImportJobOperator:
 
     def view(self, engine: Engine, job_id: str) -> JobView | None:
         with engine.pool.connection() as conn:
-            job = conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
-            if job is None:
+            loaded = load_job(conn, job_id)
+            if loaded is None:
                 return None
-            snap = read_snapshot(conn, job, ImportSpec.model_validate(job["spec"]))
+            job, spec = loaded
+            snap = read_snapshot(conn, job, spec)
             failed = (
                 conn.execute(Q("batches_failed"), {"job_id": job_id, "limit": 3}).fetchall()
                 if any(w.failed for w in snap.waves)

@@ -335,7 +335,9 @@ def _summary(conds: list[dict[str, Any]], problem: Problem | None) -> str:
     return "Pending"
 
 
-def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """Write status only when something in it changed."""
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `new` that differ from `old`: the status merge patch to write. Empty means
+    nothing changed and nothing is written (a later `now` alone changes nothing, because
+    set_condition keeps a condition's transition time while its status holds)."""
     old = old or {}
-    return any(old.get(k) != v for k, v in new.items())
+    return {k: v for k, v in new.items() if old.get(k) != v}

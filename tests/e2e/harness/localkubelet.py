@@ -27,14 +27,14 @@ and `kubectl exec` (no kubelet server), resource limits (nothing is enforced).
 Container mode (`LocalKubelet(..., runtime="podman")`): each pod's first container runs as a
 podman container (runc, host networking) from its image, with its security context, volumes and
 a ServiceAccount token from a TokenRequest; what it honours and refuses is listed in
-tests/e2e/podmanpods.py. A pod whose settings cannot be honoured fails (phase Failed) with the
-kubelet's reason and message in its container's terminated state (e.g.
+tests/e2e/harness/podmanpods.py. A pod whose settings cannot be honoured fails (phase Failed)
+with the kubelet's reason and message in its container's terminated state (e.g.
 `CreateContainerConfigError: container has runAsNonRoot and image will run as root ...`); a
 real kubelet would keep such a pod Pending and retry; here only a missing Secret/ConfigMap is
 retried. The termination message (terminationMessagePath) is reported on exit.
 
 Run it in-process (`LocalKubelet(...).start()`, as the e2e fixture does) or standalone:
-`python tests/e2e/localkubelet.py --kubeconfig PATH`.
+`python tests/e2e/harness/localkubelet.py --kubeconfig PATH`.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ class LocalKubelet:
         self._threads: list[threading.Thread] = []
         self._watch: Any = None
         self._node_uid: str | None = None
-        #: Container mode (runtime="podman"): see tests/e2e/podmanpods.py.
+        #: Container mode (runtime="podman"): see tests/e2e/harness/podmanpods.py.
         self.podman: PodmanRuntime | None = None
         if runtime == "podman":
             self.podman = PodmanRuntime(self.core, self._api.configuration.host, self.root_dir)

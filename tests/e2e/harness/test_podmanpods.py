@@ -1,4 +1,4 @@
-"""The container mode's translation of a pod into podman flags (tests/e2e/podmanpods.py), and
+"""The container mode's translation of a pod into podman flags (podmanpods.py here), and
 its refusals, without a cluster: what the kubelet would refuse is refused with its message, and
 what cannot be honoured here is refused rather than ignored."""
 

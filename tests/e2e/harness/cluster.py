@@ -30,7 +30,7 @@ from typing import Any
 
 from .localkubelet import wait_node_ready
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 TESTBIN_DIR_SCRIPT = REPO_ROOT / "hack" / "testbin" / "bindir.sh"
 VERSIONS_FILE = REPO_ROOT / "hack" / "testbin" / "versions.env"
 BINARIES = (

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, watch
 from urllib3.exceptions import ProtocolError
 
@@ -23,7 +24,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 GROUP, VERSION, PLURAL = "e2e.importwaves.io", "v1", "widgets"
 
 
-def test_versions_are_stamped(k8s_cluster: Cluster) -> None:
+def test_versions_are_stamped(k8s_cluster: Cluster, tmp_path: Path) -> None:
     want = f"v{k8s_cluster.kube_version}"
     out = json.loads(k8s_cluster.kubectl("version", "-o", "json").stdout)
     assert out["clientVersion"]["gitVersion"] == want
@@ -35,6 +36,17 @@ def test_versions_are_stamped(k8s_cluster: Cluster) -> None:
     assert info.minor == minor
     helm = k8s_cluster.helm("version", "--short").stdout
     assert helm.startswith("v3."), helm
+    # Offline (helm template), helm reports the kube version stamped at build time (ldflags),
+    # not its built-in v1.20: a throwaway chart that prints .Capabilities.KubeVersion.
+    chart = tmp_path / "stamp"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: stamp\nversion: 0.1.0\n")
+    (chart / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stamp\n"
+        "data:\n  kubeVersion: {{ .Capabilities.KubeVersion.Version | quote }}\n"
+    )
+    rendered = yaml.safe_load(k8s_cluster.helm("template", "x", str(chart)).stdout)
+    assert rendered["data"]["kubeVersion"] == f"v1.{minor}.0", rendered
 
 
 def test_crd_create_list_watch(k8s_cluster: Cluster, namespace: str) -> None:
