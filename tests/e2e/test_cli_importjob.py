@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cluster import Cluster
+from .harness.cluster import Cluster
 
 IMPORTWAVES = Path(sys.executable).parent / "importwaves"
 
