@@ -7,11 +7,13 @@ an error that names the field before anything touches a tenant.
 
 from __future__ import annotations
 
+from importlib.metadata import version as package_version
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "DEFAULT_WORKER_IMAGE",
     "DERIVED_RECORD_TYPE_ID",
     "DerivedType",
     "ImportSpec",
@@ -21,6 +23,10 @@ __all__ = [
     "format_validation_error",
     "parse_spec",
 ]
+
+#: The worker image a spec names unless it says otherwise: this package's own version, the same
+#: tag the chart deploys (charts/importwaves/Chart.yaml appVersion; a unit test keeps them equal).
+DEFAULT_WORKER_IMAGE = f"importwaves:{package_version('importwaves')}"
 
 #: The record type id of derived TransactionLine records (the seed's `-13`).
 DERIVED_RECORD_TYPE_ID = -13
@@ -49,7 +55,8 @@ Name = Annotated[
     Field(
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}$",
         max_length=63,
-        description="Record type name: a letter, then letters, digits or underscores (max 63).",
+        description="Record type name: a letter, then letters, digits or underscores (1-63 "
+        "characters); unique across recordTypes and derivedTypes; named by parentTypes.",
     ),
 ]
 
@@ -72,37 +79,54 @@ class RecordType(_Model):
 
     name: Name
     recordTypeId: int = Field(
-        description="Numeric record type id as stored in staging (e.g. -30 for SalesOrder).",
+        description="Numeric record type id as stored in staging (e.g. -30 for SalesOrder); "
+        "-1000000..1000000, required, unique across recordTypes and derivedTypes.",
         ge=-1_000_000,
         le=1_000_000,
     )
     batchSize: int = Field(
-        default=1000, ge=1, le=100_000, description="Staging records per batch (1..100000)."
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Staging records per batch: 1..100000, default 1000; one worker Job "
+        "imports one batch.",
     )
     parentTypes: list[Name] = Field(
         default_factory=list,
         max_length=32,
-        description="Main record types that must be imported before this one.",
+        description="Names of main record types (0..32, default none) whose wave must be "
+        "completed before this one is dispatched; each must be listed earlier in recordTypes.",
     )
 
 
 class DerivedType(_Model):
     """A derived record type (TransactionLine), created once its parents reach the threshold."""
 
-    name: Name = "TransactionLine"
+    name: Name = Field(
+        default="TransactionLine",
+        description="Derived record type name: a letter, then letters, digits or underscores "
+        "(1-63 characters), default TransactionLine; unique across recordTypes and derivedTypes.",
+    )
     recordTypeId: int = Field(
         default=DERIVED_RECORD_TYPE_ID,
         ge=-1_000_000,
         le=1_000_000,
-        description="Numeric record type id of the derived records (-13 for TransactionLine).",
+        description="Numeric record type id of the derived records: -1000000..1000000, "
+        "default -13 (TransactionLine); unique across recordTypes and derivedTypes.",
     )
     batchSize: int = Field(
-        default=2000, ge=1, le=100_000, description="Derived records per batch (1..100000)."
+        default=2000,
+        ge=1,
+        le=100_000,
+        description="Derived records per batch: 1..100000, default 2000; one worker Job "
+        "imports one batch.",
     )
     parentTypes: list[Name] = Field(
         min_length=1,
         max_length=32,
-        description="Main record types whose completion gates this derived type.",
+        description="Names of main record types (1..32, required) whose batches gate this "
+        "derived type: its batches are created and dispatched once completionThreshold percent "
+        "of these parents' batches are completed.",
     )
 
 
@@ -110,22 +134,31 @@ class WorkerPod(_Model):
     """How worker pods are run on Kubernetes (ignored by the local runner)."""
 
     image: str = Field(
-        default="importwaves:latest", min_length=1, max_length=512, description="Worker image."
+        default=DEFAULT_WORKER_IMAGE,
+        min_length=1,
+        max_length=512,
+        description=f"Worker container image (1-512 characters), default {DEFAULT_WORKER_IMAGE} "
+        "(this operator's own version, the chart's appVersion); it must hold `importwaves "
+        "worker` or another command keeping the worker contract.",
     )
     command: list[Annotated[str, Field(max_length=4096)]] = Field(
         default_factory=lambda: ["importwaves", "worker"],
         min_length=1,
         max_length=64,
-        description="Container command; the worker contract is in the README.",
+        description="Container command (1..64 entries), default [importwaves, worker]; the "
+        "worker contract is in the README.",
     )
     args: list[Annotated[str, Field(max_length=4096)]] = Field(
-        default_factory=list, max_length=64, description="Container args."
+        default_factory=list,
+        max_length=64,
+        description="Container args (0..64 entries), default none.",
     )
     env: list[dict[str, Any]] = Field(
         default_factory=list,
         max_length=128,
-        description="Extra env vars (core/v1 EnvVar); IMPORTWAVES_* names are reserved for "
-        "the operator.",
+        description="Extra env vars for worker containers (core/v1 EnvVar, 0..128), default "
+        "none; IMPORTWAVES_* names are reserved for the operator (it sets the DSN, tenant, "
+        "job id and fencing token).",
         # `name` declared so the CRD's CEL rule can read it (the rest of an EnvVar is kept as is)
         json_schema_extra={
             "items": {
@@ -136,23 +169,31 @@ class WorkerPod(_Model):
         },
     )
     resources: dict[str, Any] = Field(
-        default_factory=dict, description="Container resources (core/v1 ResourceRequirements)."
+        default_factory=dict,
+        description="Worker container resources (core/v1 ResourceRequirements), default none "
+        "(the namespace's LimitRange applies).",
     )
     serviceAccountName: str | None = Field(
-        default=None, max_length=253, description="ServiceAccount the worker pods run as."
+        default=None,
+        max_length=253,
+        description="ServiceAccount the worker pods run as, default the namespace's "
+        "`default` ServiceAccount.",
     )
     nodeSelector: dict[str, str] = Field(
-        default_factory=dict, description="Node selector for worker pods."
+        default_factory=dict, description="Node selector for worker pods, default none."
     )
     tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, max_length=64, description="Tolerations for worker pods."
+        default_factory=list,
+        max_length=64,
+        description="Tolerations for worker pods (core/v1 Toleration, 0..64), default none.",
     )
     activeDeadlineSeconds: int | None = Field(
         default=None,
         ge=1,
         le=604_800,
-        description="activeDeadlineSeconds of each worker Job (default: the operator's "
-        "IMPORTWAVES_WORKER_ACTIVE_DEADLINE_SECONDS, 3600).",
+        description="activeDeadlineSeconds of each worker Job: 1..604800, default the "
+        "operator's IMPORTWAVES_WORKER_ACTIVE_DEADLINE_SECONDS (3600); a Job running longer is "
+        "stopped and its batch counts as a failed attempt.",
     )
 
 
@@ -161,47 +202,66 @@ class ImportSpec(_Model):
 
     tenant: str = Field(
         pattern=r"^[a-z][a-z0-9_]{0,47}$",
-        description="Tenant name; also the tenant's PostgreSQL schema (lowercase, max 48).",
+        description="Tenant name, required and immutable; also the tenant's PostgreSQL schema: "
+        "a lowercase letter, then lowercase letters, digits or underscores (1-48 characters); "
+        "public, information_schema and pg_* are reserved.",
     )
     recordTypes: list[RecordType] = Field(
         min_length=1,
         max_length=64,
-        description="Main record types in parent-first order.",
+        description="Main record types (1..64, required), listed parent-first: each is one wave "
+        "of batches, dispatched once the waves of its parentTypes are completed.",
         json_schema_extra=_LIST_MAP_BY_NAME,
     )
     derivedTypes: list[DerivedType] = Field(
         default_factory=list,
         max_length=16,
-        description="Derived record types (TransactionLine).",
+        description="Derived record types (0..16, default none), e.g. TransactionLine: their "
+        "batches are created and dispatched once their parents reach completionThreshold.",
         json_schema_extra=_LIST_MAP_BY_NAME,
     )
     completionThreshold: int = Field(
         default=100,
         ge=1,
         le=100,
-        description="Percent of parent batches that must be completed before derived dispatch.",
+        description="Percent of parent batches (1..100, default 100) that must be completed "
+        "before a derived type's batches are created and dispatched; below 100, derived "
+        "batches may start while some parent batches still run.",
     )
     parallelism: int = Field(
-        default=4, ge=1, le=1000, description="Maximum worker batches running at once."
+        default=4,
+        ge=1,
+        le=1000,
+        description="Maximum batches (worker Jobs) running at once for this import: "
+        "1..1000, default 4.",
     )
     retries: int = Field(
-        default=3, ge=0, le=100, description="Retries per batch after its first attempt."
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries per batch after its first attempt: 0..100, default 3; a batch "
+        "out of attempts is failed and the import reports Failed.",
     )
     staleAfterSeconds: int = Field(
         default=300,
         ge=5,
         le=86_400,
-        description="A processing batch with no heartbeat for this long is requeued.",
+        description="Seconds (5..86400, default 300) a processing batch may go without a "
+        "worker heartbeat before it is requeued (or failed, if that was its last attempt).",
     )
     claimTimeoutSeconds: int | None = Field(
         default=None,
         ge=5,
         le=86_400,
-        description="A dispatched batch no worker claimed for this long is requeued (a lost "
-        "launch, a pod that never started or cannot connect); separate from "
-        "staleAfterSeconds, which it defaults to.",
+        description="Seconds (5..86400, default staleAfterSeconds) a dispatched batch may stay "
+        "unclaimed by a worker before it is requeued (a lost launch, a pod that never started "
+        "or cannot connect).",
     )
-    suspend: bool = Field(default=False, description="Dispatch nothing new while true.")
+    suspend: bool = Field(
+        default=False,
+        description="While true (default false), dispatch no new batches; running batches "
+        "finish. Set back to false to resume.",
+    )
     uncoveredRows: Literal["Fail", "Skip"] = Field(
         default="Fail",
         description="Staging rows no batch can cover (a derived row whose parentId is null or "
@@ -209,7 +269,11 @@ class ImportSpec(_Model):
         "never plans the import and reports them (Invalid, UncoveredStagingRows, with their "
         "count and first ids); Skip imports the rest and records them as skipped.",
     )
-    worker: WorkerPod = Field(default_factory=WorkerPod, description="Worker pod settings.")
+    worker: WorkerPod = Field(
+        default_factory=WorkerPod,
+        description="Worker pod settings (image, command, env, resources, scheduling); "
+        "every field has a default.",
+    )
 
     @model_validator(mode="after")
     def _check_graph(self) -> ImportSpec:

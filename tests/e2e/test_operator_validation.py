@@ -4,6 +4,7 @@ naming the field, and what only the operator can refuse (a dependency cycle: Inv
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import uuid
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from .harness.operatorkit import (
     importjob,
     is_true,
 )
+from .waits import wait_for
 
 
 def manifest(namespace: str, name: str = "bad") -> dict[str, Any]:
@@ -92,6 +94,41 @@ INVALID: list[tuple[str, str, Any, list[str]]] = [
         ["spec.recordTypes", "every parentTypes entry must name a main record type"],
     ),
 ]
+
+
+# (field path for `kubectl explain importjob.<path>`, what its description must say)
+EXPLAIN: list[tuple[str, list[str]]] = [
+    (
+        "spec.completionThreshold",
+        ["1..100", "default 100", "parent batches", "derived"],
+    ),
+    ("spec.parallelism", ["1..1000", "default 4"]),
+    ("spec.retries", ["0..100", "default 3"]),
+    ("spec.staleAfterSeconds", ["5..86400", "default 300"]),
+    ("spec.recordTypes.batchSize", ["1..100000", "default 1000"]),
+    ("spec.derivedTypes.recordTypeId", ["default -13"]),
+    ("spec.worker.image", ["default importwaves:"]),
+]
+
+
+def test_kubectl_explain_states_range_default_and_meaning(k8s_cluster: Cluster, crds: None) -> None:
+    """What a user reads with the real kubectl: the API server publishes the CRD's OpenAPI a
+    moment after it is established, so wait until explain knows the field."""
+    from importlib.metadata import version
+
+    def explain(path: str) -> str | None:
+        r = k8s_cluster.kubectl("explain", f"importjob.{path}", check=False)
+        return r.stdout if r.returncode == 0 else None
+
+    for path, words in EXPLAIN:
+        text = wait_for(
+            functools.partial(explain, path), timeout=60, what=f"kubectl explain {path}"
+        )
+        flat = " ".join(text.split())
+        for word in words:
+            assert word in flat, f"{word!r} not in `kubectl explain importjob.{path}`:\n{text}"
+    image = k8s_cluster.kubectl("explain", "importjob.spec.worker.image").stdout
+    assert f"importwaves:{version('importwaves')}" in image, image
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,26 @@ def test_chart_app_version_is_the_package_version() -> None:
     assert chart["apiVersion"] == "v2"
 
 
+def test_worker_image_default_is_the_chart_app_version() -> None:
+    """An ImportJob without worker.image runs the workers of the operator the chart deploys:
+    importwaves:<appVersion>, in the model, the generated CRD and the chart's copy of it."""
+    from importlib.metadata import version
+
+    from importwaves.spec import DEFAULT_WORKER_IMAGE, WorkerPod
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    expected = f"importwaves:{chart['appVersion']}"
+    assert version("importwaves") == chart["appVersion"], "reinstall: make venv"
+    assert expected == DEFAULT_WORKER_IMAGE
+    assert WorkerPod().image == expected
+    for crd_file in (ROOT / "crds" / "importjob.yaml", CHART / "crds" / "importjob.yaml"):
+        crd = yaml.safe_load(crd_file.read_text())
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        image = spec["properties"]["worker"]["properties"]["image"]
+        assert image["default"] == expected, crd_file
+        assert expected in image["description"], crd_file
+
+
 # -- values: schema and documentation ------------------------------------------------------------
 def test_values_match_their_schema() -> None:
     jsonschema.Draft7Validator.check_schema(SCHEMA)

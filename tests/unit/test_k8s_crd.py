@@ -142,3 +142,26 @@ def test_spec_model_rejects_with_the_field(patch: dict[str, Any], field: str) ->
     with pytest.raises(ValidationError) as info:
         ImportJobSpec.model_validate(data)
     assert format_validation_error(info.value).startswith(field)
+
+
+def test_spec_descriptions_state_range_and_default() -> None:
+    """`kubectl explain importjob.spec.<field>` says the field's range and its default: every
+    bounded number names both bounds, every field with a default says "default"."""
+    spec = root_schema()["properties"]["spec"]
+    problems = []
+    for path, node in walk(spec, ".spec"):
+        text = str(node.get("description") or "")
+        for bound in ("minimum", "maximum"):
+            if bound in node and str(node[bound]) not in text:
+                problems.append(f"{path}: {bound} {node[bound]} not in {text!r}")
+        if "default" in node and "default" not in text:
+            problems.append(f"{path}: has a default, description does not say it: {text!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_completion_threshold_explains_what_it_gates() -> None:
+    node = root_schema()["properties"]["spec"]["properties"]["completionThreshold"]
+    assert (node["minimum"], node["maximum"], node["default"]) == (1, 100, 100)
+    text = node["description"]
+    assert "1..100" in text and "default 100" in text
+    assert "parent batches" in text and "derived" in text

@@ -30,14 +30,15 @@ class DatabaseRef(BaseModel):
         min_length=1,
         max_length=253,
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Name of the Secret holding the tenant database DSN.",
+        description="Name of the Secret (in the ImportJob's namespace; required) holding the "
+        "tenant database DSN.",
     )
     key: str = Field(
         default="dsn",
         min_length=1,
         max_length=253,
         pattern=r"^[-._a-zA-Z0-9]+$",
-        description="Key in the Secret whose value is the DSN (postgresql://...).",
+        description="Key in the Secret whose value is the DSN (postgresql://...), default dsn.",
     )
 
 
@@ -45,7 +46,8 @@ class ImportJobSpec(ImportSpec):
     """The ImportJob `spec`: the import spec plus where its database credentials are."""
 
     database: DatabaseRef = Field(
-        description="Tenant database credentials, by Secret reference only (never inline)."
+        description="Tenant database credentials, by Secret reference only (never inline); "
+        "required and immutable (rotate credentials by updating the Secret)."
     )
     importId: str | None = Field(
         default=None,
@@ -53,8 +55,8 @@ class ImportJobSpec(ImportSpec):
         max_length=128,
         pattern=r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$",
         description="Import id keying the staging rows and the job in the tenant database "
-        "(default: <namespace>.<name>). Re-applying an ImportJob with the same id resumes or "
-        "reports that import; a new id runs a new one.",
+        "(1-128 characters, immutable), default <namespace>.<name>. Re-applying an ImportJob "
+        "with the same id resumes or reports that import; a new id runs a new one.",
     )
 
     def engine_spec(self) -> ImportSpec:
