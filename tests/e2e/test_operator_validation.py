@@ -55,6 +55,18 @@ INVALID: list[tuple[str, str, Any, list[str]]] = [
     ("batch-size--1", "spec.recordTypes.0.batchSize", -1, ["spec.recordTypes[0].batchSize"]),
     ("parallelism-0", "spec.parallelism", 0, ["spec.parallelism"]),
     ("tenant-pattern", "spec.tenant", "Acme-Corp", ["spec.tenant", "should match"]),
+    (
+        "reserved-tenant",
+        "spec.tenant",
+        "pg_acme",
+        ["spec.tenant", "tenant: pg_acme is a reserved schema name"],
+    ),
+    (
+        "reserved-worker-env",
+        "spec.worker",
+        {"env": [{"name": "LOG_LEVEL", "value": "x"}, {"name": "IMPORTWAVES_DSN", "value": "x"}]},
+        ["spec.worker.env", "worker.env: IMPORTWAVES_DSN: IMPORTWAVES_* variables are reserved"],
+    ),
     ("unknown-field", "spec.bogus", 1, ['unknown field "spec.bogus"']),
     (
         "unknown-nested-field",
@@ -79,19 +91,31 @@ INVALID: list[tuple[str, str, Any, list[str]]] = [
         "duplicate-type-id",
         "spec.recordTypes.1.recordTypeId",
         -2,
-        ["spec.recordTypes", "recordTypeId values must be unique"],
+        [
+            "spec.recordTypes",
+            "recordTypes: recordTypeId -2 is used by both Customer and SalesOrder; "
+            "recordTypeId values must be unique",
+        ],
     ),
     (
         "unknown-derived-parent",
         "spec.derivedTypes.0.parentTypes",
         ["Invoice"],
-        ["spec.derivedTypes", "every parentTypes entry must name a main record type"],
+        [
+            "spec.derivedTypes",
+            "derivedTypes: TransactionLine lists a parent type that is not a main record "
+            "type; every parentTypes entry must name a main record type",
+        ],
     ),
     (
         "unknown-main-parent",
         "spec.recordTypes.1.parentTypes",
         ["Vendor"],
-        ["spec.recordTypes", "every parentTypes entry must name a main record type"],
+        [
+            "spec.recordTypes",
+            "recordTypes: SalesOrder lists a parent type that is not a main record type; "
+            "every parentTypes entry must name a main record type",
+        ],
     ),
 ]
 
@@ -152,7 +176,7 @@ def test_immutable_fields_refuse_updates(k8s_cluster: Cluster, crds: None, names
     body = manifest(namespace)
     apply(k8s_cluster, body)
     for path, value, text in (
-        ("spec.tenant", "other", "tenant is immutable"),
+        ("spec.tenant", "other", "tenant is immutable (was acme, now other)"),
         ("spec.importId", "another-import", "importId is immutable"),
     ):
         r = apply(k8s_cluster, _set(body, path, value), check=False)

@@ -66,23 +66,47 @@ class ImportJobSpec(ImportSpec):
         return self.importId or f"{namespace}.{name}"
 
 
+#: The record types whose recordTypeId another one has too (for a messageExpression).
+_DUPLICATE_IDS = (
+    "self.recordTypes.filter(r, !self.recordTypes.exists_one(x, x.recordTypeId == r.recordTypeId))"
+)
+
+# `message` is the fallback when a `messageExpression` fails. The messageExpressions name the
+# first offending entry through `format` and a `filter(...)[0]`: concatenating (`+`) or
+# `join`ing strings picked by a comprehension, or a filter nested in one, exceed the API
+# server's estimated cost budget (it refuses the CRD), so the unknown parent itself is not named.
 CEL_RULES: list[dict[str, str]] = [
     {
         "rule": "self.recordTypes.all(r, self.recordTypes.exists_one(x, "
         "x.recordTypeId == r.recordTypeId))",
         "message": "recordTypes: recordTypeId values must be unique",
+        "messageExpression": "'recordTypes: recordTypeId %d is used by both %s and %s; "
+        "recordTypeId values must be unique'.format(["
+        + _DUPLICATE_IDS
+        + "[0].recordTypeId, "
+        + _DUPLICATE_IDS
+        + "[0].name, "
+        + _DUPLICATE_IDS
+        + "[1].name])",
         "fieldPath": ".recordTypes",
     },
     {
         "rule": "!has(self.derivedTypes) || self.derivedTypes.all(d, d.parentTypes.all(p, "
         "self.recordTypes.exists(r, r.name == p)))",
         "message": "derivedTypes: every parentTypes entry must name a main record type",
+        "messageExpression": "'derivedTypes: %s lists a parent type that is not a main record "
+        "type; every parentTypes entry must name a main record type'.format([self.derivedTypes"
+        ".filter(d, d.parentTypes.exists(p, !self.recordTypes.exists(r, r.name == p)))[0].name])",
         "fieldPath": ".derivedTypes",
     },
     {
         "rule": "self.recordTypes.all(r, !has(r.parentTypes) || r.parentTypes.all(p, "
         "self.recordTypes.exists(x, x.name == p)))",
         "message": "recordTypes: every parentTypes entry must name a main record type",
+        "messageExpression": "'recordTypes: %s lists a parent type that is not a main record "
+        "type; every parentTypes entry must name a main record type'.format([self.recordTypes"
+        ".filter(t, has(t.parentTypes) && t.parentTypes.exists(p, !self.recordTypes.exists(r, "
+        "r.name == p)))[0].name])",
         "fieldPath": ".recordTypes",
     },
     {
@@ -94,6 +118,8 @@ CEL_RULES: list[dict[str, str]] = [
     {
         "rule": "self.tenant == oldSelf.tenant",
         "message": "tenant is immutable: create a new ImportJob for another tenant",
+        "messageExpression": "'tenant is immutable (was ' + oldSelf.tenant + ', now ' + "
+        "self.tenant + '): create a new ImportJob for another tenant'",
         "fieldPath": ".tenant",
     },
     {
@@ -103,6 +129,8 @@ CEL_RULES: list[dict[str, str]] = [
         "!self.tenant.startsWith('pg_')",
         "message": "tenant: public, information_schema and pg_* are reserved schema names; "
         "choose another tenant name",
+        "messageExpression": "'tenant: ' + self.tenant + ' is a reserved schema name (public, "
+        "information_schema and pg_* belong to PostgreSQL); choose another tenant name'",
         "fieldPath": ".tenant",
     },
     {
@@ -110,6 +138,9 @@ CEL_RULES: list[dict[str, str]] = [
         "self.worker.env.all(e, !has(e.name) || !e.name.startsWith('IMPORTWAVES_'))",
         "message": "worker.env: IMPORTWAVES_* variables are reserved: the operator sets them "
         "on worker pods",
+        "messageExpression": "'worker.env: %s: IMPORTWAVES_* variables are reserved: the "
+        "operator sets them on worker pods'.format([self.worker.env.filter(e, has(e.name) && "
+        "e.name.startsWith('IMPORTWAVES_'))[0].name])",
         "fieldPath": ".worker.env",
     },
     {
