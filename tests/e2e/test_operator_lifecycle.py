@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from importwaves.k8s.crd import ImportJobSpec
 from importwaves.verify import verify_import
@@ -25,6 +26,7 @@ from .harness.operatorkit import (
     small_spec,
     watch_jobs,
 )
+from .waits import wait_for
 
 SMALL = small_spec(100, 50)
 
@@ -264,3 +266,49 @@ def test_suspend_stops_new_jobs_and_resume_completes(
                 conn, job_id, ImportJobSpec.model_validate(body["spec"]).engine_spec()
             )
         assert v.ok, v.failures()
+
+
+def test_importjobs_with_the_legacy_kopf_finalizer_are_not_stuck(
+    k8s_cluster: Cluster, namespace: str, operator: Callable[..., OperatorProcess]
+) -> None:
+    """ImportJobs from an operator version that used kopf's default finalizer: the one deleted
+    while no operator ran goes away once this operator starts, the live one gets the
+    importwaves.io/ finalizer instead and can be deleted."""
+    from importwaves.k8s.handlers import FINALIZER, LEGACY_FINALIZER
+
+    ns = namespace
+
+    def get(name: str) -> dict[str, Any] | None:
+        r = k8s_cluster.kubectl("-n", ns, "get", "importjob", name, "-o", "json", check=False)
+        if r.returncode != 0:
+            assert "NotFound" in r.stderr, r.stderr
+            return None
+        obj: dict[str, Any] = json.loads(r.stdout)
+        return obj
+
+    for name in ("legacy-live", "legacy-deleted"):
+        body = importjob(name, ns, "legacy")
+        body["metadata"]["finalizers"] = [LEGACY_FINALIZER]
+        apply(k8s_cluster, body)
+    k8s_cluster.kubectl("-n", ns, "delete", "importjob", "legacy-deleted", "--wait=false")
+    held = get("legacy-deleted")
+    assert held is not None and held["metadata"].get("deletionTimestamp"), held
+    assert held["metadata"]["finalizers"] == [LEGACY_FINALIZER]
+
+    op = operator(ns)
+    try:
+        wait_for(lambda: get("legacy-deleted") is None, 30, what="legacy-deleted to go away")
+        wait_for(
+            lambda: (get("legacy-live") or {}).get("metadata", {}).get("finalizers") == [FINALIZER],
+            30,
+            what=f"legacy-live to carry only {FINALIZER}",
+        )
+        r = k8s_cluster.kubectl(
+            "-n", ns, "delete", "importjob", "legacy-live", "--timeout=30s", check=False
+        )
+        assert r.returncode == 0, r.stderr
+        assert get("legacy-live") is None
+    except AssertionError:
+        print(op.log_tail(80))
+        raise
+    assert "removed the legacy finalizer" in op.log()

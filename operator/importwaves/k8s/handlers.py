@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import kopf
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 from importwaves import metrics
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
@@ -20,6 +21,27 @@ from importwaves.settings import Settings
 log = logging.getLogger("importwaves.handlers")
 
 SETTINGS = Settings()
+
+#: The finalizer the operator keeps on each ImportJob (kopf's `settings.persistence.finalizer`).
+FINALIZER = f"{GROUP}/finalizer"
+#: kopf's default, which operator versions before it used. kopf removes only the finalizer it is
+#: configured with, so an ImportJob still carrying this one would never go away: the operator
+#: drops it (legacy_finalizer_patch, on every ImportJob event, alive or being deleted).
+LEGACY_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+
+
+def legacy_finalizer_patch(finalizers: list[str]) -> list[dict[str, Any]]:
+    """The JSON patch that removes the legacy finalizer, guarded by a `test` of its position
+    (a list changed meanwhile fails the patch instead of removing another entry); [] if absent."""
+    if LEGACY_FINALIZER not in finalizers:
+        return []
+    path = f"/metadata/finalizers/{finalizers.index(LEGACY_FINALIZER)}"
+    return [
+        {"op": "test", "path": path, "value": LEGACY_FINALIZER},
+        {"op": "remove", "path": path},
+    ]
+
+
 _state: dict[str, ImportJobOperator] = {}
 
 
@@ -29,6 +51,7 @@ def _op() -> ImportJobOperator:
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -92,6 +115,40 @@ def worker_job(body: kopf.Body, **_: Any) -> None:
                 reason=e.reason,
                 message=e.message,
             )
+
+
+def _has_legacy_finalizer(body: kopf.Body, **_: Any) -> bool:
+    return LEGACY_FINALIZER in (body.metadata.get("finalizers") or [])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_has_legacy_finalizer)
+def legacy_finalizer(body: kopf.Body, **_: Any) -> None:
+    """Drop the finalizer of an earlier operator version. An event handler, because kopf runs no
+    other handler for an ImportJob deleted without its own finalizer on it."""
+    meta = body.metadata
+    ops = legacy_finalizer_patch(list(meta.get("finalizers") or []))
+    if not ops:
+        return
+    try:
+        client.CustomObjectsApi(_op().api).patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            meta.namespace or "",
+            PLURAL,
+            meta.name or "",
+            ops,
+            _content_type="application/json-patch+json",
+        )
+    except ApiException as exc:
+        if exc.status not in (404, 409, 422):  # gone, or changed meanwhile: the next event
+            raise
+        return
+    log.info(
+        "removed the legacy finalizer %s from ImportJob %s/%s",
+        LEGACY_FINALIZER,
+        meta.namespace,
+        meta.name,
+    )
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
