@@ -55,8 +55,8 @@ Name = Annotated[
     Field(
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}$",
         max_length=63,
-        description="Record type name: a letter, then letters, digits or underscores (1-63 "
-        "characters); unique across recordTypes and derivedTypes; named by parentTypes.",
+        description="A record type name: a letter, then letters, digits or underscores "
+        "(1-63 characters).",
     ),
 ]
 
@@ -77,7 +77,11 @@ class _Model(BaseModel):
 class RecordType(_Model):
     """A main (parent-first) record type: one wave of batches, imported in list order."""
 
-    name: Name
+    name: Name = Field(
+        description="Main record type name (required): a letter, then letters, digits or "
+        "underscores (1-63 characters); unique across recordTypes and derivedTypes; "
+        "parentTypes entries refer to it."
+    )
     recordTypeId: int = Field(
         description="Numeric record type id as stored in staging (e.g. -30 for SalesOrder); "
         "-1000000..1000000, required, unique across recordTypes and derivedTypes.",
