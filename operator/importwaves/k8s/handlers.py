@@ -52,6 +52,10 @@ def _op() -> ImportJobOperator:
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
+    # kopf removes the finalizer of a deleted ImportJob only once its `tick` timer has exited;
+    # a tick still running at deletion was re-checked after kopf's default 60 s, so a deletion
+    # hung for a minute (seen in the e2e deletion test): re-check every second.
+    settings.background.cancellation_polling = 1
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
