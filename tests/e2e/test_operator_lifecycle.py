@@ -26,7 +26,7 @@ from .harness.operatorkit import (
     small_spec,
     watch_jobs,
 )
-from .waits import wait_for
+from .harness.waits import wait_for
 
 SMALL = small_spec(100, 50)
 

@@ -22,7 +22,7 @@ from .harness.operatorkit import (
     importjob,
     is_true,
 )
-from .waits import wait_for
+from .harness.waits import wait_for
 
 
 def manifest(namespace: str, name: str = "bad") -> dict[str, Any]:
