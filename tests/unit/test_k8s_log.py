@@ -14,11 +14,14 @@ from importwaves import log as iwlog
 
 @pytest.fixture(autouse=True)
 def _restore_loggers() -> Iterator[None]:
-    """iwlog.setup() reconfigures the `importwaves` and `kopf` loggers: put them back."""
+    """iwlog.setup() reconfigures the `importwaves` and `kopf` loggers: put them back. kopf's
+    own Event poster sits on `kopf.objects` once any test imported the kopf handlers module (it
+    reads the record's real settings): off while these records, with stand-in settings, pass."""
     saved = {}
-    for name in ("importwaves", "kopf"):
+    for name in ("importwaves", "kopf", "kopf.objects"):
         lg = logging.getLogger(name)
         saved[name] = (list(lg.handlers), lg.level, lg.propagate)
+    logging.getLogger("kopf.objects").handlers[:] = []
     yield
     for name, (handlers, level, propagate) in saved.items():
         lg = logging.getLogger(name)
