@@ -10,7 +10,16 @@ import pytest
 from kubernetes import client
 
 from importwaves.engine.coordinator import RunResult
-from importwaves.engine.model import DERIVED, MAIN, JobStatus, Outcome, Snapshot, WaveState
+from importwaves.engine.model import (
+    DERIVED,
+    MAIN,
+    Decision,
+    GuardReport,
+    JobStatus,
+    Outcome,
+    Snapshot,
+    WaveState,
+)
 from importwaves.k8s import operator as k8s_operator
 from importwaves.k8s.crd import ImportJobSpec
 from importwaves.k8s.jobs import (
@@ -149,3 +158,33 @@ def test_the_memory_of_recorded_jobs_is_bounded(monkeypatch: Any) -> None:
     for i in range(10):
         op.on_job_finished(finished_job(f"u{i}"))
     assert len(op._recorded) == 3
+
+
+def guard_run(job_id: str) -> RunResult:
+    """A run that found the main waves done with derived batches left (the completion guard)."""
+    guard = GuardReport(
+        main_done=True,
+        derived_unfinished=4,
+        derived_active=0,
+        awaiting_derivation=0,
+        gates_open=True,
+    )
+    decision = Decision(Outcome.DERIVED_PENDING, "main waves done", guard=guard)
+    return RunResult(job_id, Outcome.DERIVED_PENDING, "", decision=decision)
+
+
+def test_completion_guard_event_once_per_import_whichever_path_ran_it() -> None:
+    # The NOTIFY prompt (no status at hand), a Job event and a reconcile may each be the run
+    # that first finds the main waves done: the Event is posted once, by the first of them.
+    op = ImportJobOperator(Settings(), client.ApiClient())
+    reasons = [
+        [e.reason for e in op._events_for(guard_run("j1"), summary)]
+        for summary in (None, "Running", None)
+    ]
+    assert reasons == [["CompletionGuard"], [], []]
+    assert [e.message for e in op._events_for(guard_run("j2"), "Running")] == [
+        "main waves done; not completing: 4 derived batch(es) pending or active"
+    ]
+    # a status that already says DerivedPending (an operator restarted mid-import): none
+    assert op._events_for(guard_run("j3"), "DerivedPending") == []
+    op.close()

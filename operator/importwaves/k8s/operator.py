@@ -142,6 +142,8 @@ class ImportJobOperator:
         self._lock = threading.Lock()
         self._recorded: OrderedDict[str, None] = OrderedDict()
         self._recorded_lock = threading.Lock()
+        #: imports whose CompletionGuard Event this process posted (bounded like _recorded)
+        self._guarded: OrderedDict[str, None] = OrderedDict()
         #: runs NOTIFY prompts off the LISTEN hub's thread (one tenant's slow database does not
         #: hold another's notifications)
         self._prompts = ThreadPoolExecutor(max_workers=4, thread_name_prefix="notified")
@@ -220,7 +222,7 @@ class ImportJobOperator:
                 sweep.actions if sweep.demoted or sweep.requeued or sweep.failed else []
             )
             if sweep.result is not None:
-                events += _run_events(sweep.result, old.get("summary"))
+                events += self._events_for(sweep.result, old.get("summary"))
             engine.update_gauges()
             return self._done(
                 namespace, name, lambda: self.view(engine, job_id), problem, events, new_fields
@@ -496,7 +498,7 @@ class ImportJobOperator:
                 return None
             raise
         old = obj.get("status") or {}
-        events = _run_events(result, old.get("summary")) if result is not None else []
+        events = self._events_for(result, old.get("summary")) if result is not None else []
         try:
             ij = ImportJobSpec.model_validate(obj["spec"])
             engine = self.engine_for(namespace, ij.database, ij.tenant, user=name)
@@ -742,9 +744,25 @@ class ImportJobOperator:
             return  # the level-based paths (Job events, the timer) retry
         owner = self.launcher.owners.get(c.job_id)
         if owner is not None:
-            self.post_events(
-                owner, [e for e in _run_events(result, None) if e.reason == "WaveDispatched"]
-            )
+            self.post_events(owner, self._events_for(result, None))
+
+    def _events_for(self, result: RunResult, old_summary: str | None) -> list[KubeEvent]:
+        """The Events an engine run calls for, whichever path ran it (a reconcile, a Job event,
+        a NOTIFY prompt). CompletionGuard once per import in this process: the run that first
+        finds the main waves done with derived work left is any of those, and the status it
+        would compare with may already say DerivedPending (written by another path in between),
+        so the status alone missed it now and then."""
+        out = []
+        for e in _run_events(result, old_summary):
+            if e.reason == "CompletionGuard":
+                with self._recorded_lock:
+                    if result.job_id in self._guarded:
+                        continue
+                    self._guarded[result.job_id] = None
+                    while len(self._guarded) > RECORDED_JOBS_KEPT:
+                        self._guarded.popitem(last=False)
+            out.append(e)
+        return out
 
     def post_events(self, owner: Owner, events: list[KubeEvent]) -> None:
         """Post Events about an ImportJob from outside a kopf handler (core/v1 Events)."""
