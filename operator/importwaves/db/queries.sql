@@ -408,6 +408,12 @@ ORDER BY id LIMIT 50;
 SELECT batch_id, record_type_id, attempts, last_error FROM wave_batches
 WHERE job_id = %(job_id)s AND status = 'failed' ORDER BY id LIMIT %(limit)s;
 
+-- name: batches_failed_recent
+-- BatchFailed Events: failed batches with record type, wave and last error, newest first.
+SELECT batch_id, record_type_id, wave_number, attempts, last_error FROM wave_batches
+WHERE job_id = %(job_id)s AND status = 'failed'
+ORDER BY updated_at DESC, id DESC LIMIT %(limit)s;
+
 -- name: derived_backlog
 -- Derived records' batches not yet completed, across running jobs (the backlog gauge).
 SELECT count(*) AS n FROM wave_batches b JOIN import_jobs j USING (job_id)

@@ -13,8 +13,10 @@ from importwaves.db import migrate
 from importwaves.db.connect import Conn, make_pool
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
+from importwaves.engine import failures
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
@@ -140,3 +142,8 @@ class Engine:
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.pool.connection() as conn:
             return conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+
+    def failed_batches(self, job_id: str, limit: int = 20) -> list[FailedBatch]:
+        """The job's batches that failed for good (newest first), with their recorded errors."""
+        with self.pool.connection() as conn:
+            return failures.failed_batches(conn, job_id, limit)

@@ -1,102 +1,225 @@
-"""Kubernetes launcher: one batch/v1 Job per dispatched batch (see k8s/jobs.py for why)."""
+"""Kubernetes adapter of the launcher port: one work-queue Job per wave (see launch/kubejobs.py).
+
+It decides nothing: the engine (`Engine.sync_workers`) says which waves need workers (`ensure`),
+reads what runs (`observe`) and says which ended workers it has recorded (`discard`). Where the
+workers run (namespace, owning ImportJob, Secret, pod settings) comes with every call in the
+job's `LaunchTarget`, stored with the job in the database: nothing is remembered here, so two
+ImportJobs with the same `importId` in two namespaces never see each other's Jobs.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from importwaves.k8s.jobs import Owner, build_job
-from importwaves.launch.base import BatchDispatch, LaunchFailure
+from importwaves.launch.kubejobs import (
+    WaveJob,
+    build_wave_job,
+    owner_selector,
+    pod_job_name,
+    read_wave_job,
+    read_worker_pod,
+)
+from importwaves.launch.port import (
+    LaunchProblem,
+    LaunchTarget,
+    Observation,
+    WorkerGroup,
+    WorkerSeen,
+)
 from importwaves.log import event
-from importwaves.spec import ImportSpec
 
 log = logging.getLogger("importwaves.launch.kubernetes")
 
+#: Longest API refusal text kept in a LaunchProblem (it is shown in status and Events).
+MAX_PROBLEM = 1000
+
 
 class KubernetesLauncher:
+    per_wave = True
+
     def __init__(
         self,
         api: client.ApiClient,
         *,
         conn_env: dict[str, str] | None = None,
         active_deadline: int = 0,
+        keep_failed_seconds: int = 3600,
     ) -> None:
+        self.api = api
         self.batch = client.BatchV1Api(api)
-        self.owners: dict[str, Owner] = {}
+        self.core = client.CoreV1Api(api)
         #: IMPORTWAVES_* connection settings given to every worker pod
         self.conn_env = dict(conn_env or {})
         #: default activeDeadlineSeconds of worker Jobs (0: none)
         self.active_deadline = active_deadline
+        #: the last failed Job of a wave is kept this long, so `kubectl logs` shows why
+        self.keep_failed_seconds = keep_failed_seconds
 
-    def register(self, job_id: str, owner: Owner) -> None:
-        self.owners[job_id] = owner
-
-    def launch(
-        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
-    ) -> list[LaunchFailure]:
-        owner = self.owners.get(job_id)
-        if owner is None:  # not reconciled by this process yet: the next sync creates them
+    # -- the port --------------------------------------------------------------------------------
+    def ensure(
+        self, target: LaunchTarget, tenant: str, groups: Sequence[WorkerGroup]
+    ) -> list[LaunchProblem]:
+        """Start a wave's Job when none of that wave is active (the next index after its ended
+        ones: the wave got work after its pods ended). An active Job is left alone."""
+        if target.kind != "kubernetes" or not groups:
+            return []
+        try:
+            jobs = self._jobs(target)
+        except ApiException as exc:
+            self._transient("ensure_list_failed", target, exc)
+            return []
+        problems = []
+        for g in groups:
+            mine = [j for j in jobs if j.job_id == g.job_id and j.wave == g.wave_number]
+            if any(not j.finished for j in mine):
+                continue
+            index = max((j.index for j in mine), default=0) + 1
+            body = build_wave_job(
+                target,
+                tenant,
+                g,
+                index,
+                conn_env=self.conn_env,
+                active_deadline=self.active_deadline,
+                keep_failed_seconds=self.keep_failed_seconds,
+            )
+            try:
+                self.batch.create_namespaced_job(target.namespace, body)  # type: ignore[arg-type]
+            except ApiException as exc:
+                if exc.status == 409:  # created meanwhile (another sync): it runs
+                    continue
+                if exc.status is not None and 400 <= exc.status < 500:
+                    text = f"{exc.status} {exc.reason}: {_api_message(exc)}"
+                    problems.append(
+                        LaunchProblem(g, text[:MAX_PROBLEM], permanent=exc.status in (400, 422))
+                    )
+                else:  # the API server is unwell: the next sync tries again
+                    self._transient("job_create_failed", target, exc)
+                continue
             event(
                 log,
-                "launch_deferred_no_owner",
-                logging.WARNING,
-                job_id=job_id,
-                batches=len(batches),
+                "wave_job_created",
+                namespace=target.namespace,
+                importjob=target.owner_name,
+                job_id=g.job_id,
+                wave=g.wave_number,
+                job=body["metadata"]["name"],
+                parallelism=g.size,
             )
-            return []
-        failures = []
-        for b in batches:
-            try:
-                self.create(owner, b)
-            except ApiException as exc:
-                if exc.status is not None and 400 <= exc.status < 500:
-                    # The API refused this Job (invalid worker settings, forbidden): an attempt.
-                    failures.append(
-                        LaunchFailure(b, f"{exc.status} {exc.reason}: {_api_message(exc)}")
-                    )
-                else:  # transient: the batch stays dispatched; the next sync creates the Job
-                    event(
-                        log,
-                        "launch_retry_later",
-                        logging.WARNING,
-                        job_id=job_id,
-                        batch_id=b.batch_id,
-                        status=exc.status,
-                        error=str(exc.reason),
-                    )
-        return failures
+        return problems
 
-    def create(self, owner: Owner, batch: BatchDispatch) -> bool:
-        """Create the Job; False when it already existed (AlreadyExists means success)."""
+    def observe(self, target: LaunchTarget, tenant: str, job_id: str) -> Observation:
+        """The job's worker pods, live and ended (with exit code and termination message)."""
+        if target.kind != "kubernetes":
+            return Observation((), complete=False)
         try:
-            self.batch.create_namespaced_job(
-                owner.namespace,
-                build_job(  # type: ignore[arg-type]
-                    owner, batch, conn_env=self.conn_env, active_deadline=self.active_deadline
-                ),
+            pods = self.core.list_namespaced_pod(
+                target.namespace, label_selector=owner_selector(target)
             )
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+            self._transient("observe_failed", target, exc)
+            return Observation((), complete=False)
+        seen: list[WorkerSeen] = []
+        for pod in pods.items:
+            w = read_worker_pod(self._dict(pod), job_id)
+            if w is not None:
+                seen.append(w)
+        return Observation(tuple(seen), complete=True)
+
+    def discard(
+        self, target: LaunchTarget, tenant: str, job_id: str, worker_ids: Sequence[str]
+    ) -> None:
+        """Delete the finished Jobs whose ended pods the engine has all recorded, except the
+        newest failed Job of each wave while it is younger than `keep_failed_seconds`."""
+        if target.kind != "kubernetes":
+            return
+        try:
+            jobs = [j for j in self._jobs(target) if j.job_id == job_id and j.finished]
+            if not jobs:
+                return
+            pods = self.core.list_namespaced_pod(
+                target.namespace, label_selector=owner_selector(target)
+            )
+        except ApiException as exc:
+            self._transient("discard_list_failed", target, exc)
+            return
+        recorded = set(worker_ids)
+        unrecorded: set[str] = set()  # Jobs with an ended pod the engine has not recorded
+        for pod in pods.items:
+            body = self._dict(pod)
+            w = read_worker_pod(body, job_id)
+            if w is not None and (w.alive or w.worker_id not in recorded):
+                unrecorded.add(pod_job_name(body))
+        for j in jobs:
+            if j.name in unrecorded or self._kept(j, jobs):
+                continue
+            try:
+                self.batch.delete_namespaced_job(
+                    j.name, target.namespace, propagation_policy="Background"
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    self._transient("job_delete_failed", target, exc)
+                continue
+            event(
+                log,
+                "wave_job_deleted",
+                logging.DEBUG,
+                namespace=target.namespace,
+                job=j.name,
+                failed=j.failed,
+            )
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _kept(self, job: WaveJob, jobs: Sequence[WaveJob]) -> bool:
+        """The newest failed Job of its wave, failed less than keep_failed_seconds ago."""
+        if not job.failed or self.keep_failed_seconds <= 0:
+            return False
+        newest = max((j.index for j in jobs if j.wave == job.wave and j.failed), default=-1)
+        if job.index != newest:
+            return False
+        if not job.finished_at:
+            return True
+        ended = datetime.fromisoformat(job.finished_at.replace("Z", "+00:00"))
+        return (datetime.now(UTC) - ended).total_seconds() < self.keep_failed_seconds
+
+    def _jobs(self, target: LaunchTarget) -> list[WaveJob]:
+        found = self.batch.list_namespaced_job(
+            target.namespace, label_selector=owner_selector(target)
+        )
+        out = []
+        for obj in found.items:
+            j = read_wave_job(self._dict(obj), target.owner_uid)
+            if j is not None:
+                out.append(j)
+        return out
+
+    def _dict(self, obj: Any) -> dict[str, Any]:
+        """A kubernetes-client model as the API's own camelCase dict."""
+        out: dict[str, Any] = self.api.sanitize_for_serialization(obj)
+        return out
+
+    @staticmethod
+    def _transient(what: str, target: LaunchTarget, exc: ApiException) -> None:
         event(
             log,
-            "worker_job_created",
-            logging.DEBUG,
-            job_id=batch.job_id,
-            batch_id=batch.batch_id,
-            dispatch_seq=batch.dispatch_seq,
+            what,
+            logging.WARNING,
+            namespace=target.namespace,
+            importjob=target.owner_name,
+            status=exc.status,
+            error=str(exc.reason),
         )
-        return True
 
 
 def _api_message(exc: ApiException) -> str:
-    import json
-
     try:
         body: Any = json.loads(exc.body or "{}")
         return str(body.get("message", exc.body))
