@@ -347,6 +347,7 @@ def run_local(
     from importwaves.engine.app import Engine, SchemaNotReady
     from importwaves.engine.jobs import SpecChangeRefused
     from importwaves.launch.local import LocalLauncher
+    from importwaves.launch.port import LaunchTarget
     from importwaves.runner import LocalRunner
 
     spec = load_spec(Path(spec_file))
@@ -354,16 +355,16 @@ def run_local(
         m.up(conn, spec.tenant)
         # the job row is inserted only once the tables its run needs are known to be there
         _check_tenant(conn, spec.tenant, _ENGINE_TABLES + _REFERENCE_TABLES)
-    launcher = LocalLauncher(dsn)
     with (
+        LocalLauncher(dsn) as launcher,
         _friendly_db_errors(dsn),
         _engine(dsn, spec.tenant, redis_url, Engine, launcher=launcher) as engine,
     ):
         try:
-            engine.submit(job_id, spec)
+            engine.submit(job_id, spec, target=LaunchTarget("local"))
         except (SchemaNotReady, SpecChangeRefused) as exc:
             raise _fail(f"job {job_id!r}: {exc}") from None
-        stats = LocalRunner(engine, launcher, sweep_every=max(5.0, spec.staleAfterSeconds / 2)).run(
+        stats = LocalRunner(engine, sweep_every=max(5.0, spec.staleAfterSeconds / 2)).run(
             job_id, timeout=timeout
         )
         job = engine.job(job_id) or {}

@@ -101,7 +101,7 @@ def _nudgeable(monkeypatch: Any, live_uid: str = "ij-uid") -> tuple[ImportJobOpe
     )
     monkeypatch.setattr(op, "engine_for", lambda *a, **k: object())
     monkeypatch.setattr(
-        op, "_sync", lambda engine, ij, job_id: calls.append(f"sync {job_id}") or []
+        op, "_nudged", lambda engine, ij, job_id: calls.append(f"sync {job_id}") or []
     )
     monkeypatch.setattr(op, "write_status", lambda ns, name, **k: calls.append("status") or None)
     return op, calls

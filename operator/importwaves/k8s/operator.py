@@ -189,14 +189,14 @@ class ImportJobOperator:
         try:
             rec = annotations.get(ANN_RECONCILE)
             if rec and rec != old.get("handledReconcile"):
-                report = engine.recovery.reconcile(job_id, cause="reconcile")
+                report = engine.sweep(job_id, cause="reconcile")
                 events.append(
                     KubeEvent("Normal", "ManualReconcile", "; ".join(report.actions)[:1000])
                 )
                 new_fields["handledReconcile"] = rec
             retry = annotations.get(ANN_RETRY_FAILED)
             if retry and retry != old.get("handledRetryFailed"):
-                report = engine.recovery.retry_failed(job_id)
+                report = engine.retry_failed(job_id)
                 events.append(
                     KubeEvent(
                         "Normal", "RetryFailed", f"requeued {report.requeued} failed batch(es)"
@@ -204,7 +204,7 @@ class ImportJobOperator:
                 )
                 new_fields["handledRetryFailed"] = retry
             events += self._sync(engine, ij, job_id)
-            sweep = engine.recovery.reconcile(job_id, cause=cause)
+            sweep = engine.sweep(job_id, cause=cause)
             events += _recovery_events(
                 sweep.actions if sweep.demoted or sweep.requeued or sweep.failed else []
             )
@@ -336,6 +336,13 @@ class ImportJobOperator:
         engine.sync_workers(job_id)
         return self._failure_events(engine, ij, job_id)
 
+    def _nudged(self, engine: Engine, ij: ImportJobSpec, job_id: str) -> list[KubeEvent]:
+        """A worker Job's prompt: the worker sync, then a coordinator check (a lost worker's
+        batch went back to pending; a finished wave may open the next)."""
+        events = self._sync(engine, ij, job_id)
+        result = engine.check(job_id, cause="worker_event")
+        return events + self._events_for(result, None)
+
     def _failure_events(self, engine: Engine, ij: ImportJobSpec, job_id: str) -> list[KubeEvent]:
         out = []
         for f in engine.failed_batches(job_id, limit=MAX_FAILURE_EVENTS):
@@ -377,7 +384,7 @@ class ImportJobOperator:
         job_id = ij.job_id(namespace, name)
         events: list[KubeEvent] = []
         with contextlib.suppress(psycopg.OperationalError):  # its own reconcile reports it
-            events = self._sync(engine, ij, job_id)
+            events = self._nudged(engine, ij, job_id)
             written = self.write_status(namespace, name, view_of=lambda: self.view(engine, job_id))
             self._settle(namespace, name, written[1].get("summary") if written else "Deleted")
         return obj, events
@@ -580,12 +587,12 @@ class ImportJobOperator:
         """A completion notice: let the coordinator look at the database (the notice records
         nothing), dispatch what the recorded state unblocks, and report those as Events."""
         try:
-            result = engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+            result = engine.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+            target = engine.launch_target(c.job_id)
         except psycopg.Error:
             return  # the level-based paths (Job events, the timer) retry
-        owner = self.launcher.owners.get(c.job_id)
-        if owner is not None:
-            self.post_events(owner, self._events_for(result, None))
+        if target.kind == "kubernetes":
+            self.post_events(target, self._events_for(result, None))
 
     def _events_for(self, result: RunResult, old_summary: str | None) -> list[KubeEvent]:
         """The Events an engine run calls for, whichever path ran it (a reconcile, a Job event,
@@ -723,10 +730,9 @@ def launch_target(namespace: str, name: str, uid: str, ij: ImportJobSpec) -> Lau
 
 
 def record_type_name(ij: ImportSpec, record_type_id: int) -> str:
-    for t in (*ij.recordTypes, *ij.derivedTypes):
-        if t.recordTypeId == record_type_id:
-            return t.name
-    return f"record type {record_type_id}"
+    names = {r.recordTypeId: r.name for r in ij.recordTypes}
+    names.update({d.recordTypeId: d.name for d in ij.derivedTypes})
+    return names.get(record_type_id, f"record type {record_type_id}")
 
 
 def batch_failed_message(f: FailedBatch, ij: ImportSpec) -> str:

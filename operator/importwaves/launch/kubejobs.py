@@ -1,7 +1,7 @@
 """Pure builders and readers of worker Jobs and pods (no API calls); used by launch/kubernetes.py.
 
 One batch/v1 Job per wave, in the work-queue pattern: `parallelism` pods of the pooled worker
-(`python -m importwaves.pooled`), no `completions`. Each pod claims dispatched batches of its
+(`python -m importwaves.worker_pool`), no `completions`. Each pod claims dispatched batches of its
 wave from the database (FOR UPDATE SKIP LOCKED, under each batch's fencing token) and exits 0
 when the wave has nothing left it may run; once one pod has exited 0 and the others have ended,
 the Job is Complete. The engine, not the Job controller, decides what is dispatched, counts
@@ -48,7 +48,7 @@ ANN_JOB_ID = f"{GROUP}/job-id"
 ANN_TENANT = f"{GROUP}/tenant"
 
 #: the module the worker pods run (the pooled worker of issue 12)
-POOLED_MODULE = "importwaves.pooled"
+POOLED_MODULE = "importwaves.worker_pool"
 #: the command a spec names when it names none: the reference worker, run in-process by the
 #: pooled worker; any other command is run by the pooled worker per batch as a subprocess
 DEFAULT_COMMAND = ("importwaves", "worker")
