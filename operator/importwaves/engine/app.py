@@ -243,7 +243,15 @@ class Engine:
                     error=lost.error,
                 )
         if plan.discard:
-            self.launcher.discard(target, self.tenant, job_id, plan.discard)
+            with self.pool.connection() as conn:
+                keep = [
+                    r["worker_id"]
+                    for r in conn.execute(
+                        Q("workers_with_failed_attempt"),
+                        {"job_id": job_id, "worker_ids": list(plan.discard)},
+                    ).fetchall()
+                ]
+            self.launcher.discard(target, self.tenant, job_id, plan.discard, keep=keep)
             out.discarded = list(plan.discard)
         out.groups = list(plan.groups)
         if plan.groups:

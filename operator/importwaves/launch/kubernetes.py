@@ -3,14 +3,20 @@
 It decides nothing: the engine (`Engine.sync_workers`) says which waves need workers (`ensure`),
 reads what runs (`observe`) and says which ended workers it has recorded (`discard`). Where the
 workers run (namespace, owning ImportJob, Secret, pod settings) comes with every call in the
-job's `LaunchTarget`, stored with the job in the database: nothing is remembered here, so two
-ImportJobs with the same `importId` in two namespaces never see each other's Jobs.
+job's `LaunchTarget`, stored with the job in the database, and every decision reads the Jobs and
+pods selected by the owning ImportJob's uid, so two ImportJobs with the same `importId` in two
+namespaces never see each other's Jobs. The one thing remembered is a naming hint: the highest
+Job index used per (ImportJob uid, wave), so a wave's next Job takes the next number even when
+the earlier ones were already deleted (after a restart, numbering resumes from the Jobs that
+exist).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +45,9 @@ log = logging.getLogger("importwaves.launch.kubernetes")
 
 #: Longest API refusal text kept in a LaunchProblem (it is shown in status and Events).
 MAX_PROBLEM = 1000
+#: (ImportJob uid, wave) pairs whose last Job index is remembered (bounded; a forgotten one
+#: only lets a later Job reuse a deleted Job's number).
+INDEXES_KEPT = 4096
 
 
 class KubernetesLauncher:
@@ -61,6 +70,12 @@ class KubernetesLauncher:
         self.active_deadline = active_deadline
         #: the last failed Job of a wave is kept this long, so `kubectl logs` shows why
         self.keep_failed_seconds = keep_failed_seconds
+        self._last_index: OrderedDict[tuple[str, int | None], int] = OrderedDict()
+        self._index_lock = threading.Lock()
+        #: one lock per ImportJob (uid) around ensure's list-then-create: two syncs of the same
+        #: ImportJob never both find a wave without a Job and start two (other ImportJobs never
+        #: wait for it)
+        self._ensure_locks: OrderedDict[str, threading.Lock] = OrderedDict()
 
     # -- the port --------------------------------------------------------------------------------
     def ensure(
@@ -70,6 +85,12 @@ class KubernetesLauncher:
         ones: the wave got work after its pods ended). An active Job is left alone."""
         if target.kind != "kubernetes" or not groups:
             return []
+        with self._ensure_lock(target.owner_uid):
+            return self._ensure(target, tenant, groups)
+
+    def _ensure(
+        self, target: LaunchTarget, tenant: str, groups: Sequence[WorkerGroup]
+    ) -> list[LaunchProblem]:
         try:
             jobs = self._jobs(target)
         except ApiException as exc:
@@ -80,7 +101,7 @@ class KubernetesLauncher:
             mine = [j for j in jobs if j.job_id == g.job_id and j.wave == g.wave_number]
             if any(not j.finished for j in mine):
                 continue
-            index = max((j.index for j in mine), default=0) + 1
+            index = self._next_index(target.owner_uid, g.wave_number, mine)
             body = build_wave_job(
                 target,
                 tenant,
@@ -103,6 +124,7 @@ class KubernetesLauncher:
                 else:  # the API server is unwell: the next sync tries again
                     self._transient("job_create_failed", target, exc)
                 continue
+            self._created(target.owner_uid, g.wave_number, index)
             event(
                 log,
                 "wave_job_created",
@@ -134,10 +156,18 @@ class KubernetesLauncher:
         return Observation(tuple(seen), complete=True)
 
     def discard(
-        self, target: LaunchTarget, tenant: str, job_id: str, worker_ids: Sequence[str]
+        self,
+        target: LaunchTarget,
+        tenant: str,
+        job_id: str,
+        worker_ids: Sequence[str],
+        keep: Sequence[str] = (),
     ) -> None:
-        """Delete the finished Jobs whose ended pods the engine has all recorded, except the
-        newest failed Job of each wave while it is younger than `keep_failed_seconds`."""
+        """Delete the finished Jobs whose pods have all ended and been recorded, except, per
+        wave, the newest one that failed or ran a batch whose last attempt failed (a pod in
+        `keep`), while it finished less than `keep_failed_seconds` ago: `kubectl logs` on its
+        pods shows why. Kubernetes deletes it after that (ttlSecondsAfterFinished) if no
+        later sync does."""
         if target.kind != "kubernetes":
             return
         try:
@@ -150,15 +180,21 @@ class KubernetesLauncher:
         except ApiException as exc:
             self._transient("discard_list_failed", target, exc)
             return
-        recorded = set(worker_ids)
-        unrecorded: set[str] = set()  # Jobs with an ended pod the engine has not recorded
+        recorded, kept_pods = set(worker_ids), set(keep)
+        pending: set[str] = set()  # Jobs with a pod the engine has not recorded the end of
+        diagnose: set[str] = set()  # Jobs with a pod that ran a failed attempt
         for pod in pods.items:
             body = self._dict(pod)
             w = read_worker_pod(body, job_id)
-            if w is not None and (w.alive or w.worker_id not in recorded):
-                unrecorded.add(pod_job_name(body))
+            if w is None:
+                continue
+            if w.alive or w.worker_id not in recorded:
+                pending.add(pod_job_name(body))
+            if w.worker_id in kept_pods:
+                diagnose.add(pod_job_name(body))
+        failed = [j for j in jobs if j.failed or j.name in diagnose]
         for j in jobs:
-            if j.name in unrecorded or self._kept(j, jobs):
+            if j.name in pending or self._kept(j, failed):
                 continue
             try:
                 self.batch.delete_namespaced_job(
@@ -178,12 +214,34 @@ class KubernetesLauncher:
             )
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _kept(self, job: WaveJob, jobs: Sequence[WaveJob]) -> bool:
-        """The newest failed Job of its wave, failed less than keep_failed_seconds ago."""
-        if not job.failed or self.keep_failed_seconds <= 0:
+    def _ensure_lock(self, uid: str) -> threading.Lock:
+        with self._index_lock:
+            lock = self._ensure_locks.setdefault(uid, threading.Lock())
+            self._ensure_locks.move_to_end(uid)
+            while len(self._ensure_locks) > INDEXES_KEPT:
+                self._ensure_locks.popitem(last=False)
+        return lock
+
+    def _next_index(self, uid: str, wave: int | None, jobs: Sequence[WaveJob]) -> int:
+        """One more than the highest index that exists or was created (under the ImportJob's
+        ensure lock; another operator's concurrent create of the same name gets AlreadyExists)."""
+        with self._index_lock:
+            remembered = self._last_index.get((uid, wave), 0)
+        return max([j.index for j in jobs] + [remembered]) + 1
+
+    def _created(self, uid: str, wave: int | None, index: int) -> None:
+        key = (uid, wave)
+        with self._index_lock:
+            self._last_index[key] = max(index, self._last_index.get(key, 0))
+            self._last_index.move_to_end(key)
+            while len(self._last_index) > INDEXES_KEPT:
+                self._last_index.popitem(last=False)
+
+    def _kept(self, job: WaveJob, failed: Sequence[WaveJob]) -> bool:
+        """The newest of its wave's failed Jobs, failed less than keep_failed_seconds ago."""
+        if self.keep_failed_seconds <= 0 or job not in failed:
             return False
-        newest = max((j.index for j in jobs if j.wave == job.wave and j.failed), default=-1)
-        if job.index != newest:
+        if job.index != max(j.index for j in failed if j.wave == job.wave):
             return False
         if not job.finished_at:
             return True
