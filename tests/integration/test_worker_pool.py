@@ -365,3 +365,37 @@ def test_a_dispatch_notify_wakes_an_idle_worker(engine, dsn, tenant) -> None:
         assert pool.workers[0].stats.batches == [b.batch_id]
     finally:
         pool.stop()
+
+
+def test_restarted_runner_fails_a_dead_local_workers_batch_at_once(engines, dsn, tenant) -> None:
+    """issue 13: a runner killed with its workers leaves a batch `processing` under
+    `local:<pid>`; the next runner's first worker sync sees that pid is no longer a worker on
+    this machine and fails the attempt (not staleAfterSeconds later, 300 s here), and the
+    import completes."""
+    launcher = LocalLauncher(dsn)
+    engine = engines(launcher=launcher)
+    from importwaves.runner import LocalRunner
+
+    try:
+        _, spec = setup_job(engine, "job", orders=300, parallelism=2, staleAfterSeconds=300)
+        engine.check("job", "start")
+        dead = subprocess.Popen(["true"])  # a pid that is no more
+        dead.wait()
+        wid = f"local:{dead.pid}"
+        with tenant_conn(dsn, tenant) as conn:
+            claimed = conn.execute(
+                "UPDATE wave_batches SET status = 'processing', attempts = attempts + 1, "
+                "worker_id = %s, started_at = clock_timestamp() - interval '10 seconds', "
+                "heartbeat_at = clock_timestamp() - interval '10 seconds' "
+                "WHERE id = (SELECT id FROM wave_batches WHERE status = 'dispatched' "
+                "ORDER BY id LIMIT 1) RETURNING batch_id",
+                (wid,),
+            ).fetchone()
+        assert claimed is not None
+        stats = LocalRunner(engine, tick=0.2).run("job", timeout=120)
+        assert stats.status == "completed"
+        row = _row(dsn, tenant, claimed["batch_id"])
+        assert (row["status"], row["attempts"]) == ("completed", 2)
+        assert_verified(dsn, tenant, "job", spec)
+    finally:
+        launcher.stop_all()
