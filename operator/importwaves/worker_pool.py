@@ -367,8 +367,9 @@ class _Beat:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m importwaves.worker_pool [--job=ID --tenant=T]` (settings from the environment;
-    the arguments only name the worker's job, so `ps` and the local launcher can tell)."""
+    """`python -m importwaves.worker_pool [--db=.. --tenant=.. --job=..]` (settings from the
+    environment; the arguments only name the worker's database, tenant and job, so `ps` and the
+    local launcher can tell)."""
     try:
         s = PoolSettings.from_env()
         redact.check_dsn(s.dsn, f"the DSN in {ENV['dsn']}")
