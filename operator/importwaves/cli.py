@@ -170,6 +170,15 @@ def worker() -> None:
     sys.exit(worker_main())
 
 
+@main.command("worker-pool")
+def worker_pool() -> None:
+    """Run a job's batches until it needs no more (the pooled worker; settings from the
+    IMPORTWAVES_* env, see the README's worker contract)."""
+    from importwaves.worker_pool import main as pool_main
+
+    sys.exit(pool_main())
+
+
 @main.command()
 @click.argument("job_id", required=False)
 @click.option("--dsn", envvar="IMPORTWAVES_DSN", help="Tenant database DSN (env IMPORTWAVES_DSN).")

@@ -142,6 +142,8 @@ class PooledWorker:
         self.opts = opts or ConnOptions.from_env()
         self.stats = PoolStats()
         self._stop = threading.Event()
+        #: set while it waits on LISTEN with nothing to run (tests wait on it)
+        self.waiting = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -177,9 +179,23 @@ class PooledWorker:
             if left <= 0:
                 return "idle"
             # A prompt (a dispatch, a completion, a status change) or the poll: look again.
-            for _ in conn.notifies(timeout=min(s.poll, left), stop_after=1):
-                pass
+            self._wait(conn, min(s.poll, left))
         return "stopped"
+
+    def _wait(self, conn: Conn, timeout: float) -> None:
+        """Until a prompt arrives (any notice on the tenant's channel), `timeout` passes or
+        `stop()` is called (looked at twice a second)."""
+        deadline = time.monotonic() + timeout
+        self.waiting.set()
+        try:
+            while not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                for _ in conn.notifies(timeout=min(0.5, left), stop_after=1):
+                    return
+        finally:
+            self.waiting.clear()
 
     # -- the reference import, in-process ------------------------------------------------
     def _reference(self, conn: Conn, beat: _Beat, spec: dict[str, Any]) -> bool:
@@ -356,8 +372,9 @@ class _Beat:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m importwaves.worker_pool [--job=ID --tenant=T]` (settings from the environment;
-    the arguments only name the worker's job, so `ps` and the local launcher can tell)."""
+    """`python -m importwaves.worker_pool [--db=.. --tenant=.. --job=..]` (settings from the
+    environment; the arguments only name the worker's database, tenant and job, so `ps` and the
+    local launcher can tell)."""
     try:
         s = PoolSettings.from_env()
         redact.check_dsn(s.dsn, f"the DSN in {ENV['dsn']}")

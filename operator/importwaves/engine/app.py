@@ -34,7 +34,7 @@ from importwaves.engine.workers import (
     plan_workers,
 )
 from importwaves.flags import DEFAULT_TTL, Flags
-from importwaves.launch.base import BatchDispatch, DispatchObserver, NoWorkers, RecordingLauncher
+from importwaves.launch.base import BatchDispatch, DispatchObserver, RecordingLauncher
 from importwaves.launch.port import LaunchProblem, LaunchTarget, WorkerGroup, WorkerLauncher
 from importwaves.log import event
 from importwaves.spec import ImportSpec
@@ -96,6 +96,8 @@ class Engine:
         self.on_dispatch: Any = None
         self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus)
         self.coordinator.on_dispatched = self._dispatched
+        #: launch targets read by sync_workers (a job's target changes only at submit)
+        self._targets: dict[str, LaunchTarget] = {}
         self.listener = BatchCompletedListener(
             tenant, self.pool, self.flags, self.bus, self.coordinator
         )
@@ -141,6 +143,7 @@ class Engine:
                     conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})
                     event(log, "job_spec_updated", job_id=job_id, tenant=self.tenant)
             if target is not None:
+                self._targets.pop(job_id, None)
                 conn.execute(
                     Q("job_set_launch_target"),
                     {"job_id": job_id, "target": Jsonb(target.to_json())},
@@ -195,7 +198,7 @@ class Engine:
             job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
         if job is None:
             return out
-        target = LaunchTarget.from_json(job["launch_target"])
+        target = self._targets[job_id] = LaunchTarget.from_json(job["launch_target"])
         spec = spec_of(job)
         seen = self.launcher.observe(target, self.tenant, job_id)
         with self.pool.connection() as conn:
@@ -277,8 +280,18 @@ class Engine:
         """After the commit of a run that dispatched: workers for them at once."""
         if isinstance(self.launcher, DispatchObserver):
             self.launcher.on_dispatched(job_id, batches)
-        if not isinstance(self.launcher, NoWorkers):
-            self.sync_workers(job_id)
+        target = self._targets.get(job_id)
+        if target is not None:
+            # The hot path (a completion -> the next dispatch): with all its workers alive the
+            # job needs no sync; their LISTEN already has this run's dispatch NOTIFY.
+            seen = self.launcher.observe(target, self.tenant, job_id)
+            alive = sum(1 for w in seen.workers if w.alive)
+            if seen.complete and alive >= spec.parallelism:
+                return self._host_dispatch(job_id, spec, batches)
+        self.sync_workers(job_id)
+        self._host_dispatch(job_id, spec, batches)
+
+    def _host_dispatch(self, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
         if self.on_dispatch is not None:
             self.on_dispatch(job_id, spec, batches)
 

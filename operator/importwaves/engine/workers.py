@@ -6,8 +6,9 @@ their worker, which ended workers to forget. Pure: `Engine.sync_workers` gathers
   wave), each sized min(parallelism, batches of the group dispatched or processing); no group
   while nothing is dispatched or processing. A launcher starts what is missing and never stops
   a live worker: a worker with nothing left exits by itself (idle timeout, terminal job).
-- Lost: a `processing` batch whose worker (wave_batches.worker_id) is not alive in a COMPLETE
-  observation (ended, or absent), with no sign of life (heartbeat, claim) for longer than
+- Lost: a `processing` batch (or a `dispatched` one a pooled worker reserved for its custom
+  command) whose worker (wave_batches.worker_id) is not alive in a COMPLETE observation (ended,
+  or absent), with no sign of life (heartbeat, claim, reservation) for longer than
   `grace` seconds: its attempt failed, with the worker's exit code and last words when its end
   was seen. An incomplete observation (an API error) declares nothing lost.
 - Discard: ended workers that hold no batch still waiting out its grace (their end is either
@@ -87,7 +88,9 @@ def plan_workers(
     lost: list[LostBatch] = []
     waiting: set[str] = set()  # ended workers holding a batch still within its grace
     for b in held:
-        if b.status != "processing" or not b.worker_id or b.worker_id in alive:
+        # processing: claimed; dispatched with a worker id: reserved by a pooled worker for the
+        # custom command it runs (batch_reserve_next)
+        if not b.worker_id or b.worker_id in alive:
             continue
         if not seen.complete:
             continue

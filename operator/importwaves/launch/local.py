@@ -1,10 +1,11 @@
 """The local adapter of the launcher port: pooled worker processes on this machine.
 
-`ensure` starts `python -m importwaves.worker_pool --job=<id> --tenant=<t>` processes (settings in
-their env: the worker contract's IMPORTWAVES_DSN/TENANT/JOB_ID, and IMPORTWAVES_WORKER_COMMAND
-when a custom worker command runs per batch) until each group has its size of live workers; a
-worker claims under `local:<pid>`. `observe` reports live and ended processes (exit code, the
-tail of their output, redacted); `discard` forgets ended ones. It decides nothing.
+`ensure` starts `python -m importwaves.worker_pool --db=<db> --tenant=<t> --job=<id>` processes
+(settings in their env: the worker contract's IMPORTWAVES_DSN/TENANT/JOB_ID, and
+IMPORTWAVES_WORKER_COMMAND when a custom worker command runs per batch) until each group has its
+size of live workers; a worker claims under `local:<pid>`. `observe` reports live and ended
+processes (exit code, the tail of their output, redacted); `discard` forgets ended ones. It
+decides nothing.
 
 A runner that was killed leaves its workers running (they finish their batch, and exit when the
 job needs nothing more or after their idle timeout): the first `observe` of a job in a new
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from importwaves import redact
+from importwaves.engine.notify import database_identity
 from importwaves.launch.port import (
     LaunchProblem,
     LaunchTarget,
@@ -83,6 +85,7 @@ class LocalLauncher:
         self.command = list(command) if command else None
         self.idle_seconds = idle_seconds
         self.proc_root = proc_root
+        self._db = str(database_identity(dsn))
         self._workers: dict[str, _Worker] = {}
         self._scanned: set[tuple[str, str]] = set()
         self.started = 0
@@ -169,7 +172,16 @@ class LocalLauncher:
 
     # -- processes -----------------------------------------------------------------------------
     def _argv(self, tenant: str, job_id: str) -> list[str]:
-        return [self.python, "-m", MODULE, f"--job={job_id}", f"--tenant={tenant}"]
+        # names the worker's database (no secret: role, host, port, database), tenant and job,
+        # so a new launcher adopts only its own job's workers
+        return [
+            self.python,
+            "-m",
+            MODULE,
+            f"--db={self._db}",
+            f"--tenant={tenant}",
+            f"--job={job_id}",
+        ]
 
     def _start(self, tenant: str, g: WorkerGroup) -> None:
         env = {
