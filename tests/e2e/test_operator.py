@@ -29,6 +29,7 @@ from .harness.operatorkit import (
     deleted_unfinished,
     example_importjob,
     is_true,
+    overlapping_jobs,
     status_history,
     watch_importjobs,
     watch_jobs,
@@ -179,6 +180,7 @@ def test_examples_run_to_completion(
         assert len(made) <= waves + restarts
         assert all(j.name == f"{name}-{j.record_type.lower()}-w{j.wave}-{j.index}" for j in made)
         assert len(workers) <= waves * spec.parallelism + restarts * spec.parallelism, workers
+        assert not overlapping_jobs(jobs), overlapping_jobs(jobs)
         assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
 
         # `kubectl wait` on an already completed import returns at once.
