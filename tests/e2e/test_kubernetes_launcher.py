@@ -80,9 +80,7 @@ def test_ensure_observe_discard_on_the_real_cluster(
         # the wave still has work: its next Job
         assert launcher.ensure(t, "t1", [group]) == []
         assert [j.index for j in _jobs(launcher, t)] == [1, 2]
-        wait_for(
-            lambda: all(j.failed for j in _jobs(launcher, t)), 90, what="Job 2 failed as well"
-        )
+        wait_for(lambda: all(j.failed for j in _jobs(launcher, t)), 90, what="Job 2 failed as well")
         ids = [w.worker_id for w in wait_for(lambda: _ended(launcher, t, 4), 30, what="4 pods")]
         # every pod recorded: the older failed Job goes, the newest failed one is kept
         launcher.discard(t, "t1", JOB_ID, ids)

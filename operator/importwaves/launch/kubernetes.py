@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -42,6 +43,9 @@ from importwaves.launch.port import (
 from importwaves.log import event
 
 log = logging.getLogger("importwaves.launch.kubernetes")
+
+#: What a call to the API server raises when it answers with an error or cannot be reached.
+API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
 
 #: Longest API refusal text kept in a LaunchProblem (it is shown in status and Events).
 MAX_PROBLEM = 1000
@@ -93,7 +97,7 @@ class KubernetesLauncher:
     ) -> list[LaunchProblem]:
         try:
             jobs = self._jobs(target)
-        except ApiException as exc:
+        except API_ERRORS as exc:
             self._transient("ensure_list_failed", target, exc)
             return []
         problems = []
@@ -124,6 +128,9 @@ class KubernetesLauncher:
                 else:  # the API server is unwell: the next sync tries again
                     self._transient("job_create_failed", target, exc)
                 continue
+            except API_ERRORS as exc:  # unreachable: the next sync tries again
+                self._transient("job_create_failed", target, exc)
+                continue
             self._created(target.owner_uid, g.wave_number, index)
             event(
                 log,
@@ -145,7 +152,7 @@ class KubernetesLauncher:
             pods = self.core.list_namespaced_pod(
                 target.namespace, label_selector=owner_selector(target)
             )
-        except ApiException as exc:
+        except API_ERRORS as exc:
             self._transient("observe_failed", target, exc)
             return Observation((), complete=False)
         seen: list[WorkerSeen] = []
@@ -177,7 +184,7 @@ class KubernetesLauncher:
             pods = self.core.list_namespaced_pod(
                 target.namespace, label_selector=owner_selector(target)
             )
-        except ApiException as exc:
+        except API_ERRORS as exc:
             self._transient("discard_list_failed", target, exc)
             return
         recorded, kept_pods = set(worker_ids), set(keep)
@@ -200,8 +207,8 @@ class KubernetesLauncher:
                 self.batch.delete_namespaced_job(
                     j.name, target.namespace, propagation_policy="Background"
                 )
-            except ApiException as exc:
-                if exc.status != 404:
+            except API_ERRORS as exc:
+                if getattr(exc, "status", None) != 404:
                     self._transient("job_delete_failed", target, exc)
                 continue
             event(
@@ -265,15 +272,15 @@ class KubernetesLauncher:
         return out
 
     @staticmethod
-    def _transient(what: str, target: LaunchTarget, exc: ApiException) -> None:
+    def _transient(what: str, target: LaunchTarget, exc: Exception) -> None:
         event(
             log,
             what,
             logging.WARNING,
             namespace=target.namespace,
             importjob=target.owner_name,
-            status=exc.status,
-            error=str(exc.reason),
+            status=getattr(exc, "status", None),
+            error=str(getattr(exc, "reason", None) or type(exc).__name__),
         )
 
 
