@@ -174,6 +174,10 @@ class Engine:
         """A completion notice (NOTIFY): a prompt to look at the database (records nothing)."""
         return self.listener.on_completed(job_id, batch_id, dispatch_seq)
 
+    def on_completions(self, job_id: str, batch_ids: Sequence[str]) -> RunResult:
+        """Several completion notices of one job found queued together: one look for all."""
+        return self.listener.on_completions(job_id, batch_ids)
+
     def sweep(self, job_id: str, cause: str = "sweep") -> RecoveryReport:
         """Recovery: stale claims and unclaimed dispatches back to pending, missing derived
         batches created, then a progression check."""
