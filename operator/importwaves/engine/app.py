@@ -289,17 +289,6 @@ class Engine:
         if self.on_dispatch is not None:
             self.on_dispatch(job_id, spec, batches)
 
-    def workers_for(self, job_id: str) -> Sequence[str]:
-        """Ids of the job's workers the launcher sees alive (for progress views)."""
-        with self.pool.connection() as conn:
-            job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
-        target = LaunchTarget.from_json(job["launch_target"] if job else None)
-        return [
-            w.worker_id
-            for w in self.launcher.observe(target, self.tenant, job_id).workers
-            if w.alive
-        ]
-
     def update_gauges(self) -> None:
         """Refresh this tenant's queue.active_jobs and derived-backlog gauges from the DB."""
         with self.pool.connection() as conn:
