@@ -176,6 +176,10 @@ class Engine:
         """A completion notice (NOTIFY): a prompt to look at the database (records nothing)."""
         return self.listener.on_completed(job_id, batch_id, dispatch_seq)
 
+    def on_completions(self, job_id: str, batch_ids: Sequence[str]) -> RunResult:
+        """Several completion notices of one job found queued together: one look for all."""
+        return self.listener.on_completions(job_id, batch_ids)
+
     def sweep(self, job_id: str, cause: str = "sweep") -> RecoveryReport:
         """Recovery: stale claims and unclaimed dispatches back to pending, missing derived
         batches created, then a progression check."""
@@ -300,17 +304,6 @@ class Engine:
         with self.pool.connection() as conn:
             job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
         return LaunchTarget.from_json(job["launch_target"] if job else None)
-
-    def workers_for(self, job_id: str) -> Sequence[str]:
-        """Ids of the job's workers the launcher sees alive (for progress views)."""
-        with self.pool.connection() as conn:
-            job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
-        target = LaunchTarget.from_json(job["launch_target"] if job else None)
-        return [
-            w.worker_id
-            for w in self.launcher.observe(target, self.tenant, job_id).workers
-            if w.alive
-        ]
 
     def update_gauges(self) -> None:
         """Refresh this tenant's queue.active_jobs and derived-backlog gauges from the DB."""
