@@ -34,6 +34,7 @@ from importwaves.db.connect import connect
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
 from importwaves.engine.notify import channel_for
+from importwaves.spec import RetryBackoff
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FENCED = 0, 1, 2, 3
 
@@ -108,8 +109,16 @@ def run_batch(
                 # error names the record ids; retry-failed requeues it once the data is fixed).
                 max_attempts = 1
                 message = f"non-retryable: {message}"
+            backoff = RetryBackoff.model_validate(spec.get("retryBackoff") or {})
             row = conn.execute(
-                Q("batch_fail"), {**key, "max_attempts": max_attempts, "error": message[:4000]}
+                Q("batch_fail"),
+                {
+                    **key,
+                    "max_attempts": max_attempts,
+                    "error": message[:4000],
+                    "backoff_base": backoff.baseSeconds,
+                    "backoff_cap": backoff.capSeconds,
+                },
             ).fetchone()
             state = row["status"] if row else "unchanged (fenced)"
             return WorkerResult(EXIT_FAILED, f"batch {item.batch_id} failed ({state}): {message}")

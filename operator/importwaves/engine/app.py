@@ -18,6 +18,7 @@ from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
+from importwaves.engine.model import JobStatus
 from importwaves.engine.recovery import Recovery
 from importwaves.flags import DEFAULT_TTL, Flags
 from importwaves.launch.base import Launcher, RecordingLauncher
@@ -78,6 +79,8 @@ class Engine:
                 f"spec.tenant {spec.tenant!r} does not match engine tenant {self.tenant!r}"
             )
         data = spec.model_dump(mode="json")
+        refused: SpecChangeRefused | None = None
+        reopened = False
         with self.pool.connection() as conn, conn.transaction():
             self._require_schema(conn)
             created = (
@@ -88,18 +91,77 @@ class Engine:
                 loaded = load_job(conn, job_id, lock=True)
                 assert loaded is not None
                 row, old = loaded
-                if old != spec:
-                    problems = spec_change_problems(
-                        old, spec, planned=row["planned_at"] is not None
+                problems = (
+                    spec_change_problems(old, spec, planned=row["planned_at"] is not None)
+                    if old != spec
+                    else []
+                )
+                if problems:
+                    # Recorded durably (the job keeps its stored spec): every path that writes
+                    # the ImportJob's status reads the same refusal from the job row.
+                    refused = SpecChangeRefused(problems)
+                    conn.execute(
+                        Q("job_set_refusal"),
+                        {"job_id": job_id, "refusal": str(refused), "refused_spec": Jsonb(data)},
                     )
-                    if problems:
-                        raise SpecChangeRefused(problems)
-                    conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})
-                    event(log, "job_spec_updated", job_id=job_id, tenant=self.tenant)
-        if created:
-            event(log, "job_submitted", job_id=job_id, tenant=self.tenant)
+                else:
+                    if old != spec:
+                        conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})
+                        event(log, "job_spec_updated", job_id=job_id, tenant=self.tenant)
+                    if row.get("refusal"):
+                        conn.execute(
+                            Q("job_set_refusal"),
+                            {"job_id": job_id, "refusal": "", "refused_spec": None},
+                        )
+                    if row["status"] == JobStatus.CANCELLED.value:
+                        reopened = self._reopen(conn, job_id)
+        if refused is not None:
+            raise refused
+        if created or reopened:
+            event(
+                log,
+                "job_reopened" if reopened else "job_submitted",
+                job_id=job_id,
+                tenant=self.tenant,
+            )
             self.flags.set_monitoring(job_id)
         return created
+
+    def _reopen(self, conn: Conn, job_id: str) -> bool:
+        """A cancelled job submitted again: running, and any batch still marked as handed to a
+        worker released (its worker went with the deleted ImportJob)."""
+        if conn.execute(Q("job_reopen"), {"job_id": job_id}).fetchone() is None:
+            return False
+        conn.execute(
+            Q("batches_release"),
+            {"job_id": job_id, "reason": "released: its worker went with the deleted ImportJob"},
+        )
+        return True
+
+    def cancel(self, job_id: str, reason: str) -> list[str] | None:
+        """Cancel a job whose ImportJob was deleted: status `cancelled` (a completed job stays
+        completed), batches handed to workers released to pending with their data kept.
+        Returns the released batch ids, or None when there was nothing to cancel."""
+        with self.pool.connection() as conn, conn.transaction():
+            self._require_schema(conn)
+            was = conn.execute(Q("job_cancel"), {"job_id": job_id, "reason": reason}).fetchone()
+            if was is None:
+                return None
+            rows = conn.execute(
+                Q("batches_release"), {"job_id": job_id, "reason": f"released: {reason}"}
+            ).fetchall()
+        released = [r["batch_id"] for r in rows]
+        self.flags.clear_monitoring(job_id)
+        event(
+            log,
+            "job_cancelled",
+            job_id=job_id,
+            tenant=self.tenant,
+            was=was["was"],
+            released=len(released),
+            reason=reason,
+        )
+        return released
 
     def _require_schema(self, conn: Conn) -> None:
         """Fail with what to do, not with "relation ... does not exist" somewhere later."""

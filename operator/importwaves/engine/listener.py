@@ -94,6 +94,7 @@ class BatchCompletedListener:
                     "batch_id": batch_id,
                     "dispatch_seq": dispatch_seq,
                     "max_attempts": spec.max_attempts,
+                    **spec.backoff_params,
                     "error": EXIT_WITHOUT_COMPLETION,
                 },
             ).fetchone()
@@ -125,6 +126,7 @@ class BatchCompletedListener:
                     "batch_id": batch_id,
                     "dispatch_seq": dispatch_seq,
                     "max_attempts": spec.max_attempts,
+                    **spec.backoff_params,
                     "error": error[:4000],
                 },
             ).fetchone()
@@ -155,6 +157,7 @@ class BatchCompletedListener:
                     "batch_id": b.batch_id,
                     "dispatch_seq": b.dispatch_seq,
                     "max_attempts": spec.max_attempts,
+                    **spec.backoff_params,
                     "error": f"launch failed: {failure.error}",
                 },
             )

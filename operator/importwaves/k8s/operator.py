@@ -329,6 +329,7 @@ class ImportJobOperator:
             "failed": Outcome.FAILED,
             "suspended": Outcome.SUSPENDED,
             "invalid": Outcome.INVALID,
+            "cancelled": Outcome.CANCELLED,
         }.get(job["status"], Outcome.IN_PROGRESS)
         return JobView(
             job_id,
@@ -339,6 +340,9 @@ class ImportJobOperator:
             tuple(f"{r['batch_id']}: {r['last_error'] or 'no error recorded'}" for r in failed),
             job.get("status_code") or "",
             job.get("staging_report"),
+            refusal=job.get("refusal") or "",
+            finished_at=job.get("completed_at")
+            or (job.get("updated_at") if job["status"] == "failed" else None),
         )
 
     # -- worker Jobs -----------------------------------------------------------------------------

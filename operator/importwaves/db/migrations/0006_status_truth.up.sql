@@ -1,0 +1,19 @@
+-- One status truth (issue 13).
+--
+-- import_jobs.status gets `cancelled`: the ImportJob was deleted; its dispatched and processing
+-- batches were released to pending (their data kept) and nothing is dispatched until the same
+-- import is submitted again (a re-applied ImportJob), which reopens it.
+-- import_jobs.refusal / refused_spec: the last spec change the engine refused (SpecChangeRefused)
+-- and the spec that was refused, recorded durably so every path that writes the ImportJob's
+-- status (the reconcile, a Job event, a NOTIFY prompt) derives the same Invalid condition from
+-- the database; cleared when a submitted spec is accepted again.
+-- wave_batches.retry_after: a failed attempt's batch is not dispatched again before this time
+-- (exponential back-off, spec.retryBackoff); NULL: dispatchable now.
+
+ALTER TABLE import_jobs DROP CONSTRAINT import_jobs_status_check;
+ALTER TABLE import_jobs ADD CONSTRAINT import_jobs_status_check
+    CHECK (status IN ('running', 'completed', 'failed', 'suspended', 'invalid', 'cancelled'));
+ALTER TABLE import_jobs ADD COLUMN refusal text NOT NULL DEFAULT '';
+ALTER TABLE import_jobs ADD COLUMN refused_spec jsonb;
+
+ALTER TABLE wave_batches ADD COLUMN retry_after timestamptz;
