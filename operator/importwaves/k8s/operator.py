@@ -38,7 +38,8 @@ from importwaves.engine.model import Outcome
 from importwaves.engine.notify import HUBS, Completion, Registration, fingerprint
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
-from importwaves.k8s.crd import GROUP, KIND, PLURAL, VERSION, DatabaseRef, ImportJobSpec
+from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
+from importwaves.k8s.events import EventPoster, KubeEvent, ObjectRef
 from importwaves.k8s.jobs import (
     ANN_RECONCILE,
     ANN_RETRY_FAILED,
@@ -68,13 +69,6 @@ log = logging.getLogger("importwaves.operator")
 #: later watch events (its deletion) are not recorded, deleted and refreshed a second time.
 #: Bounded: a forgotten one only costs that second, idempotent pass.
 RECORDED_JOBS_KEPT = 4096
-
-
-@dataclass
-class KubeEvent:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass
@@ -301,6 +295,9 @@ class ImportJobOperator:
                 if exc.status == 404:
                     return None
                 raise
+            self.post_events(
+                ObjectRef(namespace, name, str(meta.get("uid") or "")), finish_events(old, new)
+            )
             return old, new
         event(
             log,
@@ -768,39 +765,15 @@ class ImportJobOperator:
             out.append(e)
         return out
 
-    def post_events(self, owner: Owner, events: list[KubeEvent]) -> None:
-        """Post Events about an ImportJob from outside a kopf handler (core/v1 Events)."""
-        now = datetime.now(UTC)
-        for e in events:
-            body = {
-                "metadata": {"generateName": f"{owner.name[:200]}.", "namespace": owner.namespace},
-                "involvedObject": {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": KIND,
-                    "name": owner.name,
-                    "namespace": owner.namespace,
-                    "uid": owner.uid,
-                },
-                "type": e.type,
-                "reason": e.reason,
-                "message": e.message[:1000],
-                "source": {"component": "importwaves"},
-                "reportingComponent": "importwaves",
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-            }
-            try:
-                self.core.create_namespaced_event(owner.namespace, body)  # type: ignore[arg-type]
-            except ApiException as exc:
-                event(
-                    log,
-                    "event_post_failed",
-                    logging.WARNING,
-                    importjob=owner.name,
-                    status=exc.status,
-                    reason=e.reason,
-                )
+    @functools.cached_property
+    def poster(self) -> EventPoster:
+        """The one Event poster (component importwaves, repeats aggregated: k8s/events.py)."""
+        return EventPoster(self.core)
+
+    def post_events(self, owner: Owner | ObjectRef, events: list[KubeEvent]) -> None:
+        """Post Events about an ImportJob (every path: kopf handlers, Job events, prompts)."""
+        if events:
+            self.poster.post(ObjectRef(owner.namespace, owner.name, owner.uid), events)
 
 
 def _source(namespace: str, ref: DatabaseRef) -> str:
@@ -832,7 +805,11 @@ def _run_events(result: RunResult, old_summary: str | None) -> list[KubeEvent]:
             by_wave[b.wave_number] = by_wave.get(b.wave_number, 0) + 1
     for wave, n in sorted(by_wave.items()):
         out.append(
-            KubeEvent("Normal", "WaveDispatched", f"dispatched {n} batch(es) of wave {wave}")
+            KubeEvent(
+                "Normal",
+                "WaveDispatched",
+                f"dispatched {n} batch(es) of wave {wave}{_wave_label(result, wave)}",
+            )
         )
     guard = result.decision.guard if result.decision else None
     if (
@@ -852,6 +829,37 @@ def _run_events(result: RunResult, old_summary: str | None) -> list[KubeEvent]:
             )
         )
     return out
+
+
+def _wave_label(result: RunResult, wave_number: int) -> str:
+    """ " (SalesOrder)": the wave's record type (and "derived" for a derived wave)."""
+    if result.snapshot is None:
+        return ""
+    try:
+        w = result.snapshot.wave(wave_number)
+    except KeyError:
+        return ""
+    return f" ({w.name}, derived)" if w.is_derived else f" ({w.name})"
+
+
+def finish_events(old: dict[str, Any], new: dict[str, Any]) -> list[KubeEvent]:
+    """ImportCompleted / ImportFailed for the status write that made the summary say so (one
+    writer wins each transition: write_status patches under the object's resourceVersion)."""
+    before, after = old.get("summary"), new.get("summary")
+    if before == after or after not in ("Completed", "Failed"):
+        return []
+    if after == "Completed":
+        rows = new.get("rowsImported")
+        return [
+            KubeEvent(
+                "Normal",
+                "ImportCompleted",
+                "import completed: every batch of every wave completed"
+                + (f", {rows:,} row(s) imported" if rows is not None else "")
+                + (f" in {new['duration']}" if new.get("duration") else ""),
+            )
+        ]
+    return [KubeEvent("Warning", "ImportFailed", f"import failed: {new.get('message') or ''}")]
 
 
 def _starts_wave(result: RunResult, wave_number: int) -> bool:
