@@ -210,7 +210,9 @@ class ImportJobOperator:
                     )
                 )
                 new_fields["handledRetryFailed"] = retry
-            events += self.sync_jobs(engine, owner, job_id, ij.staleAfterSeconds)
+            events += [
+                _plain(e) for e in self.sync_jobs(engine, owner, job_id, ij.staleAfterSeconds)
+            ]
             sweep = engine.recovery.reconcile(job_id, cause=cause)
             events += _recovery_events(
                 sweep.actions if sweep.demoted or sweep.requeued or sweep.failed else []
@@ -512,15 +514,41 @@ class ImportJobOperator:
         return obj, events
 
     def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
-        """Drop the Redis keys of a deleted ImportJob (its tenant data stays) and its engine
-        when no other ImportJob uses it."""
-        self.release(namespace, name)
+        """A deleted ImportJob: cancel its database job (status `cancelled`, its dispatched and
+        processing batches released to pending, data kept: re-applying the ImportJob reopens
+        and resumes it), drop its Redis keys, and its engine when no other ImportJob uses it.
+        A database or Secret problem is logged and never holds up the deletion."""
         try:
             ij = ImportJobSpec.model_validate(spec)
         except ValidationError:
+            self.release(namespace, name)
             return
+        job_id = ij.job_id(namespace, name)
+        try:
+            engine = self.engine_for(namespace, ij.database, ij.tenant)
+            released = engine.cancel(job_id, f"its ImportJob {namespace}/{name} was deleted")
+            if released is not None:
+                event(
+                    log,
+                    "importjob_deleted_job_cancelled",
+                    namespace=namespace,
+                    importjob=name,
+                    job_id=job_id,
+                    released=len(released),
+                )
+        except (ProblemError, psycopg.Error) as exc:
+            event(
+                log,
+                "importjob_deleted_job_not_cancelled",
+                logging.WARNING,
+                namespace=namespace,
+                importjob=name,
+                job_id=job_id,
+                error=exc.problem.message if isinstance(exc, ProblemError) else type(exc).__name__,
+            )
+        self.release(namespace, name)
         if self.settings.redis_url:
-            Flags(self.settings.redis_url, ij.tenant).forget_job(ij.job_id(namespace, name))
+            Flags(self.settings.redis_url, ij.tenant).forget_job(job_id)
 
     def _record(
         self, engine: Engine, job_id: str, batch_id: str, seq: int, ok: bool, message: str
@@ -791,6 +819,16 @@ def _sql_error(exc: psycopg.Error, dsn: str) -> str:
     """A server-side SQL error's primary message (what the server said; scrubbed anyway)."""
     text = exc.diag.message_primary or type(exc).__name__
     return redact.scrub(f"{type(exc).__name__}: {text}", dsn)
+
+
+#: Events of the worker-Job sync renamed: creating the Job of a dispatched batch that has none
+#: is routine (a start, an operator restart), not an adoption gone wrong.
+_PLAIN_REASONS = {"JobsAdopted": "WorkerJobsCreated"}
+
+
+def _plain(e: KubeEvent) -> KubeEvent:
+    reason = _PLAIN_REASONS.get(e.reason)
+    return e if reason is None else KubeEvent("Normal", reason, e.message)
 
 
 def _recovery_events(actions: list[str]) -> list[KubeEvent]:

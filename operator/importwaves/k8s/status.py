@@ -77,8 +77,8 @@ def _f(description: str, **extra: Any) -> Any:
     return Field(default=None, description=description, json_schema_extra=extra or None)
 
 
-_INT64 = {"format": "int64"}
-_DATE = {"format": "date-time"}
+_INT64: dict[str, Any] = {"format": "int64"}
+_DATE: dict[str, Any] = {"format": "date-time"}
 
 
 class Condition(BaseModel):
