@@ -198,7 +198,7 @@ class ImportJobOperator:
             if rec and rec != old.get("handledReconcile"):
                 report = engine.recovery.reconcile(job_id, cause="reconcile")
                 events.append(
-                    KubeEvent("Normal", "ManualReconcile", "; ".join(report.actions)[:1000])
+                    KubeEvent("Normal", "ManualReconcile", reconcile_message(report.actions))
                 )
                 new_fields["handledReconcile"] = rec
             retry = annotations.get(ANN_RETRY_FAILED)
@@ -819,6 +819,21 @@ def _sql_error(exc: psycopg.Error, dsn: str) -> str:
     """A server-side SQL error's primary message (what the server said; scrubbed anyway)."""
     text = exc.diag.message_primary or type(exc).__name__
     return redact.scrub(f"{type(exc).__name__}: {text}", dsn)
+
+
+def reconcile_message(actions: list[str]) -> str:
+    """The ManualReconcile Event's message: one action per line (an action may itself contain
+    "; ", so `importwaves reconcile --importjob` splits on newlines); cut at whole lines."""
+    out: list[str] = []
+    size = 0
+    for a in actions or ["nothing to do"]:
+        line = " ".join(a.split())  # an action's own newlines would split it
+        if size + len(line) + 1 > 950:
+            out.append(f"... {len(actions) - len(out)} more action(s)")
+            break
+        out.append(line)
+        size += len(line) + 1
+    return "\n".join(out)
 
 
 #: Events of the worker-Job sync renamed: creating the Job of a dispatched batch that has none
