@@ -149,3 +149,34 @@ def test_a_refused_spec_change_is_recorded_and_cleared(engine, dsn, tenant) -> N
     # the stored spec is untouched; submitting it again (the change reverted) clears the refusal
     engine.submit("job", spec)
     assert refusal() == ("", None)
+
+
+def test_a_stale_submit_neither_clears_a_refusal_nor_applies_an_older_spec(
+    engine, dsn, tenant
+) -> None:
+    """A reconcile that started before an edit submits generation 1 after generation 2 was
+    refused: it changes nothing (the refusal stays, every status still shows it). A new
+    ImportJob of the same name (another uid, generation 1 again) is not stale."""
+    _, spec = setup_job(engine, "job")
+    engine.submit("job", spec, source=("uid-1", 1))
+    engine.check("job")
+    changed = spec.model_copy(update={"uncoveredRows": "Skip"})
+    with pytest.raises(SpecChangeRefused):
+        engine.submit("job", changed, source=("uid-1", 2))
+
+    def row() -> dict[str, Any]:
+        with tenant_conn(dsn, tenant) as conn:
+            r = conn.execute(Q("job_lock"), {"job_id": "job"}).fetchone()
+        assert r is not None
+        return r
+
+    assert engine.submit("job", spec, source=("uid-1", 1)) is False  # stale: no change
+    assert row()["refusal"].startswith("spec change refused")
+    assert (row()["spec_uid"], row()["spec_generation"]) == ("uid-1", 2)
+    # the edit reverted (generation 3): accepted, refusal cleared
+    engine.submit("job", spec, source=("uid-1", 3))
+    assert row()["refusal"] == ""
+    # another ImportJob object (re-created: new uid, generation 1) is heard
+    with pytest.raises(SpecChangeRefused):
+        engine.submit("job", changed, source=("uid-2", 1))
+    assert (row()["spec_uid"], row()["spec_generation"]) == ("uid-2", 1)

@@ -13,7 +13,7 @@ RETURNING job_id;
 -- name: job_lock
 -- Take the per-job lock (serializes every decision about one job) and read the job row.
 SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds,
-       refusal, refused_spec
+       refusal, refused_spec, spec_uid, spec_generation
 FROM import_jobs WHERE job_id = %(job_id)s FOR UPDATE;
 
 -- name: job_get
@@ -48,6 +48,12 @@ UPDATE import_jobs SET refusal = %(refusal)s, refused_spec = %(refused_spec)s,
     updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s
   AND (refusal IS DISTINCT FROM %(refusal)s OR refused_spec IS DISTINCT FROM %(refused_spec)s);
+
+-- name: job_set_spec_source
+-- The ImportJob (uid) and generation whose spec was last submitted (applied or refused).
+UPDATE import_jobs SET spec_uid = %(uid)s, spec_generation = %(generation)s
+WHERE job_id = %(job_id)s
+  AND (spec_uid IS DISTINCT FROM %(uid)s OR spec_generation IS DISTINCT FROM %(generation)s);
 
 -- name: job_cancel
 -- The ImportJob was deleted: the job is cancelled (a completed job stays completed); nothing is

@@ -71,9 +71,16 @@ class Engine:
         self.close()
 
     # -- jobs ----------------------------------------------------------------------------------
-    def submit(self, job_id: str, spec: ImportSpec) -> bool:
+    def submit(
+        self, job_id: str, spec: ImportSpec, *, source: tuple[str, int] | None = None
+    ) -> bool:
         """Register a job (idempotent) and make it planned; True when it was new. A changed spec
-        for an existing job is applied if it can be, else SpecChangeRefused says why."""
+        for an existing job is applied if it can be, else SpecChangeRefused says why (and the
+        refusal is recorded in the job row until a submitted spec is accepted).
+
+        `source`: the (uid, generation) of the ImportJob the spec comes from. A submit of an
+        older generation of the same ImportJob than the last one submitted is stale (a reconcile
+        that started before an edit) and changes nothing."""
         if spec.tenant != self.tenant:
             raise ValueError(
                 f"spec.tenant {spec.tenant!r} does not match engine tenant {self.tenant!r}"
@@ -87,10 +94,22 @@ class Engine:
                 conn.execute(Q("job_insert"), {"job_id": job_id, "spec": Jsonb(data)}).fetchone()
                 is not None
             )
+            if created and source is not None:
+                conn.execute(
+                    Q("job_set_spec_source"),
+                    {"job_id": job_id, "uid": source[0], "generation": source[1]},
+                )
             if not created:
                 loaded = load_job(conn, job_id, lock=True)
                 assert loaded is not None
                 row, old = loaded
+                if _stale(row, source):
+                    return False
+                if source is not None:
+                    conn.execute(
+                        Q("job_set_spec_source"),
+                        {"job_id": job_id, "uid": source[0], "generation": source[1]},
+                    )
                 problems = (
                     spec_change_problems(old, spec, planned=row["planned_at"] is not None)
                     if old != spec
@@ -202,3 +221,10 @@ class Engine:
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.pool.connection() as conn:
             return conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+
+
+def _stale(row: dict[str, Any], source: tuple[str, int] | None) -> bool:
+    """A submit from an older generation of the same ImportJob than the last one submitted."""
+    if source is None or row.get("spec_generation") is None:
+        return False
+    return bool(row.get("spec_uid") == source[0] and source[1] < int(row["spec_generation"]))

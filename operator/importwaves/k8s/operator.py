@@ -186,7 +186,7 @@ class ImportJobOperator:
         owner = Owner(namespace, name, uid, ij.tenant, ij.database, ij.worker)
         self.launcher.register(job_id, owner)
         try:
-            engine.submit(job_id, ij.engine_spec())
+            engine.submit(job_id, ij.engine_spec(), source=(uid, generation))
         except SpecChangeRefused as exc:
             problem = Problem(ProblemKind.SPEC_CHANGE_REFUSED, str(exc))
         except psycopg.OperationalError as exc:
