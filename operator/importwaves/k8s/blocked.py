@@ -22,6 +22,8 @@ class Verdict:
     delay: float
     #: the problem is new or its message changed: log it (once)
     changed: bool
+    #: consecutive failed tries
+    attempt: int = 1
 
 
 class BlockedRetry:
@@ -48,7 +50,7 @@ class BlockedRetry:
             failures = (old.failures if old else 0) + 1
             d = self.delay(failures)
             self._state[key] = Blocked(message, failures, now + d)
-        return Verdict(d, old is None or old.message != message)
+        return Verdict(d, old is None or old.message != message, failures)
 
     def ok(self, key: tuple[str, str]) -> Blocked | None:
         """The ImportJob is no longer blocked; returns what it was blocked by (to log), if any."""

@@ -19,6 +19,7 @@ from importwaves.k8s.crd import GROUP, PLURAL, VERSION
 from importwaves.k8s.events import ObjectRef
 from importwaves.k8s.jobs import LABEL_IMPORTJOB, needs_polling
 from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
+from importwaves.log import event
 from importwaves.settings import Settings
 
 log = logging.getLogger("importwaves.handlers")
@@ -202,12 +203,25 @@ def _apply(body: kopf.Body, result: ReconcileResult, retry: int) -> None:
     if result.problem is not None and not result.problem.is_spec:
         verdict = BLOCKED.failed(key, result.problem.message, time.monotonic())
         if verdict.changed:
-            log.warning(
-                "ImportJob %s/%s is blocked: %s (retrying with back-off, next in %.0f s)",
-                key[0],
-                key[1],
-                result.problem.message,
-                verdict.delay,
+            event(
+                log,
+                "importjob_blocked",
+                logging.WARNING,
+                namespace=key[0],
+                importjob=key[1],
+                reason=result.problem.kind.value,
+                problem=result.problem.message,
+                next_try_in=verdict.delay,
+            )
+        else:
+            event(
+                log,
+                "importjob_blocked_retry",
+                namespace=key[0],
+                importjob=key[1],
+                reason=result.problem.kind.value,
+                attempt=verdict.attempt,
+                next_try_in=verdict.delay,
             )
     elif BLOCKED.ok(key) is not None:
-        log.info("ImportJob %s/%s is no longer blocked", key[0], key[1])
+        event(log, "importjob_unblocked", namespace=key[0], importjob=key[1])
