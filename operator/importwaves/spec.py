@@ -154,6 +154,15 @@ class RetryBackoff(_Model):
         "and the batch's next dispatch, whatever the number of attempts.",
     )
 
+    @model_validator(mode="after")
+    def _cap_not_below_base(self) -> RetryBackoff:
+        if self.capSeconds < self.baseSeconds:
+            raise ValueError(
+                f"capSeconds ({self.capSeconds:g}) must be at least baseSeconds "
+                f"({self.baseSeconds:g})"
+            )
+        return self
+
     def delay(self, failed_attempts: int) -> float:
         """Seconds before the next dispatch after `failed_attempts` failed attempts (>= 1);
         the formula batch_fail (db/queries.sql) applies."""

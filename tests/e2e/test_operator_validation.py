@@ -67,6 +67,13 @@ INVALID: list[tuple[str, str, Any, list[str]]] = [
         {"env": [{"name": "LOG_LEVEL", "value": "x"}, {"name": "IMPORTWAVES_DSN", "value": "x"}]},
         ["spec.worker.env", "worker.env: IMPORTWAVES_DSN: IMPORTWAVES_* variables are reserved"],
     ),
+    (
+        "backoff-cap-below-base",
+        "spec.retryBackoff",
+        {"baseSeconds": 10, "capSeconds": 5},
+        ["spec.retryBackoff", "retryBackoff: capSeconds (5) must be at least baseSeconds (10)"],
+    ),
+    ("backoff-negative", "spec.retryBackoff", {"baseSeconds": -1}, ["spec.retryBackoff"]),
     ("unknown-field", "spec.bogus", 1, ['unknown field "spec.bogus"']),
     (
         "unknown-nested-field",
@@ -132,6 +139,8 @@ EXPLAIN: list[tuple[str, list[str]]] = [
     ("spec.recordTypes.batchSize", ["1..100000", "default 1000"]),
     ("spec.derivedTypes.recordTypeId", ["default -13"]),
     ("spec.worker.image", ["default importwaves:"]),
+    ("spec.retryBackoff.baseSeconds", ["0..3600", "default 1", "doubled"]),
+    ("spec.retryBackoff.capSeconds", ["0..86400", "default 60"]),
 ]
 
 

@@ -158,6 +158,16 @@ CEL_RULES: list[dict[str, str]] = [
         "fieldPath": ".worker.env",
     },
     {
+        "rule": "!has(self.retryBackoff) || !has(self.retryBackoff.baseSeconds) || "
+        "!has(self.retryBackoff.capSeconds) || "
+        "self.retryBackoff.capSeconds >= self.retryBackoff.baseSeconds",
+        "message": "retryBackoff: capSeconds must be at least baseSeconds",
+        "messageExpression": "'retryBackoff: capSeconds (%s) must be at least baseSeconds "
+        "(%s)'.format([string(self.retryBackoff.capSeconds), "
+        "string(self.retryBackoff.baseSeconds)])",
+        "fieldPath": ".retryBackoff",
+    },
+    {
         "rule": "self.database == oldSelf.database",
         "message": "database is immutable: the import's rows live in that database; create a "
         "new ImportJob for another database (rotate credentials by updating the Secret)",
