@@ -536,7 +536,7 @@ class ImportJobOperator:
                     job_id=job_id,
                     released=len(released),
                 )
-        except (ProblemError, psycopg.Error) as exc:
+        except (ProblemError, psycopg.Error, RuntimeError) as exc:  # RuntimeError: SchemaNotReady
             event(
                 log,
                 "importjob_deleted_job_not_cancelled",

@@ -84,7 +84,8 @@ _DATE: dict[str, Any] = {"format": "date-time"}
 class Condition(BaseModel):
     """A Kubernetes-style condition (apimachinery metav1.Condition)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # a key an earlier version wrote is dropped, never a reason to fail a reconcile
+    model_config = ConfigDict(extra="ignore")
 
     type: str = Field(description="Condition type (PascalCase).")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
