@@ -102,6 +102,10 @@ def small_spec(tenant: str, **overrides: Any) -> ImportSpec:
             },
         ],
         "parallelism": 4,
+        # No back-off between a failed attempt and the next dispatch: `drive` runs batches
+        # step by step and stops when nothing can move at once. The back-off has its own tests
+        # (tests/integration/test_retry_backoff.py), which set it.
+        "retryBackoff": {"baseSeconds": 0.0, "capSeconds": 0.0},
     }
     base.update(overrides)
     return reference_spec(tenant, **base)

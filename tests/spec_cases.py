@@ -201,6 +201,22 @@ def _bounds() -> list[Case]:
     num("recordTypes.0.batchSize", 1, 100_000)
     num("derivedTypes.0.recordTypeId", -1_000_000, 1_000_000)
     num("derivedTypes.0.batchSize", 1, 100_000)
+
+    # retryBackoff: capSeconds may not be below baseSeconds, so each bound case sets both
+    def backoff(case_id: str, base: float, cap: float, ok: bool) -> None:
+        value = {"retryBackoff": {"baseSeconds": base, "capSeconds": cap}}
+        c.append(Case(case_id, "", value, ok, names="retryBackoff"))
+
+    backoff("retryBackoff.baseSeconds=min", 0, 0, True)
+    backoff("retryBackoff.baseSeconds=max", 3600, 86_400, True)
+    backoff("retryBackoff.baseSeconds=min-1", -1, 60, False)
+    backoff("retryBackoff.baseSeconds=max+1", 3601, 86_400, False)
+    backoff("retryBackoff.capSeconds=min", 0, 0, True)
+    backoff("retryBackoff.capSeconds=max", 1, 86_400, True)
+    backoff("retryBackoff.capSeconds=min-1", 0, -1, False)
+    backoff("retryBackoff.capSeconds=max+1", 1, 86_401, False)
+    backoff("retryBackoff.cap<base", 10, 5, False)
+    backoff("retryBackoff.fractional", 0.5, 2.5, True)
     c.append(Case("parallelism=1e30", "parallelism", 10**30, False))
     c.append(Case("retries=-2^63", "retries", -(2**63), False))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,7 +275,7 @@ def _reconcile_cluster_object(ref: str, wait_s: float) -> None:
             latest = max(
                 events.items, key=lambda e: e.last_timestamp or e.event_time or 0, default=None
             )
-            for action in (latest.message or "").split("; ") if latest else []:
+            for action in reconcile_lines(latest.message if latest else None):
                 click.echo(f"- {action}")
             click.echo(f"status: {obj['status'].get('summary')}")
             return
@@ -283,6 +284,12 @@ def _reconcile_cluster_object(ref: str, wait_s: float) -> None:
         f"the operator did not handle the reconcile within {wait_s}s "
         "(is it running and watching this namespace?)"
     )
+
+
+def reconcile_lines(message: str | None) -> list[str]:
+    """The actions of a ManualReconcile Event's message: one per line (k8s/operator.py
+    reconcile_message); never split inside an action."""
+    return [line for line in (message or "").splitlines() if line.strip()]
 
 
 @main.command("retry-failed")
@@ -448,16 +455,28 @@ def run(namespaces: tuple[str, ...], standalone: bool) -> None:
     """Run the operator (kopf): reconcile ImportJobs in the cluster."""
     import kopf
 
-    from importwaves.k8s import handlers
+    from importwaves.k8s import handlers, peering
 
     settings = handlers.SETTINGS
     watched = namespaces or settings.namespaces
-    peering = "" if standalone else settings.peering
+    missing: list[str] = []
+    if not standalone and settings.peering:
+        from kubernetes import config
+
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        missing = peering.missing_peering(settings.peering, list(watched))
+    choice = peering.choose(standalone, settings.peering, list(watched), missing)
+    if choice.warning:
+        logging.getLogger("importwaves.cli").warning("%s", choice.warning)
+        click.echo(f"warning: {choice.warning}", err=True)
     kopf.run(
         clusterwide=not watched,
         namespaces=watched,
-        standalone=not peering,
-        peering_name=peering or None,
+        standalone=choice.standalone,
+        peering_name=choice.peering_name,
         priority=settings.priority,
         liveness_endpoint=settings.liveness or None,
     )

@@ -18,6 +18,7 @@ __all__ = [
     "DerivedType",
     "ImportSpec",
     "RecordType",
+    "RetryBackoff",
     "SpecError",
     "WorkerPod",
     "format_validation_error",
@@ -134,6 +135,40 @@ class DerivedType(_Model):
     )
 
 
+class RetryBackoff(_Model):
+    """How long a batch waits after a failed attempt before it is dispatched again."""
+
+    baseSeconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="Seconds (0..3600, default 1) a batch waits after its first failed "
+        "attempt before its next dispatch; doubled after each further failed attempt, up to "
+        "capSeconds. 0 retries at once.",
+    )
+    capSeconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="Longest wait in seconds (0..86400, default 60) between a failed attempt "
+        "and the batch's next dispatch, whatever the number of attempts.",
+    )
+
+    @model_validator(mode="after")
+    def _cap_not_below_base(self) -> RetryBackoff:
+        if self.capSeconds < self.baseSeconds:
+            raise ValueError(
+                f"capSeconds ({self.capSeconds:g}) must be at least baseSeconds "
+                f"({self.baseSeconds:g})"
+            )
+        return self
+
+    def delay(self, failed_attempts: int) -> float:
+        """Seconds before the next dispatch after `failed_attempts` failed attempts (>= 1);
+        the formula batch_fail (db/queries.sql) applies."""
+        return float(min(self.capSeconds, self.baseSeconds * 2 ** max(0, failed_attempts - 1)))
+
+
 class WorkerPod(_Model):
     """How worker pods are run on Kubernetes (ignored by the local runner)."""
 
@@ -246,6 +281,11 @@ class ImportSpec(_Model):
         description="Retries per batch after its first attempt: 0..100, default 3; a batch "
         "out of attempts is failed and the import reports Failed.",
     )
+    retryBackoff: RetryBackoff = Field(
+        default_factory=RetryBackoff,
+        description="Back-off between a batch's failed attempt and its next dispatch: "
+        "baseSeconds (default 1) doubled per failed attempt, at most capSeconds (default 60).",
+    )
     staleAfterSeconds: int = Field(
         default=300,
         ge=5,
@@ -298,6 +338,14 @@ class ImportSpec(_Model):
     @property
     def max_attempts(self) -> int:
         return self.retries + 1
+
+    @property
+    def backoff_params(self) -> dict[str, float]:
+        """batch_fail's back-off parameters (db/queries.sql)."""
+        return {
+            "backoff_base": self.retryBackoff.baseSeconds,
+            "backoff_cap": self.retryBackoff.capSeconds,
+        }
 
     @property
     def claim_timeout(self) -> int:

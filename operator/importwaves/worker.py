@@ -34,6 +34,7 @@ from importwaves.db.connect import connect
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
 from importwaves.engine.notify import channel_for
+from importwaves.spec import RetryBackoff
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FENCED = 0, 1, 2, 3
 
@@ -109,13 +110,25 @@ def run_batch(
                 max_attempts = 1
                 message = f"non-retryable: {message}"
             row = conn.execute(
-                Q("batch_fail"), {**key, "max_attempts": max_attempts, "error": message[:4000]}
+                Q("batch_fail"),
+                {
+                    **key,
+                    "max_attempts": max_attempts,
+                    "error": message[:4000],
+                    **backoff_params(spec),
+                },
             ).fetchone()
             state = row["status"] if row else "unchanged (fenced)"
             return WorkerResult(EXIT_FAILED, f"batch {item.batch_id} failed ({state}): {message}")
         finally:
             beat.stop()
     return WorkerResult(EXIT_OK, f"batch {item.batch_id} completed")
+
+
+def backoff_params(spec: dict[str, Any]) -> dict[str, float]:
+    """batch_fail's back-off parameters from a stored spec (its spec.retryBackoff)."""
+    backoff = RetryBackoff.model_validate(spec.get("retryBackoff") or {})
+    return {"backoff_base": backoff.baseSeconds, "backoff_cap": backoff.capSeconds}
 
 
 def _import_and_complete(

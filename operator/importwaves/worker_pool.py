@@ -59,6 +59,7 @@ from importwaves.worker import (
     _describe,
     _Fenced,
     _import_and_complete,
+    backoff_params,
 )
 
 ENV_POOL = {
@@ -225,7 +226,7 @@ class PooledWorker:
             if isinstance(exc, BatchDataError):
                 max_attempts = 1
                 message = f"non-retryable: {message}"
-            self._fail(conn, key, max_attempts, message)
+            self._fail(conn, key, max_attempts, message, spec)
             return True
         finally:
             beat.release()
@@ -254,12 +255,12 @@ class PooledWorker:
         elif code == EXIT_OK:
             # An exit 0 proves nothing: without the completion in the database it is a failed
             # attempt (fenced by the dispatch sequence: a recorded result is never touched).
-            if not self._fail(conn, key, max_attempts, EXIT_WITHOUT_COMPLETION):
+            if not self._fail(conn, key, max_attempts, EXIT_WITHOUT_COMPLETION, spec):
                 self.stats.completed += 1
         else:
             what = "could not start" if code is None else f"exited {code}"
             text = f"worker command {what}" + (f": {err}" if err else "")
-            self._fail(conn, key, max_attempts, text)
+            self._fail(conn, key, max_attempts, text, spec)
             # in this worker's own log too (redacted): `kubectl logs` of its pod shows why
             print(
                 f"importwaves worker {s.worker_id}: batch {key['batch_id']}: {text}",
@@ -267,12 +268,25 @@ class PooledWorker:
             )
         return True
 
-    def _fail(self, conn: Conn, key: dict[str, Any], max_attempts: int, message: str) -> bool:
+    def _fail(
+        self,
+        conn: Conn,
+        key: dict[str, Any],
+        max_attempts: int,
+        message: str,
+        spec: dict[str, Any],
+    ) -> bool:
         """Record a failed attempt of this dispatch (no-op when it is no longer the current one
         or already has a result) and prompt the engine; True when one was recorded."""
         with conn.transaction():
             row = conn.execute(
-                Q("batch_fail"), {**key, "max_attempts": max_attempts, "error": message[:4000]}
+                Q("batch_fail"),
+                {
+                    **key,
+                    "max_attempts": max_attempts,
+                    "error": message[:4000],
+                    **backoff_params(spec),
+                },
             ).fetchone()
             if row is not None:
                 conn.execute(

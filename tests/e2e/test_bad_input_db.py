@@ -82,13 +82,23 @@ def test_database_problems_are_conditions_and_clear_once_fixed(
             assert "Secret" in c["message"] and "tenant-db" in c["message"], c
             assert "retrying with back-off" in c["message"], c
             assert not is_true(st, "Completed")
-        # it keeps retrying, with back-off (not a busy loop)
+        # it keeps retrying, with back-off (not a busy loop), and says so at warning level once
+        # per problem (not at error level on every retry)
         t0 = time.monotonic()
-        needle = 'role \\"nobody\\" does not exist'  # as it appears in the JSON log lines
-        h.wait_for(lambda: op.log().count(needle) >= 3, "the operator to retry", 30)
+        h.wait_for(
+            lambda: len(op.log_events("importjob_blocked_retry")) >= 2, "the operator to retry", 30
+        )
         time.sleep(3)
-        rate = op.log().count(needle) / (time.monotonic() - t0)
+        retries = op.log_events("importjob_blocked_retry")
+        rate = len(retries) / (time.monotonic() - t0)
         assert rate < 20, f"{rate:.0f} attempts a second: no back-off"
+        delays = [r["next_try_in"] for r in retries]
+        assert delays == sorted(delays), delays  # growing up to IMPORTWAVES_MAX_BACKOFF
+        warned = op.log_events("importjob_blocked")
+        assert len(warned) == 1, warned
+        assert warned[0]["level"] == "warning"
+        assert 'role "nobody" does not exist' in warned[0]["problem"]
+        assert "failed temporarily" not in op.log()  # kopf's error-level retry line
 
         set_secret(k8s_cluster, ns, "tenant-db", t.dsn)
         st = h.wait(

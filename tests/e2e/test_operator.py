@@ -145,24 +145,55 @@ def test_examples_run_to_completion(
             "transaction_lines": data.lines,
         }
 
+        # The STATUS sequence never goes back (no flapping): Pending, Running while the main
+        # waves run, DerivedPending when only derived work is left, then Completed.
+        order = ["Pending", "Running", "DerivedPending", "Completed"]
+        ranks = [order.index(x) for x in summaries if x]
+        assert ranks == sorted(ranks), f"STATUS went back: {summaries}"
+        # PROGRESS: a total fixed at planning (rows staged), so the figure never goes down.
+        totals = {s["rowsToImport"] for s in history if "rowsToImport" in s and s.get("jobId")}
+        assert totals == {data.customers + data.orders + data.lines}, totals
+        imported = [s["rowsImported"] for s in history if "rowsImported" in s]
+        assert imported == sorted(imported), imported
+        for s in history:
+            if s.get("conditions"):
+                prog = conditions(s)["Progressing"]
+                assert prog["message"].strip(), s
+        assert st["startTime"] and st["completionTime"] and st["duration"]
+        assert st["progress"] == "100%"
+
         # Printer columns.
         out = k8s_cluster.kubectl("-n", ns, "get", "importjobs").stdout.splitlines()
         assert re.split(r"\s{2,}", out[0].strip()) == [
             "NAME",
+            "READY",
             "STATUS",
-            "WAVES",
-            "BATCHES",
-            "DERIVED-PENDING",
+            "PROGRESS",
+            "ACTIVE",
+            "FAILED",
             "AGE",
         ], out
-        assert out[1].split()[:5] == [name, "Completed", "3/3", "9/9", "0"], out
+        assert out[1].split()[:6] == [name, "True", "Completed", "100%", "0", "0"], out
+        wide = k8s_cluster.kubectl("-n", ns, "get", "importjobs", "-o", "wide").stdout
+        assert re.split(r"\s{2,}", wide.splitlines()[0].strip())[-3:] == [
+            "MESSAGE",
+            "STARTED",
+            "DURATION",
+        ], wide
+        assert st["duration"] in wide.splitlines()[1]
         short = k8s_cluster.kubectl("-n", ns, "get", "ij", name).stdout
         assert "Completed" in short
 
         reasons = h.event_reasons(name)
         assert "WaveDispatched" in reasons, reasons
         assert "CompletionGuard" in reasons, reasons
-        assert any("wave 3" in m for m in reasons["WaveDispatched"]), reasons
+        assert any("wave 3 (TransactionLine, derived)" in m for m in reasons["WaveDispatched"])
+        assert any("wave 2 (SalesOrder)" in m for m in reasons["WaveDispatched"]), reasons
+        # once per import, from one reporting component
+        assert len(reasons.get("ImportCompleted", [])) == 1, reasons
+        events = h.events(name)
+        assert {(e.get("source") or {}).get("component") for e in events} == {"importwaves"}
+        assert "JobsAdopted" not in reasons, reasons
         # One work-queue Job per wave (pooled workers), named for the ImportJob, record type
         # and wave; each deleted only after it finished (its pods' ends recorded): none left.
         h.wait_for(lambda: not h.jobs(), "the finished worker Jobs to be deleted", timeout=30)

@@ -255,6 +255,12 @@ def test_suspend_stops_new_jobs_and_resume_completes(
                 time.sleep(3)  # several timer ticks
                 assert len(created_jobs(jobs)) == created, "a Job was created while suspended"
                 assert any(b["status"] == "pending" for b in t.batches(job_id))
+                # nothing runs: the status says so (it kept "N batch(es) still running")
+                idle = h.wait(name, lambda s: s.get("activeBatches") == 0, "activeBatches=0", 15)
+                for ctype in ("Progressing", "Suspended"):
+                    msg = conditions(idle)[ctype]["message"]
+                    assert msg.endswith("no batch is running."), (ctype, msg)
+                assert "still running" not in idle["message"], idle["message"]
             patch_suspend(False)
             st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed after resume", 60)
         finally:

@@ -67,6 +67,13 @@ INVALID: list[tuple[str, str, Any, list[str]]] = [
         {"env": [{"name": "LOG_LEVEL", "value": "x"}, {"name": "IMPORTWAVES_DSN", "value": "x"}]},
         ["spec.worker.env", "worker.env: IMPORTWAVES_DSN: IMPORTWAVES_* variables are reserved"],
     ),
+    (
+        "backoff-cap-below-base",
+        "spec.retryBackoff",
+        {"baseSeconds": 10, "capSeconds": 5},
+        ["spec.retryBackoff", "retryBackoff: capSeconds (5) must be at least baseSeconds (10)"],
+    ),
+    ("backoff-negative", "spec.retryBackoff", {"baseSeconds": -1}, ["spec.retryBackoff"]),
     ("unknown-field", "spec.bogus", 1, ['unknown field "spec.bogus"']),
     (
         "unknown-nested-field",
@@ -132,6 +139,8 @@ EXPLAIN: list[tuple[str, list[str]]] = [
     ("spec.recordTypes.batchSize", ["1..100000", "default 1000"]),
     ("spec.derivedTypes.recordTypeId", ["default -13"]),
     ("spec.worker.image", ["default importwaves:"]),
+    ("spec.retryBackoff.baseSeconds", ["0..3600", "default 1", "doubled"]),
+    ("spec.retryBackoff.capSeconds", ["0..86400", "default 60"]),
 ]
 
 
@@ -236,17 +245,25 @@ def test_dependency_cycle_passes_the_api_and_is_reported_invalid(
             lambda: "InvalidSpec" in h.event_reasons(name), "a Warning event InvalidSpec", 20
         )
         assert not h.jobs()
-        # Fixing the spec (breaking the cycle) clears Invalid; the Secret is missing next.
+        # recordTypes shape the plan: the API server refuses to change them in place (CEL);
+        # the ImportJob is fixed by re-creating it. Invalid clears; the Secret is missing next.
         fixed = copy.deepcopy(body)
         fixed["spec"]["recordTypes"] = [
             {"name": "A", "recordTypeId": 1},
             {"name": "B", "recordTypeId": 2, "parentTypes": ["A"]},
         ]
+        r = apply(k8s_cluster, fixed, check=False)
+        assert r.returncode != 0 and "recordTypes is immutable" in r.stderr, r.stderr
+        k8s_cluster.kubectl("-n", ns, "delete", "importjob", name, "--timeout=30s")
         apply(k8s_cluster, fixed)
         st = h.wait(
             name,
-            lambda s: s.get("observedGeneration") == 2 and not is_true(s, "Invalid"),
-            "Invalid=False for generation 2",
+            lambda s: (
+                s.get("observedGeneration") == 1
+                and "DatabaseReady" in conditions(s)
+                and not is_true(s, "Invalid")
+            ),
+            "Invalid=False for the re-created ImportJob",
             30,
         )
         assert conditions(st)["DatabaseReady"]["reason"] == "SecretMissing"

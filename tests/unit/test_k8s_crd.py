@@ -105,13 +105,52 @@ def test_spec_schema_follows_the_model() -> None:
 
 def test_printer_columns() -> None:
     version = build_crd()["spec"]["versions"][0]
-    cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert list(cols) == ["Status", "Waves", "Batches", "Derived-Pending", "Age"]
+    columns = version["additionalPrinterColumns"]
+    cols = {c["name"]: c["jsonPath"] for c in columns}
+    assert list(cols) == [
+        "Ready",
+        "Status",
+        "Progress",
+        "Active",
+        "Failed",
+        "Age",
+        "Message",
+        "Started",
+        "Duration",
+    ]
+    # -o wide only: the message, start time and duration
+    assert [c["name"] for c in columns if c.get("priority") == 1] == [
+        "Message",
+        "Started",
+        "Duration",
+    ]
+    assert cols["Ready"] == '.status.conditions[?(@.type=="Completed")].status'
     status = root_schema()["properties"]["status"]["properties"]
     for name, path in cols.items():
         if path.startswith(".status."):
-            assert path.removeprefix(".status.") in status, name
+            assert path.removeprefix(".status.").split("[")[0] in status, name
     assert version["subresources"] == {"status": {}}
+
+
+def test_status_schema_is_generated_from_the_status_model() -> None:
+    from importwaves.k8s.crd import structural
+    from importwaves.k8s.status import ImportJobStatus
+
+    status = root_schema()["properties"]["status"]
+    generated = structural(ImportJobStatus.model_json_schema(mode="serialization"))
+    assert status["properties"] == generated["properties"]
+    assert set(status["properties"]) == set(ImportJobStatus.model_fields)
+    assert status["properties"]["startTime"]["format"] == "date-time"
+    cond = status["properties"]["conditions"]
+    assert cond["x-kubernetes-list-type"] == "map"
+    assert cond["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_plan_shaping_fields_are_immutable_by_cel() -> None:
+    rules = {r["fieldPath"]: r["rule"] for r in CEL_RULES if "oldSelf" in r["rule"]}
+    assert "self.recordTypes == oldSelf.recordTypes" in rules[".recordTypes"]
+    assert "self.derivedTypes == oldSelf.derivedTypes" in rules[".derivedTypes"]
+    assert ".tenant" in rules and ".importId" in rules
 
 
 def test_example_manifest_is_a_valid_spec() -> None:

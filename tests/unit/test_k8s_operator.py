@@ -48,7 +48,9 @@ def messages(result: RunResult) -> list[str]:
 
 
 def test_wave_dispatched_once_when_the_wave_starts() -> None:
-    assert messages(run(snap({1: None, 2: None}), 1, 1, 1)) == ["dispatched 3 batch(es) of wave 1"]
+    assert messages(run(snap({1: None, 2: None}), 1, 1, 1)) == [
+        "dispatched 3 batch(es) of wave 1 (W1)"
+    ]
 
 
 def test_no_event_for_refills_of_a_running_wave() -> None:
@@ -58,7 +60,27 @@ def test_no_event_for_refills_of_a_running_wave() -> None:
 
 def test_only_the_waves_starting_in_this_run() -> None:
     s = snap({1: T0, 2: T0, 3: None})
-    assert messages(run(s, 2, 3, 3)) == ["dispatched 2 batch(es) of wave 3"]
+    assert messages(run(s, 2, 3, 3)) == ["dispatched 2 batch(es) of wave 3 (W3, derived)"]
+
+
+def test_finish_events_once_per_transition() -> None:
+    from importwaves.k8s.operator import finish_events
+
+    running = {"summary": "DerivedPending"}
+    done = {"summary": "Completed", "rowsImported": 100004, "duration": "3m12s"}
+    [e] = finish_events(running, done)
+    assert (e.type, e.reason) == ("Normal", "ImportCompleted")
+    assert e.message == (
+        "import completed: every batch of every wave completed, 100,004 row(s) imported in 3m12s"
+    )
+    assert finish_events(done, done) == []  # a later write of the same summary: nothing
+    [f] = finish_events(running, {"summary": "Failed", "message": "2 batch(es) failed"})
+    assert (f.type, f.reason, f.message) == (
+        "Warning",
+        "ImportFailed",
+        "import failed: 2 batch(es) failed",
+    )
+    assert finish_events({}, {"summary": "Running"}) == []
 
 
 def test_without_a_snapshot_every_dispatch_is_reported() -> None:

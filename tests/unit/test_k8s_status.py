@@ -8,13 +8,20 @@ import pytest
 
 from importwaves.engine.model import DERIVED, MAIN, JobStatus, Outcome, Snapshot, WaveState
 from importwaves.k8s.status import (
+    SUMMARY_ORDER,
     Cond,
     JobView,
     Problem,
     ProblemKind,
     compute_status,
+    contradictions,
+    duration_of,
+    progress_of,
+    resolve,
     set_condition,
     status_patch,
+    summary_of,
+    truth_of,
 )
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
@@ -118,9 +125,17 @@ def test_running_main_waves() -> None:
         "Failed": "False",
         "Suspended": "False",
     }
-    assert cond(st, "Progressing")["reason"] == "WaveDispatched"
-    assert cond(st, "Progressing")["message"] == "A reason."
-    assert cond(st, "Completed")["message"] == "3 of 5 batch(es) not completed yet."
+    assert cond(st, "Progressing")["reason"] == "WavesRunning"
+    assert cond(st, "Progressing")["message"] == (
+        "Wave 2 (SalesOrder): 1/4 batch(es) completed, 2 running, 1 waiting; 0% of rows imported."
+    )
+    assert cond(st, "Completed")["message"] == (
+        "0 of 0 row(s) imported (0%); 3 of 5 batch(es) created so far not completed yet."
+    )
+    assert cond(st, "DerivedPending")["message"] == (
+        "Main waves still running; derived batches follow their parents."
+    )
+    assert st["message"] == cond(st, "Progressing")["message"]
     assert st["waves"] == {"done": 1, "total": 3}
     assert st["wavesText"] == "1/3"
     assert st["batches"] == {"done": 2, "total": 5}
@@ -139,10 +154,11 @@ def test_derived_pending_after_main_waves() -> None:
     assert st["summary"] == "DerivedPending"
     c = cond(st, "DerivedPending")
     assert (c["status"], c["reason"]) == ("True", "DerivedBatchesPending")
-    assert c["message"] == "3 derived batch(es) pending or active."
+    assert c["message"] == "Main waves done; 3 derived batch(es) pending or active."
     assert st["derivedPending"] == 3
     assert cond(st, "Completed")["status"] == "False"
-    assert cond(st, "Progressing")["reason"] == "DerivedPending"
+    assert cond(st, "Progressing")["reason"] == "DerivedRunning"
+    assert cond(st, "Progressing")["status"] == "True"
     assert st["waves"] == {"done": 2, "total": 3}
 
 
@@ -375,3 +391,242 @@ def test_row_count_mismatch_fails_with_its_code() -> None:
     assert "99 row(s) written, 100 planned" in f["message"]
     assert cond(st, "Completed")["reason"] == "RowCountMismatch"
     assert st["summary"] == "Failed"
+
+
+# -- issue 13: one status truth ------------------------------------------------------------------
+STATE_CONDS = (
+    Cond.COMPLETED,
+    Cond.FAILED,
+    Cond.INVALID,
+    Cond.SUSPENDED,
+    Cond.DERIVED_PENDING,
+    Cond.PROGRESSING,
+)
+
+
+@pytest.mark.parametrize("bits", range(2 ** len(STATE_CONDS)))
+def test_resolve_leaves_no_contradiction_and_keeps_the_strongest(bits: int) -> None:
+    """Every combination of the six state conditions: after resolve() no two True conditions
+    exclude each other, the strongest True one is still True, and the summary is its word."""
+    conds: list[dict[str, Any]] = []
+    for i, ctype in enumerate(STATE_CONDS):
+        conds = set_condition(conds, ctype, bool(bits >> i & 1), "R", f"m{i}", 1, T0)
+    out = resolve(conds, 1, T1)
+    assert contradictions(out) == []
+    state = truth_of(out)
+    before = truth_of(conds)
+    strongest = next((c for c, _ in SUMMARY_ORDER if before.get(c)), None)
+    if strongest is not None:
+        assert state[strongest]
+        word = dict(SUMMARY_ORDER)[strongest]
+        if strongest == Cond.INVALID and before.get(Cond.SUSPENDED):
+            word = "Invalid"
+        assert summary_of(state) == word
+    else:
+        assert summary_of(state) == "Pending"
+    # only excluded conditions changed, and only to False, naming what overrode them
+    for c_in, c_out in zip(conds, out, strict=True):
+        if c_in != c_out:
+            assert c_in["status"] == "True" and c_out["status"] == "False"
+            assert c_out["reason"].startswith("Overridden")
+
+
+def test_summary_precedence() -> None:
+    assert summary_of({"Completed": True, "Invalid": True}) == "Completed"
+    assert summary_of({"Failed": True, "Progressing": True}) == "Failed"
+    assert summary_of({"Invalid": True, "Progressing": True}) == "Invalid"
+    assert summary_of({"Suspended": True}, blocked=True) == "Blocked"
+    assert summary_of({"Invalid": True}, blocked=True) == "Invalid"
+    assert summary_of({"DerivedPending": True, "Progressing": True}) == "DerivedPending"
+    assert summary_of({"Progressing": True}) == "Running"
+    assert summary_of({}) == "Pending"
+    assert summary_of({}, blocked=True) == "Blocked"
+
+
+@pytest.mark.parametrize(
+    ("imported", "total", "text"),
+    [
+        (0, 0, "0%"),
+        (0, 10, "0%"),
+        (45_000, 100_004, "44%"),
+        (99_999, 100_000, "99%"),
+        (100_000, 100_000, "100%"),
+        (5, 0, "100%"),
+        (11, 10, "100%"),
+    ],
+)
+def test_progress_rounds_down(imported: int, total: int, text: str) -> None:
+    assert progress_of(imported, total) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (59.9, "59s"), (60, "1m0s"), (192, "3m12s"), (7500, "2h5m"), (273600, "3d4h")],
+)
+def test_duration(seconds: float, text: str) -> None:
+    assert duration_of(seconds) == text
+
+
+def rows_wave(
+    n: int, rid: int, name: str, level: int = MAIN, *, staged: int, written: int, **counts: int
+) -> WaveState:
+    total = sum(counts.values())
+    return WaveState(
+        n,
+        rid,
+        name,
+        level,
+        total=total,
+        rows_staged=staged,
+        rows_written=written,
+        rows_planned=staged,
+        **counts,
+    )
+
+
+def test_progress_total_is_fixed_at_planning_while_derived_batches_appear() -> None:
+    """The PROGRESS total is the rows staged at planning (derived included), so it does not
+    grow as derived batches are created; the batch total does."""
+    early = snap(
+        rows_wave(1, -2, "Customer", staged=10, written=10, completed=1),
+        rows_wave(2, -30, "SalesOrder", staged=40, written=20, completed=2, processing=2),
+        rows_wave(3, -13, "TransactionLine", DERIVED, staged=50, written=0, pending=2),
+    )
+    late = snap(
+        rows_wave(1, -2, "Customer", staged=10, written=10, completed=1),
+        rows_wave(2, -30, "SalesOrder", staged=40, written=40, completed=4),
+        rows_wave(
+            3, -13, "TransactionLine", DERIVED, staged=50, written=25, completed=4, pending=4
+        ),
+    )
+    a, b = status_for(early), status_for(late)
+    assert (a["rowsToImport"], a["rowsImported"], a["progress"]) == (100, 30, "30%")
+    assert (b["rowsToImport"], b["rowsImported"], b["progress"]) == (100, 75, "75%")
+    assert a["batches"]["total"] != b["batches"]["total"]
+    assert a["summary"] == "Running"
+    assert b["summary"] == "DerivedPending"
+
+
+def test_derived_batches_while_main_waves_run_are_running_not_derived_pending() -> None:
+    """Threshold < 100: derived batches exist and run while a main wave runs: Running."""
+    st = status_for(snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_PENDING, awaiting=1))
+    assert st["summary"] == "Running"
+    assert cond(st, "DerivedPending")["status"] == "False"
+    assert cond(st, "Progressing")["reason"] == "WavesRunning"
+
+
+def test_suspended_message_follows_the_active_batches() -> None:
+    busy = wave(2, -30, "SalesOrder", completed=1, processing=2, pending=1)
+    idle = wave(2, -30, "SalesOrder", completed=1, pending=3)
+    for w, text in (
+        (busy, "2 batch(es) dispatched earlier still running."),
+        (idle, "no batch is running."),
+    ):
+        v = JobView(
+            "j1",
+            snap(CUSTOMERS_DONE, w, status=JobStatus.SUSPENDED),
+            Outcome.SUSPENDED,
+            "suspended; 4 batch(es) still running",
+        )
+        st = compute_status(None, generation=1, now=T0, view=v, problem=None)
+        assert st["summary"] == "Suspended"
+        assert cond(st, "Progressing")["message"].endswith(text)
+        assert cond(st, "Suspended")["message"].endswith(text)
+        assert "4 batch(es)" not in st["message"]
+
+
+def test_progressing_message_is_never_empty() -> None:
+    for status in JobStatus:
+        v = JobView(
+            "j1", snap(CUSTOMERS_DONE, ORDERS_RUNNING, status=status), Outcome.IN_PROGRESS, ""
+        )
+        st = compute_status(None, generation=1, now=T0, view=v, problem=None)
+        assert cond(st, "Progressing")["message"].strip(), status
+        assert st["message"].strip(), status
+        assert contradictions(st["conditions"]) == []
+
+
+REFUSAL = "spec change refused: uncoveredRows cannot change once the import is planned"
+
+
+def refused_view(s: Snapshot) -> JobView:
+    return JobView("j1", s, Outcome.IN_PROGRESS, "", refusal=REFUSAL)
+
+
+def test_a_refusal_from_the_job_row_is_in_every_computed_status() -> None:
+    """The refusal comes from the database (view.refusal): a path that knows nothing about it
+    (a Job event's refresh, problem=None) computes the same Invalid condition as the reconcile
+    that caught the exception: no flapping between Invalid and DerivedPending."""
+    s = snap(CUSTOMERS_DONE, ORDERS_DONE, LINES_PENDING)
+    by_reconcile = compute_status(
+        None,
+        generation=2,
+        now=T0,
+        view=refused_view(s),
+        problem=Problem(ProblemKind.SPEC_CHANGE_REFUSED, REFUSAL),
+    )
+    by_refresh = compute_status(
+        by_reconcile, generation=2, now=T1, view=refused_view(s), problem=None
+    )
+    assert by_reconcile == by_refresh
+    assert status_patch(by_reconcile, by_refresh) == {}
+    inv = cond(by_refresh, "Invalid")
+    assert (inv["status"], inv["reason"]) == ("True", "SpecChangeRefused")
+    assert "goes on with the spec it was planned with" in inv["message"]
+    assert by_refresh["summary"] == "Invalid"
+    assert cond(by_refresh, "DerivedPending")["status"] == "True"  # the import still moves
+
+
+def test_a_refused_change_never_shows_with_completed() -> None:
+    done = snap(CUSTOMERS_DONE, ORDERS_DONE, LINES_DONE, status=JobStatus.COMPLETED)
+    st = compute_status(None, generation=2, now=T0, view=refused_view(done), problem=None)
+    assert st["summary"] == "Completed"
+    assert cond(st, "Completed")["status"] == "True"
+    inv = cond(st, "Invalid")
+    assert (inv["status"], inv["reason"]) == ("False", "SpecChangeNotApplied")
+    assert REFUSAL[1:] in inv["message"]
+    assert contradictions(st["conditions"]) == []
+
+
+def test_an_invalid_spec_after_completion_keeps_completed_and_no_contradiction() -> None:
+    done = snap(CUSTOMERS_DONE, ORDERS_DONE, LINES_DONE, status=JobStatus.COMPLETED)
+    old = compute_status(None, generation=1, now=T0, view=view(done), problem=None)
+    st = compute_status(
+        old,
+        generation=2,
+        now=T1,
+        view=None,
+        problem=Problem(ProblemKind.INVALID_SPEC, "recordTypes: bad"),
+    )
+    assert st["summary"] == "Completed"
+    assert contradictions(st["conditions"]) == []
+
+
+def test_start_completion_time_and_duration() -> None:
+    from datetime import UTC, datetime
+
+    t0 = datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC)
+    t1 = datetime(2026, 1, 1, 0, 3, 12, tzinfo=UTC)
+    first = WaveState(1, -2, "Customer", MAIN, total=1, completed=1, first_dispatched_at=t0)
+    running = compute_status(
+        None,
+        generation=1,
+        now=T0,
+        view=JobView("j1", snap(first), Outcome.IN_PROGRESS, ""),
+        problem=None,
+    )
+    assert running["startTime"] == "2026-01-01T00:00:00Z"
+    assert "completionTime" not in running and "duration" not in running
+    done = JobView(
+        "j1", snap(first, status=JobStatus.COMPLETED), Outcome.COMPLETED, "", finished_at=t1
+    )
+    st = compute_status(running, generation=1, now=T1, view=done, problem=None)
+    assert st["completionTime"] == "2026-01-01T00:03:12Z"
+    assert st["duration"] == "3m12s"
+
+
+def test_status_is_valid_against_its_model() -> None:
+    from importwaves.k8s.status import ImportJobStatus
+
+    st = status_for(snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_EMPTY))
+    assert ImportJobStatus.model_validate(st).model_dump(exclude_none=True) == st

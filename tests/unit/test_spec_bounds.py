@@ -17,7 +17,15 @@ from pydantic import BaseModel, ValidationError
 
 from importwaves.engine.planner import wave_plan
 from importwaves.k8s.crd import DatabaseRef, ImportJobSpec
-from importwaves.spec import DerivedType, ImportSpec, RecordType, SpecError, WorkerPod, parse_spec
+from importwaves.spec import (
+    DerivedType,
+    ImportSpec,
+    RecordType,
+    RetryBackoff,
+    SpecError,
+    WorkerPod,
+    parse_spec,
+)
 from spec_cases import (
     ALL_CASES,
     BOUNDS,
@@ -98,6 +106,8 @@ FIELD_CASES = {
     ("ImportJobSpec", "importId"): "importId=",
     ("DatabaseRef", "secretName"): "database.secretName=",
     ("DatabaseRef", "key"): "database.key=",
+    ("RetryBackoff", "baseSeconds"): "retryBackoff.baseSeconds=",
+    ("RetryBackoff", "capSeconds"): "retryBackoff.capSeconds=",
 }
 MODELS: list[type[BaseModel]] = [
     ImportSpec,
@@ -106,6 +116,7 @@ MODELS: list[type[BaseModel]] = [
     WorkerPod,
     ImportJobSpec,
     DatabaseRef,
+    RetryBackoff,
 ]
 
 

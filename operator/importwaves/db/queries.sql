@@ -40,13 +40,14 @@ FROM wave_batches WHERE job_id = %(job_id)s;
 
 -- name: job_lock
 -- Take the per-job lock (serializes every decision about one job) and read the job row.
-SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds
+SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds,
+       refusal, refused_spec, spec_uid, spec_generation
 FROM import_jobs WHERE job_id = %(job_id)s FOR UPDATE;
 
 -- name: job_get
 -- Read the job row without locking it.
 SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds,
-       created_at, updated_at, status_code, staging_report
+       created_at, updated_at, status_code, staging_report, refusal, refused_spec
 FROM import_jobs WHERE job_id = %(job_id)s;
 
 -- name: job_list
@@ -67,6 +68,53 @@ SET status = %(status)s,
     completed_at = CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END,
     updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s;
+
+-- name: job_set_refusal
+-- Record the spec change the engine refused (and the refused spec), or clear it ('' and NULL)
+-- once a submitted spec is accepted; changes nothing when it already says so.
+UPDATE import_jobs SET refusal = %(refusal)s, refused_spec = %(refused_spec)s,
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s
+  AND (refusal IS DISTINCT FROM %(refusal)s OR refused_spec IS DISTINCT FROM %(refused_spec)s);
+
+-- name: job_set_spec_source
+-- The ImportJob (uid) and generation whose spec was last submitted (applied or refused).
+UPDATE import_jobs SET spec_uid = %(uid)s, spec_generation = %(generation)s
+WHERE job_id = %(job_id)s
+  AND (spec_uid IS DISTINCT FROM %(uid)s OR spec_generation IS DISTINCT FROM %(generation)s);
+
+-- name: job_cancel
+-- The ImportJob was deleted: the job is cancelled (a completed job stays completed); nothing is
+-- dispatched for it until it is submitted again. Returns the status it had.
+UPDATE import_jobs j SET status = 'cancelled', status_code = 'ImportJobDeleted',
+    status_reason = %(reason)s, updated_at = clock_timestamp()
+FROM (SELECT job_id, status FROM import_jobs WHERE job_id = %(job_id)s FOR UPDATE) old
+WHERE j.job_id = old.job_id AND old.status NOT IN ('completed', 'cancelled')
+RETURNING old.status AS was;
+
+-- name: job_reopen
+-- A cancelled job submitted again (its ImportJob re-applied): running again.
+UPDATE import_jobs SET status = 'running', status_code = '',
+    status_reason = 'reopened: its ImportJob was applied again', updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND status = 'cancelled'
+RETURNING job_id;
+
+-- name: batches_release
+-- Release a cancelled (or reopened) job's batches handed to workers: back to pending under a
+-- new fencing token (a late worker of the old dispatch is fenced out; rows written by a
+-- completed batch are kept, an uncommitted attempt rolls back), no attempt counted, no back-off.
+-- A row locked right now is in a worker's hands and is skipped (see
+-- batches_demote_stale_processing); it finishes or fails by itself.
+UPDATE wave_batches b
+SET status = 'pending', dispatch_seq = b.dispatch_seq + 1, worker_id = NULL,
+    heartbeat_at = NULL, retry_after = NULL, last_error = %(reason)s,
+    updated_at = clock_timestamp()
+WHERE b.id IN (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND status IN ('dispatched', 'processing')
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.batch_id;
 
 -- name: job_set_planned
 -- Mark the job as planned (waves and main batches exist).
@@ -138,6 +186,7 @@ ON CONFLICT (job_id, batch_id) DO NOTHING;
 
 -- name: batches_dispatch
 -- Move up to `limit` pending batches of a wave to dispatched, bumping each fencing token.
+-- A batch whose failed attempt's back-off (retry_after) has not passed yet waits.
 UPDATE wave_batches b
 SET status = 'dispatched', dispatch_seq = b.dispatch_seq + 1,
     dispatched_at = clock_timestamp(), started_at = NULL, heartbeat_at = NULL, worker_id = NULL,
@@ -145,6 +194,7 @@ SET status = 'dispatched', dispatch_seq = b.dispatch_seq + 1,
 WHERE b.id IN (
     SELECT id FROM wave_batches
     WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND status = 'pending'
+      AND (retry_after IS NULL OR retry_after <= clock_timestamp())
     ORDER BY id LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
@@ -163,6 +213,7 @@ WITH d AS (
     WHERE b.id IN (
         SELECT id FROM wave_batches
         WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s AND status = 'pending'
+          AND (retry_after IS NULL OR retry_after <= clock_timestamp())
         ORDER BY id LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     )
@@ -309,11 +360,18 @@ RETURNING wave_number, record_type_id, record_count;
 -- name: batch_fail
 -- Record a failed attempt for the current dispatch: back to pending, or failed when out of
 -- attempts. A dispatch that failed before its worker claimed it still counts an attempt.
+-- A batch back to pending waits its back-off before the next dispatch: backoff_base * 2^(n-1)
+-- seconds after its n-th failed attempt, at most backoff_cap (spec.retryBackoff).
 UPDATE wave_batches
 SET attempts = attempts + CASE WHEN status = 'dispatched' THEN 1 ELSE 0 END,
     status = CASE
         WHEN attempts + CASE WHEN status = 'dispatched' THEN 1 ELSE 0 END >= %(max_attempts)s
         THEN 'failed' ELSE 'pending' END,
+    retry_after = clock_timestamp() + make_interval(secs => least(
+        %(backoff_cap)s::double precision,
+        %(backoff_base)s::double precision
+            * power(2, greatest(0, attempts + CASE WHEN status = 'dispatched' THEN 1 ELSE 0 END
+                                   - 1)))),
     last_error = %(error)s, heartbeat_at = NULL, updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
   AND status IN ('dispatched', 'processing')
@@ -363,7 +421,7 @@ RETURNING b.batch_id, b.status, b.attempts;
 -- Retry failed batches (argo-retry style): back to pending with fresh attempts; completed
 -- batches are kept.
 UPDATE wave_batches
-SET status = 'pending', attempts = 0,
+SET status = 'pending', attempts = 0, retry_after = NULL,
     last_error = 'requeued by retry-failed; was: ' || coalesce(last_error, ''),
     updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND status = 'failed'

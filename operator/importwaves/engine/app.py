@@ -25,6 +25,7 @@ from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
+from importwaves.engine.model import JobStatus
 from importwaves.engine.recovery import Recovery, RecoveryReport
 from importwaves.engine.workers import (
     DEFAULT_GRACE,
@@ -120,43 +121,128 @@ class Engine:
         self.close()
 
     # -- jobs ----------------------------------------------------------------------------------
-    def submit(self, job_id: str, spec: ImportSpec, target: LaunchTarget | None = None) -> bool:
+    def submit(
+        self,
+        job_id: str,
+        spec: ImportSpec,
+        target: LaunchTarget | None = None,
+        *,
+        source: tuple[str, int] | None = None,
+    ) -> bool:
         """Register a job (idempotent) and make it planned; True when it was new. A changed spec
-        for an existing job is applied if it can be, else SpecChangeRefused says why. `target`:
-        where its workers run, stored with the job (None keeps the stored one)."""
+        for an existing job is applied if it can be, else SpecChangeRefused says why (and the
+        refusal is recorded in the job row until a submitted spec is accepted). `target`: where
+        its workers run, stored with the job (None keeps the stored one).
+
+        `source`: the (uid, generation) of the ImportJob the spec comes from. A submit of an
+        older generation of the same ImportJob than the last one submitted is stale (a reconcile
+        that started before an edit) and changes nothing."""
         if spec.tenant != self.tenant:
             raise ValueError(
                 f"spec.tenant {spec.tenant!r} does not match engine tenant {self.tenant!r}"
             )
         data = spec.model_dump(mode="json")
+        refused: SpecChangeRefused | None = None
+        reopened = False
         with self.pool.connection() as conn, conn.transaction():
             self._require_schema(conn)
             created = (
                 conn.execute(Q("job_insert"), {"job_id": job_id, "spec": Jsonb(data)}).fetchone()
                 is not None
             )
+            if created and source is not None:
+                conn.execute(
+                    Q("job_set_spec_source"),
+                    {"job_id": job_id, "uid": source[0], "generation": source[1]},
+                )
             if not created:
                 loaded = load_job(conn, job_id, lock=True)
                 assert loaded is not None
                 row, old = loaded
-                if old != spec:
-                    problems = spec_change_problems(
-                        old, spec, planned=row["planned_at"] is not None
+                if _stale(row, source):
+                    return False
+                if source is not None:
+                    conn.execute(
+                        Q("job_set_spec_source"),
+                        {"job_id": job_id, "uid": source[0], "generation": source[1]},
                     )
-                    if problems:
-                        raise SpecChangeRefused(problems)
-                    conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})
-                    event(log, "job_spec_updated", job_id=job_id, tenant=self.tenant)
+                problems = (
+                    spec_change_problems(old, spec, planned=row["planned_at"] is not None)
+                    if old != spec
+                    else []
+                )
+                if problems:
+                    # Recorded durably (the job keeps its stored spec): every path that writes
+                    # the ImportJob's status reads the same refusal from the job row.
+                    refused = SpecChangeRefused(problems)
+                    conn.execute(
+                        Q("job_set_refusal"),
+                        {"job_id": job_id, "refusal": str(refused), "refused_spec": Jsonb(data)},
+                    )
+                else:
+                    if old != spec:
+                        conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})
+                        event(log, "job_spec_updated", job_id=job_id, tenant=self.tenant)
+                    if row.get("refusal"):
+                        conn.execute(
+                            Q("job_set_refusal"),
+                            {"job_id": job_id, "refusal": "", "refused_spec": None},
+                        )
+                    if row["status"] == JobStatus.CANCELLED.value:
+                        reopened = self._reopen(conn, job_id)
             if target is not None:
                 self._targets.pop(job_id, None)
                 conn.execute(
                     Q("job_set_launch_target"),
                     {"job_id": job_id, "target": Jsonb(target.to_json())},
                 )
-        if created:
-            event(log, "job_submitted", job_id=job_id, tenant=self.tenant)
+        if refused is not None:
+            raise refused
+        if created or reopened:
+            event(
+                log,
+                "job_reopened" if reopened else "job_submitted",
+                job_id=job_id,
+                tenant=self.tenant,
+            )
             self.flags.set_monitoring(job_id)
         return created
+
+    def _reopen(self, conn: Conn, job_id: str) -> bool:
+        """A cancelled job submitted again: running, and any batch still marked as handed to a
+        worker released (its worker went with the deleted ImportJob)."""
+        if conn.execute(Q("job_reopen"), {"job_id": job_id}).fetchone() is None:
+            return False
+        conn.execute(
+            Q("batches_release"),
+            {"job_id": job_id, "reason": "released: its worker went with the deleted ImportJob"},
+        )
+        return True
+
+    def cancel(self, job_id: str, reason: str) -> list[str] | None:
+        """Cancel a job whose ImportJob was deleted: status `cancelled` (a completed job stays
+        completed), batches handed to workers released to pending with their data kept.
+        Returns the released batch ids, or None when there was nothing to cancel."""
+        with self.pool.connection() as conn, conn.transaction():
+            self._require_schema(conn)
+            was = conn.execute(Q("job_cancel"), {"job_id": job_id, "reason": reason}).fetchone()
+            if was is None:
+                return None
+            rows = conn.execute(
+                Q("batches_release"), {"job_id": job_id, "reason": f"released: {reason}"}
+            ).fetchall()
+        released = [r["batch_id"] for r in rows]
+        self.flags.clear_monitoring(job_id)
+        event(
+            log,
+            "job_cancelled",
+            job_id=job_id,
+            tenant=self.tenant,
+            was=was["was"],
+            released=len(released),
+            reason=reason,
+        )
+        return released
 
     def _require_schema(self, conn: Conn) -> None:
         """Fail with what to do, not with "relation ... does not exist" somewhere later."""
@@ -345,3 +431,10 @@ class Engine:
         """The job's batches that failed for good (newest first), with their recorded errors."""
         with self.pool.connection() as conn:
             return failures.failed_batches(conn, job_id, limit)
+
+
+def _stale(row: dict[str, Any], source: tuple[str, int] | None) -> bool:
+    """A submit from an older generation of the same ImportJob than the last one submitted."""
+    if source is None or row.get("spec_generation") is None:
+        return False
+    return bool(row.get("spec_uid") == source[0] and source[1] < int(row["spec_generation"]))

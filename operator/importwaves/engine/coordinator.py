@@ -104,6 +104,10 @@ class Coordinator:
             if loaded is None:
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
             job, spec = loaded
+            if job["status"] == JobStatus.CANCELLED.value:
+                # Its ImportJob was deleted: nothing moves until it is submitted again (a late
+                # completion or a timer must not reopen it and dispatch for nobody).
+                return RunResult(job_id, Outcome.CANCELLED, job["status_reason"] or "cancelled")
             verdict = plan(conn, job_id, spec, self.tenant) if job["planned_at"] is None else None
             if verdict is not None and not verdict.ok:
                 # Not planned: the job stays unplanned and `invalid`; every run counts the

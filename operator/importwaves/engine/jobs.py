@@ -9,6 +9,7 @@ MUTABLE_FIELDS = frozenset(
     {
         "parallelism",
         "retries",
+        "retryBackoff",
         "staleAfterSeconds",
         "claimTimeoutSeconds",
         "suspend",

@@ -135,6 +135,7 @@ class BatchCompletedListener:
                     "batch_id": batch_id,
                     "dispatch_seq": dispatch_seq,
                     "max_attempts": loaded.spec.max_attempts,
+                    **loaded.spec.backoff_params,
                     "error": error[:4000],
                 },
             ).fetchone()

@@ -17,6 +17,8 @@ class JobStatus(StrEnum):
     SUSPENDED = "suspended"
     #: planning refused (no staging rows, or rows no batch can cover); re-tried every run
     INVALID = "invalid"
+    #: its ImportJob was deleted: batches released, nothing dispatched until submitted again
+    CANCELLED = "cancelled"
 
 
 class Outcome(StrEnum):
@@ -31,6 +33,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
     SUSPENDED = "suspended"
     INVALID = "invalid"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

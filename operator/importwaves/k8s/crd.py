@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from importwaves.k8s.status import ImportJobStatus
 from importwaves.launch.kubejobs import GROUP, KIND, VERSION
 from importwaves.spec import ImportSpec
 
@@ -131,6 +132,19 @@ CEL_RULES: list[dict[str, str]] = [
         "fieldPath": ".importId",
     },
     {
+        "rule": "self.recordTypes == oldSelf.recordTypes",
+        "message": "recordTypes is immutable: the import's waves and batches were planned from "
+        "it; create a new ImportJob for another plan",
+        "fieldPath": ".recordTypes",
+    },
+    {
+        "rule": "has(self.derivedTypes) == has(oldSelf.derivedTypes) && "
+        "(!has(self.derivedTypes) || self.derivedTypes == oldSelf.derivedTypes)",
+        "message": "derivedTypes is immutable: the import's waves and batches were planned from "
+        "it; create a new ImportJob for another plan",
+        "fieldPath": ".derivedTypes",
+    },
+    {
         "rule": "self.tenant == oldSelf.tenant",
         "message": "tenant is immutable: create a new ImportJob for another tenant",
         "messageExpression": "'tenant is immutable (was ' + oldSelf.tenant + ', now ' + "
@@ -157,6 +171,16 @@ CEL_RULES: list[dict[str, str]] = [
         "operator sets them on worker pods'.format([self.worker.env.filter(e, has(e.name) && "
         "e.name.startsWith('IMPORTWAVES_'))[0].name])",
         "fieldPath": ".worker.env",
+    },
+    {
+        "rule": "!has(self.retryBackoff) || !has(self.retryBackoff.baseSeconds) || "
+        "!has(self.retryBackoff.capSeconds) || "
+        "self.retryBackoff.capSeconds >= self.retryBackoff.baseSeconds",
+        "message": "retryBackoff: capSeconds must be at least baseSeconds",
+        "messageExpression": "'retryBackoff: capSeconds (%s) must be at least baseSeconds "
+        "(%s)'.format([string(self.retryBackoff.capSeconds), "
+        "string(self.retryBackoff.baseSeconds)])",
+        "fieldPath": ".retryBackoff",
     },
     {
         "rule": "self.database == oldSelf.database",
@@ -209,7 +233,9 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
             if len(options) != 1:
                 raise ValueError(f"cannot express anyOf {options} structurally")
             inner = conv(options[0])
-            inner.update({k: v for k, v in node.items() if k in ("description", "default")})
+            inner.update(
+                {k: v for k, v in node.items() if k in ("description", "default", "format")}
+            )
             inner["nullable"] = True
             if inner.get("default") is None:
                 inner.pop("default", None)
@@ -253,110 +279,31 @@ def spec_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    cond = {
-        "type": "object",
-        "required": ["type", "status", "reason", "message", "lastTransitionTime"],
-        "properties": {
-            "type": {"type": "string", "description": "Condition type (PascalCase)."},
-            "status": {
-                "type": "string",
-                "enum": ["True", "False", "Unknown"],
-                "description": "True, False or Unknown.",
-            },
-            "reason": {"type": "string", "description": "One CamelCase word."},
-            "message": {"type": "string", "description": "A sentence for humans."},
-            "lastTransitionTime": {
-                "type": "string",
-                "format": "date-time",
-                "description": "When status last changed.",
-            },
-            "observedGeneration": {
-                "type": "integer",
-                "format": "int64",
-                "description": "The spec generation this was computed for.",
-            },
-        },
-    }
-    counter = {
-        "type": "object",
-        "properties": {
-            "done": {"type": "integer", "description": "Completed."},
-            "total": {"type": "integer", "description": "All."},
-        },
-    }
-    return {
-        "type": "object",
-        "description": "Observed state, computed from the tenant database.",
-        "x-kubernetes-preserve-unknown-fields": True,
-        "properties": {
-            "summary": {
-                "type": "string",
-                "description": "One word: Pending, Running, "
-                "DerivedPending, Completed, Failed, Suspended, Invalid, Blocked.",
-            },
-            "jobId": {
-                "type": "string",
-                "description": "The engine's job id in the tenant "
-                "database (for `importwaves status`).",
-            },
-            "observedGeneration": {
-                "type": "integer",
-                "format": "int64",
-                "description": "Last spec generation reconciled.",
-            },
-            "conditions": {
-                "type": "array",
-                "items": cond,
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-                "description": "Kubernetes-style conditions.",
-            },
-            "waves": {**counter, "description": "Waves completed / total."},
-            "batches": {**counter, "description": "Batches completed / total."},
-            "wavesText": {"type": "string", "description": "waves done/total"},
-            "batchesText": {"type": "string", "description": "batches done/total"},
-            "derivedPending": {
-                "type": "integer",
-                "description": "Derived (-13) batches pending or active.",
-            },
-            "failedBatches": {"type": "integer", "description": "Batches out of attempts."},
-            "activeBatches": {"type": "integer", "description": "Batches handed to workers."},
-            "lastDispatchLagSeconds": {
-                "type": "number",
-                "description": "Most recent wave dispatch lag.",
-            },
-            "rows": {
-                "type": "object",
-                "description": "Rows per record type (by name): staged at planning, imported "
-                "(recorded by the workers that completed the batches) and skipped "
-                "(uncoveredRows: Skip).",
-                "additionalProperties": {
-                    "type": "object",
-                    "properties": {
-                        "staged": {"type": "integer", "format": "int64", "description": "Staged."},
-                        "imported": {
-                            "type": "integer",
-                            "format": "int64",
-                            "description": "Imported.",
-                        },
-                        "skipped": {
-                            "type": "integer",
-                            "format": "int64",
-                            "description": "Skipped.",
-                        },
-                    },
-                },
-            },
-            "handledReconcile": {
-                "type": "string",
-                "description": "Last handled value of the importwaves.io/reconcile annotation.",
-            },
-            "handledRetryFailed": {
-                "type": "string",
-                "description": "Last handled value of the importwaves.io/retry-failed annotation.",
-            },
-        },
-    }
+    """The status schema, generated from the status model (k8s/status.py ImportJobStatus)."""
+    schema = structural(ImportJobStatus.model_json_schema(mode="serialization"))
+    schema["description"] = "Observed state, computed from the tenant database and the spec."
+    # kept: statuses written by earlier operator versions may hold fields no longer modelled
+    schema["x-kubernetes-preserve-unknown-fields"] = True
+    return schema
+
+
+#: `kubectl get importjobs` columns; priority 1 only with `-o wide`.
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Completed")].status',
+        "description": "The Completed condition: every staged row imported.",
+    },
+    {"name": "Status", "type": "string", "jsonPath": ".status.summary"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+    {"name": "Active", "type": "integer", "jsonPath": ".status.activeBatches"},
+    {"name": "Failed", "type": "integer", "jsonPath": ".status.failedBatches"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+    {"name": "Started", "type": "date", "jsonPath": ".status.startTime", "priority": 1},
+    {"name": "Duration", "type": "string", "jsonPath": ".status.duration", "priority": 1},
+]
 
 
 def build_crd() -> dict[str, Any]:
@@ -380,17 +327,7 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Status", "type": "string", "jsonPath": ".status.summary"},
-                        {"name": "Waves", "type": "string", "jsonPath": ".status.wavesText"},
-                        {"name": "Batches", "type": "string", "jsonPath": ".status.batchesText"},
-                        {
-                            "name": "Derived-Pending",
-                            "type": "integer",
-                            "jsonPath": ".status.derivedPending",
-                        },
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",

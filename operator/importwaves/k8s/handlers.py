@@ -6,6 +6,7 @@ The work lives in k8s/operator.py (ImportJobOperator); decisions live in the eng
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, cast
 
 import kopf
@@ -13,14 +14,19 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from importwaves import metrics
+from importwaves.k8s.blocked import BlockedRetry
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
+from importwaves.k8s.events import ObjectRef
 from importwaves.k8s.jobs import LABEL_OWNER_UID, needs_polling
 from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
+from importwaves.log import event
 from importwaves.settings import Settings
 
 log = logging.getLogger("importwaves.handlers")
 
 SETTINGS = Settings()
+#: back-off of blocked ImportJobs (timer retries), per (namespace, name)
+BLOCKED = BlockedRetry(base=2.0, cap=SETTINGS.max_backoff)
 
 #: The finalizer the operator keeps on each ImportJob (kopf's `settings.persistence.finalizer`).
 FINALIZER = f"{GROUP}/finalizer"
@@ -60,7 +66,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.INFO
+    # One reporting component: every Event goes through the operator's own poster (component
+    # importwaves, repeats aggregated: k8s/events.py); kopf posts none of its own.
+    settings.posting.enabled = False
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -103,6 +111,8 @@ def _unfinished(body: kopf.Body, **_: Any) -> bool:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False, when=_unfinished)
 def tick(body: kopf.Body, **_: Any) -> None:
+    if not BLOCKED.due(_key(body), time.monotonic()):
+        return  # blocked: retried after its back-off, not on every tick
     _apply(body, _reconcile(body, "timer"), 0)
 
 
@@ -115,13 +125,15 @@ def worker_job(body: kopf.Body, type: str | None, **_: Any) -> None:
     nudged = _op().on_worker_job(dict(body))
     if nudged is not None:
         owner, events = nudged
-        for e in events:
-            kopf.event(
-                kopf.Body(cast(kopf.RawBody, owner)),
-                type=e.type,
-                reason=e.reason,
-                message=e.message,
-            )
+        meta = owner.get("metadata") or {}
+        _op().post_events(
+            ObjectRef(
+                str(meta.get("namespace") or ""),
+                str(meta.get("name") or ""),
+                str(meta.get("uid") or ""),
+            ),
+            events,
+        )
 
 
 def _has_legacy_finalizer(body: kopf.Body, **_: Any) -> bool:
@@ -177,11 +189,42 @@ def _reconcile(body: kopf.Body, cause: str) -> ReconcileResult:
     )
 
 
+def _key(body: kopf.Body) -> tuple[str, str]:
+    return (body.metadata.namespace or "", body.metadata.name or "")
+
+
 def _apply(body: kopf.Body, result: ReconcileResult, retry: int) -> None:
-    # Status was written by the operator itself under an optimistic lock (write_status); here
-    # only the Events are posted and a blocked ImportJob is retried with back-off.
-    for e in result.events:
-        kopf.event(body, type=e.type, reason=e.reason, message=e.message)
+    """Status was written by the operator itself under an optimistic lock (write_status); here
+    the Events are posted, and a blocked ImportJob (database or Secret problem) is given a
+    back-off: the timer retries it when due, and the problem is logged at warning level once
+    per change (kopf's TemporaryError logged an error on every retry)."""
+    meta = body.metadata
+    _op().post_events(
+        ObjectRef(meta.namespace or "", meta.name or "", meta.uid or ""), result.events
+    )
+    key = _key(body)
     if result.problem is not None and not result.problem.is_spec:
-        delay = min(SETTINGS.max_backoff, 2.0 ** min(retry + 1, 6))
-        raise kopf.TemporaryError(result.problem.message, delay=delay)
+        verdict = BLOCKED.failed(key, result.problem.message, time.monotonic())
+        if verdict.changed:
+            event(
+                log,
+                "importjob_blocked",
+                logging.WARNING,
+                namespace=key[0],
+                importjob=key[1],
+                reason=result.problem.kind.value,
+                problem=result.problem.message,
+                next_try_in=verdict.delay,
+            )
+        else:
+            event(
+                log,
+                "importjob_blocked_retry",
+                namespace=key[0],
+                importjob=key[1],
+                reason=result.problem.kind.value,
+                attempt=verdict.attempt,
+                next_try_in=verdict.delay,
+            )
+    elif BLOCKED.ok(key) is not None:
+        event(log, "importjob_unblocked", namespace=key[0], importjob=key[1])

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import psycopg
@@ -41,7 +40,8 @@ from importwaves.engine.model import Outcome
 from importwaves.engine.notify import HUBS, Completion, Registration, fingerprint
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
-from importwaves.k8s.crd import GROUP, KIND, PLURAL, VERSION, DatabaseRef, ImportJobSpec
+from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
+from importwaves.k8s.events import EventPoster, KubeEvent, ObjectRef
 from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner
 from importwaves.k8s.status import (
     JobView,
@@ -64,13 +64,6 @@ log = logging.getLogger("importwaves.operator")
 REMEMBERED = 4096
 #: Failed batches a run looks at for BatchFailed Events (the newest first).
 MAX_FAILURE_EVENTS = 20
-
-
-@dataclass
-class KubeEvent:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
 
 
 @dataclass
@@ -179,7 +172,12 @@ class ImportJobOperator:
             return self._done(namespace, name, None, exc.problem, events)
         source = _source(namespace, ij.database)
         try:
-            engine.submit(job_id, ij.engine_spec(), target=launch_target(namespace, name, uid, ij))
+            engine.submit(
+                job_id,
+                ij.engine_spec(),
+                target=launch_target(namespace, name, uid, ij),
+                source=(uid, generation),
+            )
         except SpecChangeRefused as exc:
             problem = Problem(ProblemKind.SPEC_CHANGE_REFUSED, str(exc))
         except psycopg.OperationalError as exc:
@@ -191,7 +189,7 @@ class ImportJobOperator:
             if rec and rec != old.get("handledReconcile"):
                 report = engine.sweep(job_id, cause="reconcile")
                 events.append(
-                    KubeEvent("Normal", "ManualReconcile", "; ".join(report.actions)[:1000])
+                    KubeEvent("Normal", "ManualReconcile", reconcile_message(report.actions))
                 )
                 new_fields["handledReconcile"] = rec
             retry = annotations.get(ANN_RETRY_FAILED)
@@ -288,6 +286,9 @@ class ImportJobOperator:
                 if exc.status == 404:
                     return None
                 raise
+            self.post_events(
+                ObjectRef(namespace, name, str(meta.get("uid") or "")), finish_events(old, new)
+            )
             return old, new
         event(
             log,
@@ -316,6 +317,7 @@ class ImportJobOperator:
             "failed": Outcome.FAILED,
             "suspended": Outcome.SUSPENDED,
             "invalid": Outcome.INVALID,
+            "cancelled": Outcome.CANCELLED,
         }.get(job["status"], Outcome.IN_PROGRESS)
         return JobView(
             job_id,
@@ -326,6 +328,9 @@ class ImportJobOperator:
             tuple(f"{r['batch_id']}: {r['last_error'] or 'no error recorded'}" for r in failed),
             job.get("status_code") or "",
             job.get("staging_report"),
+            refusal=job.get("refusal") or "",
+            finished_at=job.get("completed_at")
+            or (job.get("updated_at") if job["status"] == "failed" else None),
         )
 
     # -- workers ---------------------------------------------------------------------------------
@@ -390,15 +395,41 @@ class ImportJobOperator:
         return obj, events
 
     def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
-        """Drop the Redis keys of a deleted ImportJob (its tenant data stays) and its engine
-        when no other ImportJob uses it."""
-        self.release(namespace, name)
+        """A deleted ImportJob: cancel its database job (status `cancelled`, its dispatched and
+        processing batches released to pending, data kept: re-applying the ImportJob reopens
+        and resumes it), drop its Redis keys, and its engine when no other ImportJob uses it.
+        A database or Secret problem is logged and never holds up the deletion."""
         try:
             ij = ImportJobSpec.model_validate(spec)
         except ValidationError:
+            self.release(namespace, name)
             return
+        job_id = ij.job_id(namespace, name)
+        try:
+            engine = self.engine_for(namespace, ij.database, ij.tenant)
+            released = engine.cancel(job_id, f"its ImportJob {namespace}/{name} was deleted")
+            if released is not None:
+                event(
+                    log,
+                    "importjob_deleted_job_cancelled",
+                    namespace=namespace,
+                    importjob=name,
+                    job_id=job_id,
+                    released=len(released),
+                )
+        except (ProblemError, psycopg.Error, RuntimeError) as exc:  # RuntimeError: SchemaNotReady
+            event(
+                log,
+                "importjob_deleted_job_not_cancelled",
+                logging.WARNING,
+                namespace=namespace,
+                importjob=name,
+                job_id=job_id,
+                error=exc.problem.message if isinstance(exc, ProblemError) else type(exc).__name__,
+            )
+        self.release(namespace, name)
         if self.settings.redis_url:
-            Flags(self.settings.redis_url, ij.tenant).forget_job(ij.job_id(namespace, name))
+            Flags(self.settings.redis_url, ij.tenant).forget_job(job_id)
 
     # -- tenants -------------------------------------------------------------------------------
     def read_dsn(self, namespace: str, ref: DatabaseRef) -> str:
@@ -612,43 +643,22 @@ class ImportJobOperator:
             out.append(e)
         return out
 
-    def post_events(self, owner: LaunchTarget, events: list[KubeEvent]) -> None:
-        """Post Events about an ImportJob (the owner of a LaunchTarget) from outside a kopf
-        handler (core/v1 Events)."""
-        now = datetime.now(UTC)
-        for e in events:
-            body = {
-                "metadata": {
-                    "generateName": f"{owner.owner_name[:200]}.",
-                    "namespace": owner.namespace,
-                },
-                "involvedObject": {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": KIND,
-                    "name": owner.owner_name,
-                    "namespace": owner.namespace,
-                    "uid": owner.owner_uid,
-                },
-                "type": e.type,
-                "reason": e.reason,
-                "message": e.message[:1000],
-                "source": {"component": "importwaves"},
-                "reportingComponent": "importwaves",
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-            }
-            try:
-                self.core.create_namespaced_event(owner.namespace, body)  # type: ignore[arg-type]
-            except ApiException as exc:
-                event(
-                    log,
-                    "event_post_failed",
-                    logging.WARNING,
-                    importjob=owner.owner_name,
-                    status=exc.status,
-                    reason=e.reason,
-                )
+    @functools.cached_property
+    def poster(self) -> EventPoster:
+        """The one Event poster (component importwaves, repeats aggregated: k8s/events.py)."""
+        return EventPoster(self.core)
+
+    def post_events(self, owner: LaunchTarget | ObjectRef, events: list[KubeEvent]) -> None:
+        """Post Events about an ImportJob (every path: kopf handlers, Job events, prompts);
+        `owner`: the ImportJob, or a launch target naming it."""
+        if not events:
+            return
+        ref = (
+            owner
+            if isinstance(owner, ObjectRef)
+            else ObjectRef(owner.namespace, owner.owner_name, owner.owner_uid)
+        )
+        self.poster.post(ref, events)
 
 
 def _source(namespace: str, ref: DatabaseRef) -> str:
@@ -668,6 +678,21 @@ def _sql_error(exc: psycopg.Error, dsn: str) -> str:
     return redact.scrub(f"{type(exc).__name__}: {text}", dsn)
 
 
+def reconcile_message(actions: list[str]) -> str:
+    """The ManualReconcile Event's message: one action per line (an action may itself contain
+    "; ", so `importwaves reconcile --importjob` splits on newlines); cut at whole lines."""
+    out: list[str] = []
+    size = 0
+    for a in actions or ["nothing to do"]:
+        line = " ".join(a.split())  # an action's own newlines would split it
+        if size + len(line) + 1 > 950:
+            out.append(f"... {len(actions) - len(out)} more action(s)")
+            break
+        out.append(line)
+        size += len(line) + 1
+    return "\n".join(out)
+
+
 def _recovery_events(actions: list[str]) -> list[KubeEvent]:
     return [KubeEvent("Warning", "RecoveryAction", a[:1000]) for a in actions]
 
@@ -680,7 +705,11 @@ def _run_events(result: RunResult, old_summary: str | None) -> list[KubeEvent]:
             by_wave[b.wave_number] = by_wave.get(b.wave_number, 0) + 1
     for wave, n in sorted(by_wave.items()):
         out.append(
-            KubeEvent("Normal", "WaveDispatched", f"dispatched {n} batch(es) of wave {wave}")
+            KubeEvent(
+                "Normal",
+                "WaveDispatched",
+                f"dispatched {n} batch(es) of wave {wave}{_wave_label(result, wave)}",
+            )
         )
     guard = result.decision.guard if result.decision else None
     if (
@@ -700,6 +729,37 @@ def _run_events(result: RunResult, old_summary: str | None) -> list[KubeEvent]:
             )
         )
     return out
+
+
+def _wave_label(result: RunResult, wave_number: int) -> str:
+    """ " (SalesOrder)": the wave's record type (and "derived" for a derived wave)."""
+    if result.snapshot is None:
+        return ""
+    try:
+        w = result.snapshot.wave(wave_number)
+    except KeyError:
+        return ""
+    return f" ({w.name}, derived)" if w.is_derived else f" ({w.name})"
+
+
+def finish_events(old: dict[str, Any], new: dict[str, Any]) -> list[KubeEvent]:
+    """ImportCompleted / ImportFailed for the status write that made the summary say so (one
+    writer wins each transition: write_status patches under the object's resourceVersion)."""
+    before, after = old.get("summary"), new.get("summary")
+    if before == after or after not in ("Completed", "Failed"):
+        return []
+    if after == "Completed":
+        rows = new.get("rowsImported")
+        return [
+            KubeEvent(
+                "Normal",
+                "ImportCompleted",
+                "import completed: every batch of every wave completed"
+                + (f", {rows:,} row(s) imported" if rows is not None else "")
+                + (f" in {new['duration']}" if new.get("duration") else ""),
+            )
+        ]
+    return [KubeEvent("Warning", "ImportFailed", f"import failed: {new.get('message') or ''}")]
 
 
 def _starts_wave(result: RunResult, wave_number: int) -> bool:

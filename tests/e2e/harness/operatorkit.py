@@ -44,8 +44,14 @@ class OperatorProcess:
     """`importwaves run --standalone --namespace NS` with its output in `log_path`."""
 
     def __init__(
-        self, cluster: Cluster, namespaces: list[str], log_path: Path, env: dict[str, str]
+        self,
+        cluster: Cluster,
+        namespaces: list[str],
+        log_path: Path,
+        env: dict[str, str],
+        standalone: bool = True,
     ) -> None:
+        self.standalone = standalone
         self.cluster = cluster
         self.namespaces = namespaces
         self.log_path = log_path
@@ -66,7 +72,7 @@ class OperatorProcess:
             **self.extra_env,
         }
         env.pop("IMPORTWAVES_REDIS_URL", None)
-        args = [str(IMPORTWAVES), "run", "--standalone"]
+        args = [str(IMPORTWAVES), "run"] + (["--standalone"] if self.standalone else [])
         for ns in self.namespaces:
             args += ["--namespace", ns]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
