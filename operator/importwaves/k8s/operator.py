@@ -622,8 +622,18 @@ class ImportJobOperator:
             target = engine.launch_target(c.job_id)
         except psycopg.Error:
             return  # the level-based paths (Job events, the timer) retry
-        if target.kind == "kubernetes":
-            self.post_events(target, self._events_for(result, None))
+        if target.kind != "kubernetes":
+            return
+        events = self._events_for(result, None)
+        self.post_events(target, events)
+        changed = result.decision is not None and result.decision.job_status is not None
+        if events or changed:
+            # a wave started or the job's status changed (Completed the moment it is recorded,
+            # not at the next timer tick): the same one status, written by this path too
+            with contextlib.suppress(psycopg.Error, ApiException):
+                ns, name = target.namespace, target.owner_name
+                written = self.write_status(ns, name, view_of=lambda: self.view(engine, c.job_id))
+                self._settle(ns, name, written[1].get("summary") if written else "Deleted")
 
     def _events_for(self, result: RunResult, old_summary: str | None) -> list[KubeEvent]:
         """The Events an engine run calls for, whichever path ran it (a reconcile, a Job event,
