@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,11 +245,20 @@ class PooledWorker:
         key = {"job_id": s.job_id, "batch_id": got["batch_id"], "dispatch_seq": got["dispatch_seq"]}
         self.stats.batches.append(got["batch_id"])
         max_attempts = int(spec.get("retries", 3)) + 1
-        beat.hold(key)  # touches the batch once the command claimed it (it may not heartbeat)
+        # The beat touches the batch once the command claimed it (it may not heartbeat) and
+        # watches its fencing token: a command still running when its dispatch was requeued
+        # (a hang before its claim, a stale heartbeat) is stopped, as a fenced-out worker.
+        beat.every = beat_interval(spec)
+        fenced = threading.Event()
+        beat.hold(key, on_fenced=fenced.set)
         try:
-            code, err = run_command(s.command, s, got["batch_id"], got["dispatch_seq"])
+            code, err = run_command(
+                s.command, s, got["batch_id"], got["dispatch_seq"], fenced=fenced
+            )
         finally:
             beat.release()
+        if fenced.is_set():
+            code = EXIT_FENCED
         if code == EXIT_FENCED:
             self.stats.fenced += 1
         elif code == EXIT_OK:
@@ -301,11 +310,22 @@ class PooledWorker:
         return row is not None
 
 
+def beat_interval(spec: dict[str, Any]) -> float:
+    """Seconds between heartbeats (and fencing checks): a fifth of staleAfterSeconds, 0.5..10."""
+    return max(0.5, min(10.0, float(spec.get("staleAfterSeconds", 300)) / 5))
+
+
 def run_command(
-    command: Sequence[str], s: PoolSettings, batch_id: str, dispatch_seq: int
+    command: Sequence[str],
+    s: PoolSettings,
+    batch_id: str,
+    dispatch_seq: int,
+    *,
+    fenced: threading.Event | None = None,
 ) -> tuple[int | None, str]:
     """Run a custom worker command for one batch with the per-batch env; its exit code (None:
-    it could not start) and its stderr tail, redacted."""
+    it could not start) and its stderr tail, redacted. Killed once `fenced` is set (its
+    dispatch was requeued: whatever it does now cannot be recorded)."""
     env = {
         **os.environ,
         ENV["dsn"]: s.dsn,
@@ -317,7 +337,7 @@ def run_command(
     }
     env.pop(ENV_POOL["command"], None)
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             list(command),
             env=env,
             stdin=subprocess.DEVNULL,
@@ -325,11 +345,18 @@ def run_command(
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            check=False,
         )
     except OSError as exc:
         return None, redact.scrub(f"{type(exc).__name__}: {exc}", s.dsn)
-    tail = (proc.stderr or "").strip()[-MAX_TAIL:]
+    err = ""
+    while True:
+        try:
+            _, err = proc.communicate(timeout=0.25)
+            break
+        except subprocess.TimeoutExpired:
+            if fenced is not None and fenced.is_set():
+                proc.kill()
+    tail = (err or "").strip()[-MAX_TAIL:]
     return proc.returncode, redact.scrub(tail, s.dsn)
 
 
@@ -340,6 +367,7 @@ class _Beat:
         self.s, self.opts = s, opts
         self.every = 10.0
         self._key: dict[str, Any] | None = None
+        self._on_fenced: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -348,13 +376,17 @@ class _Beat:
     def start(self) -> None:
         self._thread.start()
 
-    def hold(self, key: dict[str, Any]) -> None:
+    def hold(self, key: dict[str, Any], on_fenced: Callable[[], None] | None = None) -> None:
+        """Beat for this dispatch; `on_fenced`: called once when the batch no longer belongs
+        to it (dispatched again under a newer token, or requeued)."""
         with self._lock:
             self._key = dict(key)
+            self._on_fenced = on_fenced
 
     def release(self) -> None:
         with self._lock:
             self._key = None
+            self._on_fenced = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -369,18 +401,33 @@ class _Beat:
             if self._stop.is_set():
                 break
             with self._lock:
-                key = self._key
+                key, on_fenced = self._key, self._on_fenced
             if key is None:
                 continue
             try:
                 conn = conn or connect(self.s.dsn, self.s.tenant, autocommit=True, opts=self.opts)
                 conn.execute(Q("batch_heartbeat"), key)
+                if on_fenced is not None and _fenced_out(conn, key):
+                    with self._lock:
+                        if self._key == key:
+                            self._on_fenced = None
+                    on_fenced()
             except psycopg.Error:
                 if conn is not None:
                     conn.close()
                 conn = None  # try again next beat; staleness is the engine's call
         if conn is not None:
             conn.close()
+
+
+def _fenced_out(conn: Conn, key: dict[str, Any]) -> bool:
+    """The batch no longer belongs to this dispatch: gone, or dispatched again under a newer
+    token (a requeue alone is not enough: the command may have just recorded its own failed
+    attempt, and its last words belong in this worker's log)."""
+    row = conn.execute(
+        Q("batch_get"), {"job_id": key["job_id"], "batch_id": key["batch_id"]}
+    ).fetchone()
+    return row is None or int(row["dispatch_seq"]) != int(key["dispatch_seq"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-import pytest
-
 from importwaves.k8s.crd import ImportJobSpec
 from importwaves.verify import verify_import
 
@@ -111,13 +109,6 @@ def test_operator_killed_mid_import_and_restarted(
         assert op.starts == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pooled worker (i12-pool): a custom command that hangs on a dispatch that was then "
-    "requeued is not stopped when its fencing token moves on, so the wave's only worker waits "
-    "for it (300 s here) and the new dispatch is not run; with one Job per batch the fenced-out "
-    "Job was deleted",
-)
 def test_unclaimed_dispatch_is_requeued_and_its_worker_fenced_out(
     k8s_cluster: Cluster,
     namespace: str,

@@ -289,6 +289,49 @@ def test_custom_command_exit_3_is_fenced_and_records_nothing(engine, dsn, tenant
     assert sync.lost == []
 
 
+def test_a_hung_custom_command_is_stopped_once_its_dispatch_moves_on(
+    engine, dsn, tenant, tmp_path
+) -> None:
+    """A command that hangs before claiming: once its dispatch is requeued and dispatched again
+    (a newer fencing token), the pooled worker's beat stops it as fenced out, and the worker
+    goes on with the new dispatch instead of waiting on it."""
+    bid = _one_batch_job(engine)
+    started = tmp_path / "started"
+    hang_first = (
+        "import os, sys, time\n"
+        f"open({str(started)!r} + os.environ['IMPORTWAVES_DISPATCH_SEQ'], 'w').close()\n"
+        "if os.environ['IMPORTWAVES_DISPATCH_SEQ'] == '1':\n"
+        "    time.sleep(300)\n"
+        "sys.exit(3)\n"
+    )
+    w = PooledWorker(
+        PoolSettings(
+            dsn,
+            tenant,
+            "job",
+            "pool:9",
+            idle_seconds=0.3,
+            command=(sys.executable, "-c", hang_first),
+        )
+    )
+    t = threading.Thread(target=w.run)
+    t.start()
+    wait_until((tmp_path / "started1").exists, timeout=30, what="the command to start")
+    with tenant_conn(dsn, tenant) as conn:  # recovery's requeue, then the next dispatch
+        conn.execute(
+            "UPDATE wave_batches SET status = 'dispatched', dispatch_seq = dispatch_seq + 1, "
+            "worker_id = NULL WHERE batch_id = %s",
+            (bid,),
+        )
+    t.join(60)
+    assert not t.is_alive(), "the worker still waits on its fenced-out command"
+    # the hung command was stopped (fenced); the new dispatch ran (and said fenced: exit 3)
+    assert (tmp_path / "started2").exists()
+    assert (w.stats.fenced, w.stats.failed, w.stats.completed) == (2, 0, 0)
+    row = _row(dsn, tenant, bid)
+    assert (row["status"], row["dispatch_seq"], row["attempts"]) == ("dispatched", 2, 0)
+
+
 def test_local_runner_with_a_custom_command_completes_the_import(engines, dsn, tenant) -> None:
     """The custom command is the reference worker itself: run per batch by pooled workers."""
     launcher = LocalLauncher(dsn, command=[sys.executable, "-m", "importwaves.worker"])
