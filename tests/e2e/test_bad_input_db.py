@@ -69,7 +69,11 @@ def test_database_problems_are_conditions_and_clear_once_fixed(
         conn.execute("ALTER TABLE staging_records ADD COLUMN parent_record_type_id integer")
     wrong = f"postgresql://nobody@127.0.0.1:{pg.port}/postgres"
     create_secret(k8s_cluster, ns, "tenant-db", wrong)
-    body = importjob(name, ns, t.name, **chaos_spec(hold=0.0, derived_size=500))
+    # claimTimeoutSeconds: the wave's pooled worker pods may take longer than the spec's 5 s
+    # staleAfterSeconds to start on a loaded machine (an unclaimed dispatch counts an attempt)
+    body = importjob(
+        name, ns, t.name, **{**chaos_spec(hold=0.0, derived_size=500), "claimTimeoutSeconds": 90}
+    )
     op = operator(ns)
     h = harness(ns, [op], [t])
     try:
