@@ -19,6 +19,8 @@ already done by the time the event is emitted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from psycopg_pool import ConnectionPool
 
@@ -34,14 +36,11 @@ from importwaves.flags import Flags
 from importwaves.launch.base import LaunchFailure
 from importwaves.log import event
 from importwaves.spec import ImportSpec
+from importwaves.worker_pool import EXIT_WITHOUT_COMPLETION
 
 log = logging.getLogger("importwaves.listener")
 
-#: The failed attempt recorded when a worker exits 0 but its dispatch recorded no completion.
-EXIT_WITHOUT_COMPLETION = (
-    "worker exited 0 without recording its completion; see the worker contract (README: a "
-    "worker records its completion and row count itself, in its fenced transaction)"
-)
+__all__ = ["EXIT_WITHOUT_COMPLETION", "BatchCompletedListener", "DerivedWavesCreatedListener"]
 
 
 class BatchCompletedListener:
@@ -82,21 +81,7 @@ class BatchCompletedListener:
     def record_exit_without_completion(self, job_id: str, batch_id: str, dispatch_seq: int) -> bool:
         """The exit-0 check alone: True when this dispatch had recorded no completion (or
         failure) and a failed attempt was counted for it now."""
-        with self.pool.connection() as conn, conn.transaction():
-            loaded = load_job(conn, job_id)
-            if loaded is None:
-                return False
-            spec = loaded.spec
-            row = conn.execute(
-                Q("batch_fail"),
-                {
-                    "job_id": job_id,
-                    "batch_id": batch_id,
-                    "dispatch_seq": dispatch_seq,
-                    "max_attempts": spec.max_attempts,
-                    "error": EXIT_WITHOUT_COMPLETION,
-                },
-            ).fetchone()
+        row = self.fail_attempt(job_id, batch_id, dispatch_seq, EXIT_WITHOUT_COMPLETION)
         if row is None:
             return False
         event(
@@ -113,21 +98,7 @@ class BatchCompletedListener:
 
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
         """A worker failed (or its pod did); counts an attempt unless the worker already did."""
-        with self.pool.connection() as conn, conn.transaction():
-            loaded = load_job(conn, job_id)
-            if loaded is None:
-                return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-            spec = loaded.spec
-            row = conn.execute(
-                Q("batch_fail"),
-                {
-                    "job_id": job_id,
-                    "batch_id": batch_id,
-                    "dispatch_seq": dispatch_seq,
-                    "max_attempts": spec.max_attempts,
-                    "error": error[:4000],
-                },
-            ).fetchone()
+        row = self.fail_attempt(job_id, batch_id, dispatch_seq, error)
         if row is not None:
             event(
                 log,
@@ -142,49 +113,71 @@ class BatchCompletedListener:
         return self.coordinator.check_and_trigger_next_wave(job_id, cause="batch_failed")
 
     def on_launch_failure(self, failure: LaunchFailure) -> None:
+        """A per-batch launch failed (the operator's one-Job-per-batch mode)."""
         b = failure.batch
-        with self.pool.connection() as conn, conn.transaction():
-            loaded = load_job(conn, b.job_id)
-            if loaded is None:
-                return
-            spec = loaded.spec
-            conn.execute(
-                Q("batch_fail"),
-                {
-                    "job_id": b.job_id,
-                    "batch_id": b.batch_id,
-                    "dispatch_seq": b.dispatch_seq,
-                    "max_attempts": spec.max_attempts,
-                    "error": f"launch failed: {failure.error}",
-                },
-            )
+        self.fail_attempt(b.job_id, b.batch_id, b.dispatch_seq, f"launch failed: {failure.error}")
         # The next timer tick or completion re-dispatches; no recursion from inside a launch.
 
+    def fail_attempt(
+        self, job_id: str, batch_id: str, dispatch_seq: int, error: str
+    ) -> dict[str, Any] | None:
+        """THE failure path: count a failed attempt of this dispatch (back to pending, or failed
+        when out of attempts), fenced by its dispatch sequence: a newer dispatch or a recorded
+        result is never touched. The batch row after it, or None when nothing was recorded."""
+        with self.pool.connection() as conn, conn.transaction():
+            loaded = load_job(conn, job_id)
+            if loaded is None:
+                return None
+            row: dict[str, Any] | None = conn.execute(
+                Q("batch_fail"),
+                {
+                    "job_id": job_id,
+                    "batch_id": batch_id,
+                    "dispatch_seq": dispatch_seq,
+                    "max_attempts": loaded.spec.max_attempts,
+                    "error": error[:4000],
+                },
+            ).fetchone()
+        return row
+
     # -- seed A: post-commit derived initialization ---------------------------------------------
-    def _derived_after_parent(self, job_id: str, batch_id: str) -> RunResult:
-        """The coordinator run for a completion, after its commit. For a parent batch, derived
+    def on_completions(self, job_id: str, batch_ids: Sequence[str]) -> RunResult:
+        """Several completion notices of one job at once (a host that found them queued): ONE
+        coordinator run looks at all of them (the run is level-based: it creates the derived
+        batches of every completed parent that lacks them and dispatches what that unblocks),
+        instead of one run per notice waiting behind the others."""
+        return self._derived_after_parent(job_id, *dict.fromkeys(batch_ids))
+
+    def _derived_after_parent(self, job_id: str, *batch_ids: str) -> RunResult:
+        """The coordinator run for completions, after their commit. For a parent batch, derived
         batches are created first in that run's transaction (under the job lock), for it and
         for any other completed parent batch still without them; the run then recomputes parent
         completion from the database and dispatches."""
-        parent = False
-        status: str | None = None  # the batch's, as the run read it (None: no such batch)
+        parent: str | None = None  # the first batch of a parent record type among them
+        completed_parent = False
+        #: the batches' statuses, as the run read them (absent: no such batch)
+        statuses: dict[str, str] = {}
 
         def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
-            nonlocal parent, status
-            batch = conn.execute(
-                Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
-            ).fetchone()
-            if batch is None:
-                return derived.Created()
-            status = batch["status"]
-            parent = batch["record_type_id"] in spec.derived_parent_type_ids()
-            if not parent or batch["status"] != "completed":
+            nonlocal parent, completed_parent
+            parents = spec.derived_parent_type_ids()
+            for batch_id in batch_ids:
+                batch = conn.execute(
+                    Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
+                ).fetchone()
+                if batch is None:
+                    continue
+                statuses[batch_id] = batch["status"]
+                if batch["record_type_id"] in parents:
+                    parent = parent or batch_id
+                    completed_parent = completed_parent or batch["status"] == "completed"
+            if not completed_parent:
                 return derived.Created()
             return derived.create_for_completed_parents(conn, job_id, spec)
 
         def on_commit(result: RunResult) -> None:
             snap = result.snapshot
-            if not parent or snap is None:
+            if parent is None or snap is None:
                 return
             # Parent completion as the run recomputed it from the DB, after the commit above.
             open_gates = [g for g in snap.gates if g.open]
@@ -197,7 +190,7 @@ class BatchCompletedListener:
                 "derived_initialized",
                 job_id=job_id,
                 tenant=self.tenant,
-                parent_batch_id=batch_id,
+                parent_batch_id=parent,
                 parent_completion_percent=round(min(g.percent for g in open_gates), 2),
                 threshold=min(g.threshold for g in open_gates),
                 created_batches=result.derived_created,
@@ -211,21 +204,22 @@ class BatchCompletedListener:
             on_commit=on_commit,
             source="listener",
         )
-        if status is None:
+        if not statuses:
             if result.outcome == Outcome.NOT_FOUND:
                 return result
-            return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
-        if status == "completed":
-            # counted once the run that read the batch has committed
-            metrics.COMPLETIONS.labels(self.tenant).inc()
-        event(
-            log,
-            "batch_completed" if status == "completed" else "batch_notice_not_completed",
-            logging.DEBUG,
-            job_id=job_id,
-            batch_id=batch_id,
-            status=status,
-        )
+            return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {', '.join(batch_ids)}")
+        for batch_id, status in statuses.items():
+            if status == "completed":
+                # counted once the run that read the batch has committed
+                metrics.COMPLETIONS.labels(self.tenant).inc()
+            event(
+                log,
+                "batch_completed" if status == "completed" else "batch_notice_not_completed",
+                logging.DEBUG,
+                job_id=job_id,
+                batch_id=batch_id,
+                status=status,
+            )
         return result
 
 
