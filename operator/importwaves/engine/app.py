@@ -18,6 +18,7 @@ from importwaves.db import migrate
 from importwaves.db.connect import Conn, make_pool
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
+from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job, spec_of
@@ -79,6 +80,7 @@ class Engine:
         flag_ttl: int = DEFAULT_TTL,
         opts: ConnOptions | None = None,
         worker_grace: float | None = None,
+        capacity: CapacityKeeper | None = None,
     ) -> None:
         self.tenant = tenant
         self.dsn = dsn
@@ -94,6 +96,8 @@ class Engine:
         self.on_dispatch: Any = None
         self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus)
         self.coordinator.on_dispatched = self._dispatched
+        #: the batch slots shared with every other import of this process (issue 16)
+        self.coordinator.capacity = capacity
         #: launch targets read by sync_workers (a job's target changes only at submit)
         self._targets: dict[str, LaunchTarget] = {}
         self.listener = BatchCompletedListener(
