@@ -15,8 +15,9 @@ from psycopg.types.json import Jsonb
 
 from importwaves import metrics
 from importwaves.db import migrate
-from importwaves.db.connect import Conn, make_pool
+from importwaves.db.connect import Conn
 from importwaves.db.options import ConnOptions
+from importwaves.db.pools import POOLS, TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.coordinator import Coordinator, RunResult
@@ -86,7 +87,8 @@ class Engine:
         self.dsn = dsn
         #: timeouts and keepalives of every connection (default: the IMPORTWAVES_* variables)
         self.opts = opts = opts or ConnOptions.from_env()
-        self.pool = make_pool(dsn, tenant, max_size=pool_size, opts=opts)
+        #: this tenant's handle on its database's shared pool (db/pools.py)
+        self.pool: TenantPool = POOLS.get(dsn, tenant, max_size=pool_size, opts=opts)
         self.flags = Flags(redis_url, tenant, ttl=flag_ttl)
         self.bus = EventBus()
         self.launcher: WorkerLauncher = launcher if launcher is not None else RecordingLauncher()

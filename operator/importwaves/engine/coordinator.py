@@ -23,10 +23,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from psycopg_pool import ConnectionPool
-
 from importwaves import metrics
 from importwaves.db.connect import Conn
+from importwaves.db.pools import TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.budget import waiting_message
@@ -85,7 +84,7 @@ class Coordinator:
     def __init__(
         self,
         tenant: str,
-        pool: ConnectionPool[Conn],
+        pool: TenantPool,
         flags: Flags,
         bus: EventBus,
     ) -> None:
