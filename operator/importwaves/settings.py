@@ -41,6 +41,10 @@ class Settings:
     priority: int = field(default_factory=lambda: int(_env("PRIORITY", "") or _random_priority()))
     #: Connections per tenant database pool.
     pool_size: int = field(default_factory=lambda: int(_env("POOL_SIZE", "4")))
+    #: Most batches dispatched or running at once across every ImportJob (0: no budget).
+    budget_total: int = field(default_factory=lambda: int(_env("BUDGET_TOTAL", "0")))
+    #: Most batches at once for one tenant within the budget (0: no per-tenant cap).
+    budget_per_tenant: int = field(default_factory=lambda: int(_env("BUDGET_PER_TENANT", "0")))
     #: TTL of the Redis flags in seconds (the seed's 7200).
     flag_ttl: int = field(default_factory=lambda: int(_env("FLAG_TTL", "7200")))
     #: Longest back-off between retries of an ImportJob whose database or Secret is unavailable.

@@ -301,6 +301,15 @@ class ImportSpec(_Model):
         "unclaimed by a worker before it is requeued (a lost launch, a pod that never started "
         "or cannot connect).",
     )
+    priority: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description="Weight of this import in the operator-wide budget's fair share (1..100, "
+        "default 1): when the budget is full, free batch slots go to the tenant holding the "
+        "fewest for its weight (a tenant's weight is its highest priority), then to its "
+        "import holding the fewest for its priority. Without a budget it changes nothing.",
+    )
     suspend: bool = Field(
         default=False,
         description="While true (default false), dispatch no new batches; running batches "

@@ -113,6 +113,11 @@ def _note_return(conn: psycopg.Connection[Any]) -> None:
     _returned_at[conn] = time.monotonic()
 
 
+#: the callbacks a pool of tenant connections uses (db/pools.py shares them)
+watch_fatal = _watch_fatal
+note_return = _note_return
+
+
 def check_pooled(conn: psycopg.Connection[Any]) -> None:
     """The pool's `check` callback: raise if a connection about to be handed out is dead.
 

@@ -15,10 +15,12 @@ from psycopg.types.json import Jsonb
 
 from importwaves import metrics
 from importwaves.db import migrate
-from importwaves.db.connect import Conn, make_pool
+from importwaves.db.connect import Conn
 from importwaves.db.options import ConnOptions
+from importwaves.db.pools import POOLS, TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine import failures
+from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.failures import FailedBatch
@@ -87,12 +89,14 @@ class Engine:
         flag_ttl: int = DEFAULT_TTL,
         opts: ConnOptions | None = None,
         worker_grace: float | None = None,
+        capacity: CapacityKeeper | None = None,
     ) -> None:
         self.tenant = tenant
         self.dsn = dsn
         #: timeouts and keepalives of every connection (default: the IMPORTWAVES_* variables)
         self.opts = opts = opts or ConnOptions.from_env()
-        self.pool = make_pool(dsn, tenant, max_size=pool_size, opts=opts)
+        #: this tenant's handle on its database's shared pool (db/pools.py)
+        self.pool: TenantPool = POOLS.get(dsn, tenant, max_size=pool_size, opts=opts)
         self.flags = Flags(redis_url, tenant, ttl=flag_ttl)
         self.bus = EventBus()
         self.launcher: WorkerLauncher = launcher if launcher is not None else RecordingLauncher()
@@ -102,6 +106,8 @@ class Engine:
         self.on_dispatch: Any = None
         self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus)
         self.coordinator.on_dispatched = self._dispatched
+        #: the batch slots shared with every other import of this process (issue 16)
+        self.coordinator.capacity = capacity
         #: launch targets read by sync_workers (a job's target changes only at submit)
         self._targets: dict[str, LaunchTarget] = {}
         self.listener = BatchCompletedListener(

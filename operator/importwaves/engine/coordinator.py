@@ -23,12 +23,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from psycopg_pool import ConnectionPool
-
 from importwaves import metrics
 from importwaves.db.connect import Conn
+from importwaves.db.pools import TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine import derived
+from importwaves.engine.budget import waiting_message
+from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.decide import decide
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job
@@ -56,8 +57,15 @@ class RunResult:
     derived_created: int = 0
     snapshot: Snapshot | None = None
     decision: Decision | None = None
+    #: batches this run could have dispatched but the operator-wide budget held back
+    held: int = 0
     seconds: float = 0.0
 
+
+#: Outcomes after which a job holds no slot of the shared budget.
+TERMINAL_OUTCOMES = frozenset(
+    {Outcome.COMPLETED, Outcome.FAILED, Outcome.INVALID, Outcome.NOT_FOUND}
+)
 
 #: A step run inside the coordinator's transaction, under the job lock, before anything else is
 #: read: it returns the derived batches it created (they are decided on in the same run).
@@ -76,7 +84,7 @@ class Coordinator:
     def __init__(
         self,
         tenant: str,
-        pool: ConnectionPool[Conn],
+        pool: TenantPool,
         flags: Flags,
         bus: EventBus,
     ) -> None:
@@ -84,6 +92,8 @@ class Coordinator:
         self.pool = pool
         self.flags = flags
         self.bus = bus
+        #: the slots shared with every other import this process drives (None: no budget)
+        self.capacity: CapacityKeeper | None = None
         #: called after the commit of a run that dispatched (the engine: sync the job's workers)
         self.on_dispatched: OnDispatched | None = None
 
@@ -134,6 +144,7 @@ class Coordinator:
                     created += derived.create_for_completed_parents(conn, job_id, spec)
                     snap = read_snapshot(conn, job, spec)
                 decision = decide(snap)
+                decision, held = self._within_budget(job_id, spec, snap, decision)
                 if decision.job_status == JobStatus.COMPLETED:
                     decision = self._verify_completion(conn, job_id, decision)
                 dispatched = self._dispatch(conn, job, spec, snap, decision)
@@ -194,7 +205,10 @@ class Coordinator:
             len(created.batch_ids),
             snapshot=snap,
             decision=decision,
+            held=held,
         )
+        if self.capacity is not None and decision.outcome in TERMINAL_OUTCOMES:
+            self.capacity.forget(job_id)
         self._after_commit(
             spec, snap, decision, created, dispatched, cause, result, on_commit, source
         )
@@ -202,6 +216,54 @@ class Coordinator:
         return result
 
     # -- inside the transaction ----------------------------------------------------------------
+    def _within_budget(
+        self, job_id: str, spec: ImportSpec, snap: Snapshot, decision: Decision
+    ) -> tuple[Decision, int]:
+        """The decision bounded by this import's grant of the shared budget (engine/budget.py),
+        and how many batches the budget held back. Decided again with the job's parallelism
+        lowered to what it holds plus its grant: the same rules pick which batches go."""
+        if self.capacity is None or snap.suspended:
+            return decision, 0
+        wanted = sum(d.limit for d in decision.dispatches)
+        grant = self.capacity.grant(
+            self.tenant,
+            job_id,
+            active=snap.active,
+            wanted=wanted,
+            priority=spec.priority,
+            nudge=lambda: self._nudged(job_id),
+        )
+        if grant.granted >= wanted:
+            return decision, 0
+        bounded = decide(replace(snap, parallelism=snap.active + grant.granted))
+        waiting = waiting_message(grant, self.capacity.budget)
+        if bounded.outcome == Outcome.FAILED:
+            # "nothing else can run" is not true of batches the budget holds back
+            return (
+                Decision(
+                    Outcome.IN_PROGRESS,
+                    waiting,
+                    job_status=JobStatus.RUNNING if snap.status != JobStatus.RUNNING else None,
+                    guard=bounded.guard,
+                    derived_ready=bounded.derived_ready,
+                ),
+                grant.held,
+            )
+        return replace(bounded, reason=f"{bounded.reason}; {waiting}"), grant.held
+
+    def _nudged(self, job_id: str) -> None:
+        """The capacity keeper freed slots this waiting import may take: look again."""
+        try:
+            self.check_and_trigger_next_wave(job_id, cause="capacity_freed")
+        except Exception as exc:  # the timer and the next completion retry; never raise here
+            event(
+                log,
+                "capacity_nudge_failed",
+                logging.WARNING,
+                job_id=job_id,
+                error=type(exc).__name__,
+            )
+
     def _verify_completion(self, conn: Conn, job_id: str, decision: Decision) -> Decision:
         """Decide "completed" only from a fresh look at the batch rows, in this transaction:
         every batch completed, and per record type the rows the completing workers recorded

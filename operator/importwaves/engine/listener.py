@@ -22,10 +22,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from psycopg_pool import ConnectionPool
-
 from importwaves import metrics
 from importwaves.db.connect import Conn
+from importwaves.db.pools import TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.coordinator import Coordinator, RunResult
@@ -47,7 +46,7 @@ class BatchCompletedListener:
     def __init__(
         self,
         tenant: str,
-        pool: ConnectionPool[Conn],
+        pool: TenantPool,
         flags: Flags,
         bus: EventBus,
         coordinator: Coordinator,

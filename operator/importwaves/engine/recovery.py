@@ -16,10 +16,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from psycopg_pool import ConnectionPool
-
 from importwaves import metrics
-from importwaves.db.connect import Conn
+from importwaves.db.pools import TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.coordinator import Coordinator, RunResult
@@ -48,7 +46,7 @@ class Recovery:
     def __init__(
         self,
         tenant: str,
-        pool: ConnectionPool[Conn],
+        pool: TenantPool,
         flags: Flags,
         bus: EventBus,
         coordinator: Coordinator,
