@@ -113,6 +113,7 @@ def test_printer_columns() -> None:
         "Progress",
         "Active",
         "Failed",
+        "Waiting",
         "Age",
         "Message",
         "Started",

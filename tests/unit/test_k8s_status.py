@@ -630,3 +630,22 @@ def test_status_is_valid_against_its_model() -> None:
 
     st = status_for(snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_EMPTY))
     assert ImportJobStatus.model_validate(st).model_dump(exclude_none=True) == st
+
+
+def test_held_by_the_budget_says_waiting_for_capacity() -> None:
+    """An import the operator-wide budget holds back (issue 16): Progressing=True with reason
+    WaitingForCapacity and a message naming the held batches; heldBatches feeds WAITING."""
+    from dataclasses import replace
+
+    held = replace(view(snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_EMPTY)), held=3)
+    st = compute_status(None, generation=3, now=T1, view=held, problem=None)
+    assert st["summary"] == "Running"
+    p = cond(st, "Progressing")
+    assert (p["status"], p["reason"]) == ("True", "WaitingForCapacity")
+    assert p["message"].startswith(
+        "Waiting for capacity: 3 batch(es) ready but held back by the operator-wide budget"
+    )
+    assert st["heldBatches"] == 3
+    free = compute_status(None, generation=3, now=T1, view=replace(held, held=0), problem=None)
+    assert free["heldBatches"] == 0
+    assert cond(free, "Progressing")["reason"] == "WavesRunning"

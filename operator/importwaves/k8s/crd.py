@@ -299,6 +299,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
     {"name": "Active", "type": "integer", "jsonPath": ".status.activeBatches"},
     {"name": "Failed", "type": "integer", "jsonPath": ".status.failedBatches"},
+    {"name": "Waiting", "type": "integer", "jsonPath": ".status.heldBatches"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
     {"name": "Started", "type": "date", "jsonPath": ".status.startTime", "priority": 1},

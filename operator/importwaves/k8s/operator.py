@@ -32,6 +32,8 @@ from importwaves import redact
 from importwaves.db import migrate
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
+from importwaves.engine.budget import Budget
+from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.coordinator import RunResult
 from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job
@@ -113,6 +115,12 @@ class ImportJobOperator:
             active_deadline=settings.worker_active_deadline,
             keep_failed_seconds=settings.keep_failed_job_seconds,
         )
+        #: the batch slots every ImportJob of this operator shares (issue 16; None: no budget)
+        self.capacity: CapacityKeeper | None = (
+            CapacityKeeper(Budget(settings.budget_total, settings.budget_per_tenant))
+            if settings.budget_total or settings.budget_per_tenant
+            else None
+        )
         #: engines by (namespace, Secret name, key, tenant); `_lock` guards only these dicts
         #: (never held around network work); one lock per key serialises that key's creation
         self._engines: dict[EngineKey, _Cached] = {}
@@ -139,6 +147,8 @@ class ImportJobOperator:
             self._closing.clear()
         for c in cached:
             c.close()
+        if self.capacity is not None:
+            self.capacity.close()
         for t in closing:
             t.cancel()
             t.function()  # close now
@@ -331,6 +341,7 @@ class ImportJobOperator:
             refusal=job.get("refusal") or "",
             finished_at=job.get("completed_at")
             or (job.get("updated_at") if job["status"] == "failed" else None),
+            held=self.capacity.held(job_id) if self.capacity is not None else 0,
         )
 
     # -- workers ---------------------------------------------------------------------------------
@@ -408,6 +419,8 @@ class ImportJobOperator:
         try:
             engine = self.engine_for(namespace, ij.database, ij.tenant)
             released = engine.cancel(job_id, f"its ImportJob {namespace}/{name} was deleted")
+            if self.capacity is not None:
+                self.capacity.forget(job_id)  # its slots go to whoever waits
             if released is not None:
                 event(
                     log,
@@ -556,6 +569,7 @@ class ImportJobOperator:
             pool_size=self.settings.pool_size,
             flag_ttl=self.settings.flag_ttl,
             opts=opts,
+            capacity=self.capacity,
         )
         # Completions arrive by NOTIFY the moment they commit (engine/notify.py), through one
         # LISTEN connection per database; Job events and the timer stay the backstops.

@@ -71,6 +71,8 @@ class JobView:
     refusal: str = ""
     #: when the job finished (completed, or failed: the job row's completed_at / updated_at)
     finished_at: datetime | None = None
+    #: batches ready to dispatch but held back by the operator-wide budget (issue 16)
+    held: int = 0
 
 
 def _f(description: str, **extra: Any) -> Any:
@@ -157,6 +159,10 @@ class ImportJobStatus(BaseModel):
     derivedPending: int | None = _f("Derived (-13) batches pending or active.")
     failedBatches: int | None = _f("Batches out of attempts (the FAILED column).")
     activeBatches: int | None = _f("Batches handed to workers (the ACTIVE column).")
+    heldBatches: int | None = _f(
+        "Batches ready to dispatch but held back by the operator-wide budget (the WAITING "
+        "column; Progressing says WaitingForCapacity)."
+    )
     lastDispatchLagSeconds: float | None = _f("Most recent wave dispatch lag.")
     rows: dict[str, RowCounts] | None = _f(
         "Rows per record type (by name): staged at planning, imported (recorded by the workers "
@@ -320,6 +326,7 @@ _OWN_FIELDS = {
     "derivedPending",
     "failedBatches",
     "activeBatches",
+    "heldBatches",
     "lastDispatchLagSeconds",
     "rows",
     "rowsImported",
@@ -534,7 +541,11 @@ def _from_view(
         conds,
         Cond.PROGRESSING,
         running,
-        ("DerivedRunning" if dp else "WavesRunning") if running else _STOPPED[status],
+        (
+            ("WaitingForCapacity" if view.held else "DerivedRunning" if dp else "WavesRunning")
+            if running
+            else _STOPPED[status]
+        ),
         _progressing_message(view, main, dp, derived_pending, awaiting, progress),
         gen,
         now,
@@ -589,6 +600,7 @@ def _from_view(
         "derivedPending": derived_pending,
         "failedBatches": failed,
         "activeBatches": snap.active,
+        "heldBatches": view.held,
         "rows": {
             name: {"staged": r.staged, "imported": r.imported, "skipped": r.skipped}
             for name, r in rows.items()
@@ -641,6 +653,12 @@ def _progressing_message(
         return "Cancelled: its ImportJob was deleted; apply it again to resume."
     if status != JobStatus.RUNNING:
         return _sentence(view.reason) or f"Stopped ({status.value})."
+    if view.held:
+        return (
+            f"Waiting for capacity: {view.held} batch(es) ready but held back by the "
+            f"operator-wide budget (shared fairly among tenants); {snap.active} running; "
+            f"{progress} of rows imported."
+        )
     if derived_phase:
         return (
             f"Main waves done; {derived_pending} derived batch(es) pending or active"
