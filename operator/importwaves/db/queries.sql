@@ -533,28 +533,41 @@ ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, payload = excluded.payl
     transaction_id = excluded.transaction_id, imported_job = excluded.imported_job;
 
 -- name: invalid_staging_rows
--- Reference worker: rows of the batch that cannot be imported, with the reason.
-SELECT s.record_id,
-       CASE
-           WHEN jsonb_typeof(s.payload) <> 'object' THEN 'payload is not an object'
-           WHEN %(needs_name)s AND coalesce(s.payload ->> 'name', '') = '' THEN 'missing name'
-           WHEN NOT %(needs_name)s AND (s.payload ->> 'amount') IS NULL THEN 'missing amount'
-           WHEN NOT %(needs_name)s
-                AND (s.payload ->> 'amount') !~ '^-?[0-9]{1,12}(\.[0-9]{1,2})?$'
-           THEN 'amount is not a number'
-           WHEN %(parent_table)s = 'customers' AND s.parent_id IS NOT NULL
-                AND NOT EXISTS (SELECT 1 FROM customers c WHERE c.id = s.parent_id)
-           THEN 'parent customer ' || s.parent_id || ' not imported'
-           WHEN %(parent_table)s = 'transactions'
-                AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = s.parent_id)
-           THEN 'parent transaction ' || coalesce(s.parent_id::text, 'NULL') || ' not imported'
-       END AS problem
-FROM staging_records s
-WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
-  AND (CASE WHEN %(by_parent)s THEN s.parent_id ELSE s.record_id END) = ANY(%(ids)s)
-  AND (NOT %(by_parent)s OR s.parent_record_type_id IS NULL
-       OR s.parent_record_type_id = %(parent_record_type_id)s::integer)
-ORDER BY s.record_id;
+-- Reference worker: rows of the batch that cannot be imported, with the reason (only those).
+-- The parent check is one primary-key probe per batch row (LATERAL ... LIMIT 1 is never turned
+-- into a join the planner could hash): its cost is the batch's, whatever the size of the parent
+-- table. (As NOT EXISTS inside the CASE it was a hashed subplan that read the whole parent
+-- table once per batch: 52 ms per 2,500-line batch with 200,000 transactions imported.)
+SELECT record_id, problem FROM (
+    SELECT s.record_id,
+           CASE
+               WHEN jsonb_typeof(s.payload) <> 'object' THEN 'payload is not an object'
+               WHEN %(needs_name)s AND coalesce(s.payload ->> 'name', '') = '' THEN 'missing name'
+               WHEN NOT %(needs_name)s AND (s.payload ->> 'amount') IS NULL THEN 'missing amount'
+               WHEN NOT %(needs_name)s
+                    AND (s.payload ->> 'amount') !~ '^-?[0-9]{1,12}(\.[0-9]{1,2})?$'
+               THEN 'amount is not a number'
+               WHEN %(parent_table)s = 'customers' AND s.parent_id IS NOT NULL AND p.id IS NULL
+               THEN 'parent customer ' || s.parent_id || ' not imported'
+               WHEN %(parent_table)s = 'transactions' AND p.id IS NULL
+               THEN 'parent transaction ' || coalesce(s.parent_id::text, 'NULL') || ' not imported'
+           END AS problem
+    FROM staging_records s
+    LEFT JOIN LATERAL (
+        SELECT c.id FROM customers c
+        WHERE %(parent_table)s = 'customers' AND c.id = s.parent_id
+        UNION ALL
+        SELECT t.id FROM transactions t
+        WHERE %(parent_table)s = 'transactions' AND t.id = s.parent_id
+        LIMIT 1
+    ) p ON true
+    WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
+      AND (CASE WHEN %(by_parent)s THEN s.parent_id ELSE s.record_id END) = ANY(%(ids)s)
+      AND (NOT %(by_parent)s OR s.parent_record_type_id IS NULL
+           OR s.parent_record_type_id = %(parent_record_type_id)s::integer)
+) checked
+WHERE problem IS NOT NULL
+ORDER BY record_id;
 
 -- name: staging_counts
 -- Verification: staging rows per record type for a job.
