@@ -217,6 +217,8 @@ def run_local(
     cmd += ["--dsn", dsn]
     if redis_url:
         cmd += ["--redis-url", redis_url]
+    with tenant_conn(dsn, tenant) as conn:
+        conn.execute(BQ("pgss_reset"))
     log_path = workdir / f"{tenant}-run-local.log"
     env = {**os.environ, "IMPORTWAVES_LOG_LEVEL": "WARNING"}
     with log_path.open("w") as log:
@@ -241,6 +243,8 @@ def run_local(
             ).fetchall()
         ]
         batches = conn.execute(BQ("batch_count"), {"job_id": JOB}).fetchone()
+        phases = conn.execute(BQ("batch_phases"), {"job_id": JOB}).fetchall()
+        top = conn.execute(BQ("pgss_top"), {"n": 15}).fetchall()
     derived_wave = [r for r in lags if r["record_type_id"] == DERIVED]
     return {
         "wall_s": round(wall, 2),
@@ -249,6 +253,10 @@ def run_local(
         "verification_failures": checked.failures()[:5],
         "batches": int(batches["n"]) if batches else None,
         "processes": sampler.summary(),
+        # where a batch's time goes: dispatch -> claim, claim -> completion (per record type)
+        "batch_phases": [{k: _num(v) for k, v in r.items()} for r in phases],
+        # where the server's time went during the run (pg_stat_statements, reset at start)
+        "server_top_statements": [{k: _num(v) for k, v in r.items()} for r in top],
         "wave_dispatch_lag_ms": {
             str(r["wave_number"]): (
                 None
@@ -270,6 +278,11 @@ def run_local(
             "completion; includes waiting for a free worker (parallelism) behind earlier work",
         },
     }
+
+
+def _num(v: Any) -> Any:
+    """Decimal -> float for JSON."""
+    return float(v) if v is not None and type(v).__name__ == "Decimal" else v
 
 
 def import_row(

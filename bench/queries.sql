@@ -170,3 +170,28 @@ FROM wave_batches d
 JOIN wave_batches p ON p.job_id = d.job_id AND p.batch_id = d.parent_batch_id
 WHERE d.job_id = %(job_id)s AND d.record_type_id = %(derived)s
   AND d.dispatched_at IS NOT NULL AND p.completed_at IS NOT NULL;
+
+-- name: pgss_top
+-- Where the server's time went since the last reset: the top statements by total execution
+-- time (top level and nested), with calls and mean.
+SELECT toplevel, calls, round(total_exec_time::numeric, 1) AS total_ms,
+       round(mean_exec_time::numeric, 3) AS mean_ms,
+       round(total_plan_time::numeric, 1) AS plan_ms, rows,
+       left(regexp_replace(query, '\s+', ' ', 'g'), 160) AS query
+FROM public.pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND query NOT LIKE '%%pg_stat_statements%%'
+ORDER BY total_exec_time DESC LIMIT %(n)s;
+
+-- name: batch_phases
+-- Per record type, from the batch rows: dispatch -> claim (the worker's start) and claim ->
+-- completion (the worker's work), in milliseconds.
+SELECT record_type_id, count(*) AS batches,
+       round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - dispatched_at)) * 1000)::numeric, 1) AS start_p50_ms,
+       round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - dispatched_at)) * 1000)::numeric, 1) AS start_p99_ms,
+       round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - started_at)) * 1000)::numeric, 1) AS work_p50_ms,
+       round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - started_at)) * 1000)::numeric, 1) AS work_p99_ms,
+       round((sum(extract(epoch FROM completed_at - started_at)))::numeric, 1) AS work_total_s
+FROM wave_batches
+WHERE job_id = %(job_id)s AND status = 'completed'
+GROUP BY record_type_id ORDER BY record_type_id;

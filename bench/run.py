@@ -349,6 +349,18 @@ def import_lines(n: int, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "-",
         ),
     ]
+    phases = run.get("batch_phases") or []
+    if phases:
+        rows.append(
+            (
+                f"{n} per batch p50: dispatch->claim / claim->completed, by type "
+                + "/".join(str(p["record_type_id"]) for p in phases),
+                ", ".join(f"{p['start_p50_ms']:.0f}/{p['work_p50_ms']:.0f}" for p in phases)
+                + " ms",
+                "-",
+                "-",
+            )
+        )
     lag = run["derived_batch_lag"]
     rows.append(
         (
