@@ -1,8 +1,9 @@
 """Row 2: completion throughput against the database's own limit.
 
 The engine side runs the reference worker's completion transaction exactly as the worker does
-(`importwaves.worker._import_and_complete`: batch_lock, invalid_staging_rows, the import
-upsert, batch_complete, in one transaction, the counter triggers firing), for claimed batches of
+(`importwaves.worker._import_and_complete`: batch_lock, the import upsert, batch_complete, in
+one transaction sent in pipeline mode, the counter triggers firing; invalid_staging_rows runs
+only after an upsert that failed or wrote less than planned), for claimed batches of
 one record each, on one connection per thread, for a fixed time; 1 and 2 threads.
 
 The limit: `pgbench` with the same number of clients running a custom script made of the very
@@ -112,7 +113,7 @@ def _pgbench_sql(name: str) -> str:
     return text.replace("%%", "%") + ";\n"
 
 
-_ENGINE = {"batch_lock", "invalid_staging_rows", "import_transactions", "batch_complete"}
+_ENGINE = {"batch_lock", "import_transactions", "batch_complete"}
 
 
 def pgbench_script(path: Path) -> Path:
@@ -123,7 +124,6 @@ def pgbench_script(path: Path) -> Path:
         + " \\gset\n"
         + "BEGIN;\n"
         + _pgbench_sql("batch_lock")
-        + _pgbench_sql("invalid_staging_rows")
         + _pgbench_sql("import_transactions")
         + _pgbench_sql("batch_complete")
         + "END;\n"
@@ -139,9 +139,6 @@ DEFINES = {
     "job_id": JOB,
     "prefix": PREFIX,
     "record_type_id": str(SALES_ORDER),
-    "needs_name": "false",
-    "parent_table": "customers",
-    "by_parent": "false",
     # The worker passes NULL (a main batch has no parent type); pgbench cannot send a NULL
     # parameter, and for a main batch (by_parent false) the predicate never reads it.
     "parent_record_type_id": "0",

@@ -148,12 +148,14 @@ def _import_and_complete(
 
     `conn` is in autocommit mode; the transaction is BEGIN ... COMMIT sent in pipeline mode, in
     three round trips instead of one per statement: (1) BEGIN, the durable-commit setting,
-    `batch_lock`, `invalid_staging_rows` and the import upsert; (2) `batch_complete` with the
-    upsert's row count and the NOTIFY; (3) COMMIT. The checks are the same as one statement at a
-    time, in the same order, each before the COMMIT: the lock says this dispatch still holds
-    the batch (else fenced), no row is invalid (else a data error naming the rows, even when the
-    upsert failed on one of them), the completion updated the batch (else fenced) and wrote its
-    planned count (else a data error). Any failed check or error rolls everything back."""
+    `batch_lock` and the import upsert; (2) `batch_complete` with the upsert's row count and
+    the NOTIFY; (3) COMMIT. Every check is made before the COMMIT, in this order: the lock says
+    this dispatch still holds the batch (else fenced); the upsert ran and wrote the batch's
+    planned count (the import queries skip rows with an invalid payload, a missing parent fails
+    their foreign key); the completion updated the batch (else fenced). An upsert that failed or
+    wrote another count is rolled back, and `invalid_staging_rows` then names the invalid rows
+    (a data error), or else the upsert's own error is raised, or else the count mismatch (a data
+    error). Any failed check or error rolls everything back."""
     if not conn.autocommit:
         raise ValueError("_import_and_complete needs a connection in autocommit mode")
     record_type_id = int(claimed["record_type_id"])
@@ -165,6 +167,7 @@ def _import_and_complete(
         "ids": ids,
         "parent_record_type_id": claimed.get("parent_record_type_id"),
     }
+    written = -1
     with conn.pipeline() as pipe:
         try:
             conn.execute("BEGIN")
@@ -172,10 +175,8 @@ def _import_and_complete(
             lock_cur = conn.execute(
                 Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
             )
-            bad_cur = conn.execute(Q("invalid_staging_rows"), {**base, **params})
             import_cur = conn.execute(Q(query), base)
             error = _sync(pipe)
-            # the checks in their order; a result the error left out re-raises the error
             lock = _result(lock_cur, error).fetchone()
             if (
                 lock is None
@@ -183,38 +184,43 @@ def _import_and_complete(
                 or lock["dispatch_seq"] != item.dispatch_seq
             ):
                 raise _Fenced(f"batch {item.batch_id} was requeued while this worker ran")
-            bad = [r for r in _result(bad_cur, error).fetchall() if r["problem"]]
-            if bad:
-                shown = "; ".join(f"record {r['record_id']}: {r['problem']}" for r in bad[:5])
-                more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
-                raise BatchDataError(f"{len(bad)} invalid staging row(s): {shown}{more}")
-            written = _result(import_cur, error).rowcount
-            done_cur = conn.execute(Q("batch_complete"), {**key, "rows_written": written})
-            conn.execute(
-                Q("notify_tenant_batch_completed"),
-                {"channel": channel_for(item.tenant), "payload": completion_payload(item)},
-            )
-            pipe.sync()
-            done = done_cur.fetchone()
-            if done is None:
-                raise _Fenced(f"batch {item.batch_id} completion was fenced out")
-            if written != done["record_count"]:
-                raise BatchDataError(
-                    _count_mismatch(
-                        conn,
-                        item,
-                        record_type_id,
-                        ids,
-                        written,
-                        done,
-                        query == "import_transaction_lines",
-                    )
+            if error is None:
+                written = import_cur.rowcount
+            if error is None and written == lock["record_count"]:
+                done_cur = conn.execute(Q("batch_complete"), {**key, "rows_written": written})
+                conn.execute(
+                    Q("notify_tenant_batch_completed"),
+                    {"channel": channel_for(item.tenant), "payload": completion_payload(item)},
                 )
-            conn.execute("COMMIT")
-            pipe.sync()
+                pipe.sync()
+                if done_cur.fetchone() is None:
+                    raise _Fenced(f"batch {item.batch_id} completion was fenced out")
+                conn.execute("COMMIT")
+                pipe.sync()
+                return
+            _rollback(conn, pipe)
         except BaseException:
             _rollback(conn, pipe)
             raise
+    # Not committed: the upsert failed, or wrote other than the planned count. Say why.
+    bad = conn.execute(Q("invalid_staging_rows"), {**base, **params}).fetchall()
+    if bad:
+        shown = "; ".join(f"record {r['record_id']}: {r['problem']}" for r in bad[:5])
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise BatchDataError(f"{len(bad)} invalid staging row(s): {shown}{more}")
+    if error is not None:
+        raise error
+    raise BatchDataError(
+        _count_mismatch(
+            conn,
+            item,
+            record_type_id,
+            ids,
+            written,
+            lock,
+            query == "import_transaction_lines",
+        )
+    )
 
 
 def _sync(pipe: psycopg.Pipeline) -> psycopg.Error | None:

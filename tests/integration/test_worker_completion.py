@@ -8,9 +8,11 @@ and results, and the pipelined completion (issue 12, benchmarks).
   generic plan a prepared statement may switch to; no timing.
 * Every problem kind is reported with its message, and only the rows that have one.
 * The completion transaction is sent in pipeline mode: a fenced-out batch, invalid staging rows
-  (also those that make the upsert itself fail) and a write count that differs from the plan
-  each roll everything back, on a connection that goes on completing batches afterwards (past
-  psycopg's prepare threshold, as a worker that runs many batches does).
+  (which the upsert skips: it writes less than planned, and the rows are then named) and a
+  write count that differs from the plan each roll everything back, on a connection that goes
+  on completing batches afterwards (past psycopg's prepare threshold, as a worker that runs
+  many batches does). A missing parent (the upsert fails on its foreign key) is covered through
+  the whole worker in test_bad_input.py.
 """
 
 from __future__ import annotations
@@ -252,12 +254,12 @@ def test_pipelined_completion_rolls_back_every_refusal_and_the_connection_goes_o
 ) -> None:
     spec = claimed
     with tenant_conn(dsn, tenant) as admin:
-        # 3: invalid (the upsert would write it: the check must refuse it before the commit)
+        # 3: invalid although the column takes it (empty name): the upsert skips it
         admin.execute(
             'UPDATE staging_records SET payload = \'{"name": ""}\' '
             "WHERE record_type_id = -2 AND record_id = 3"
         )
-        # 4: invalid in a way that makes the upsert itself fail (NOT NULL name)
+        # 4: no name at all (NOT NULL column): skipped as well
         admin.execute(
             "UPDATE staging_records SET payload = '{}' WHERE record_type_id = -2 AND record_id = 4"
         )

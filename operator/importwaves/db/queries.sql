@@ -205,7 +205,7 @@ SELECT set_config('synchronous_commit', 'on', true);
 
 -- name: batch_lock
 -- Lock one batch row (a worker holds it while importing, so a concurrent requeue waits).
-SELECT status, dispatch_seq, record_type_id, chunk_ids_json
+SELECT status, dispatch_seq, record_type_id, chunk_ids_json, record_count
 FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s FOR UPDATE;
 
 -- name: notify_tenant_batch_completed
@@ -502,26 +502,33 @@ WHERE w.job_id = %(job_id)s
       IS DISTINCT FROM (coalesce(b.planned, 0)::bigint, coalesce(b.written, 0)::bigint);
 
 -- name: import_customers
--- Reference worker: upsert a batch of customers from staging.
+-- Reference worker: upsert a batch of customers from staging. Only valid rows (the payload
+-- checks of invalid_staging_rows; keep them alike): a batch with an invalid row writes less
+-- than its planned count, and the worker rolls back and names the rows.
 INSERT INTO customers (id, name, imported_job)
 SELECT s.record_id, s.payload ->> 'name', s.job_id FROM staging_records s
 WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
   AND s.record_id = ANY(%(ids)s)
+  AND jsonb_typeof(s.payload) = 'object' AND coalesce(s.payload ->> 'name', '') <> ''
 ON CONFLICT (id) DO UPDATE SET name = excluded.name, imported_job = excluded.imported_job;
 
 -- name: import_transactions
--- Reference worker: upsert a batch of transactions (their customer must exist).
+-- Reference worker: upsert a batch of transactions (their customer must exist: the foreign
+-- key). Only rows whose payload is valid, as in import_customers.
 INSERT INTO transactions (id, record_type_id, customer_id, amount, payload, imported_job)
 SELECT s.record_id, s.record_type_id, s.parent_id, (s.payload ->> 'amount')::numeric,
        s.payload, s.job_id
 FROM staging_records s
 WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
   AND s.record_id = ANY(%(ids)s)
+  AND jsonb_typeof(s.payload) = 'object'
+  AND (s.payload ->> 'amount') ~ '^-?[0-9]{1,12}(\.[0-9]{1,2})?$'
 ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, payload = excluded.payload,
     customer_id = excluded.customer_id, imported_job = excluded.imported_job;
 
 -- name: import_transaction_lines
--- Reference worker: upsert the lines of a batch of parent transactions.
+-- Reference worker: upsert the lines of a batch of parent transactions (the parent must exist:
+-- the foreign key). Only rows whose payload is valid, as in import_customers.
 INSERT INTO transaction_lines (id, transaction_id, amount, payload, imported_job)
 SELECT s.record_id, s.parent_id, (s.payload ->> 'amount')::numeric, s.payload, s.job_id
 FROM staging_records s
@@ -529,11 +536,15 @@ WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
   AND s.parent_id = ANY(%(ids)s)
   AND (s.parent_record_type_id IS NULL
        OR s.parent_record_type_id = %(parent_record_type_id)s::integer)
+  AND jsonb_typeof(s.payload) = 'object'
+  AND (s.payload ->> 'amount') ~ '^-?[0-9]{1,12}(\.[0-9]{1,2})?$'
 ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, payload = excluded.payload,
     transaction_id = excluded.transaction_id, imported_job = excluded.imported_job;
 
 -- name: invalid_staging_rows
 -- Reference worker: rows of the batch that cannot be imported, with the reason (only those).
+-- Run when a batch's upsert failed or wrote less than planned (the import queries skip rows
+-- whose payload these checks refuse; a missing parent fails the upsert's foreign key).
 -- The parent check is one primary-key probe per batch row (LATERAL ... LIMIT 1 is never turned
 -- into a join the planner could hash): its cost is the batch's, whatever the size of the parent
 -- table. (As NOT EXISTS inside the CASE it was a hashed subplan that read the whole parent
