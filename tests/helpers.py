@@ -1,9 +1,10 @@
 """Shared helpers for the unit and integration tests.
 
 `drive()` runs an import to its end in-process: every batch the engine dispatches (recorded by a
-`RecordingLauncher`) is run by the real reference worker (`run_batch`), and its outcome is fed to
-the real listener (`on_worker_exited_ok` / `on_failed`), exactly as the local runner and the
-operator do (an exit 0 only makes the engine look: the worker recorded its completion itself).
+`RecordingLauncher`, which sees each run's dispatched batches) is run by the real reference
+worker (`run_batch`), and its outcome is fed to the real listener (`on_worker_exited_ok` /
+`on_failed`), as a per-batch host does (an exit 0 only makes the engine look: the worker recorded
+its completion itself).
 Options let a test run workers concurrently in threads, deliver every completion twice, deliver
 completions out of order, hold back some batches, or inject a fault between steps.
 """
@@ -30,7 +31,7 @@ from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
 from importwaves.engine.coordinator import RunResult
 from importwaves.engine.model import Outcome
-from importwaves.launch.base import BatchDispatch, LaunchFailure, RecordingLauncher
+from importwaves.launch.base import BatchDispatch, RecordingLauncher
 from importwaves.spec import ImportSpec
 from importwaves.verify import verify_import
 from importwaves.worker import EXIT_FAILED, EXIT_OK, WorkerResult, WorkItem, run_batch
@@ -43,7 +44,7 @@ LINE = -13
 
 # -- launcher -----------------------------------------------------------------------------------
 class TrackingLauncher(RecordingLauncher):
-    """A RecordingLauncher (thread-safe) that also samples, at every launch, how many of the
+    """A RecordingLauncher (thread-safe) that also samples, at every dispatch, how many of the
     job's batches are handed to workers in the database: that number may never exceed the
     spec's parallelism, whenever it is looked at."""
 
@@ -53,9 +54,7 @@ class TrackingLauncher(RecordingLauncher):
         self.max_active = 0
         self._lock = threading.Lock()
 
-    def launch(
-        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
-    ) -> list[LaunchFailure]:
+    def on_dispatched(self, job_id: str, batches: Sequence[BatchDispatch]) -> None:
         with connect(self.dsn, self.tenant, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT count(*) AS n FROM wave_batches WHERE job_id = %s "
@@ -65,7 +64,6 @@ class TrackingLauncher(RecordingLauncher):
         with self._lock:
             self.max_active = max(self.max_active, int(row["n"]) if row else 0)
             self.launched.extend(batches)
-        return []
 
     def snapshot(self) -> list[BatchDispatch]:
         with self._lock:
@@ -288,7 +286,6 @@ def drive(
         return run
 
     stalled = False
-    idle_ticks, max_idle_ticks = 0, 5
     pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
     futures: set[Future[Run]] = set()
     try:
@@ -336,15 +333,9 @@ def drive(
                 )
                 continue
             if len(launcher.launched) == cursor:
-                # Nothing new to run. A tick that dispatched batches whose launch failed
-                # (they went back to pending) gets another try; otherwise nothing can move.
-                failed_launches = bool(last.dispatched and last.launch_failures)
-                idle_ticks = idle_ticks + 1 if failed_launches else max_idle_ticks
-                if idle_ticks >= max_idle_ticks:
-                    stalled = True
-                    break
-            else:
-                idle_ticks = 0
+                # Nothing new to run: nothing can move.
+                stalled = True
+                break
     finally:
         if pool is not None:
             for f in futures:

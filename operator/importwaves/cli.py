@@ -170,6 +170,15 @@ def worker() -> None:
     sys.exit(worker_main())
 
 
+@main.command("worker-pool")
+def worker_pool() -> None:
+    """Run a job's batches until it needs no more (the pooled worker; settings from the
+    IMPORTWAVES_* env, see the README's worker contract)."""
+    from importwaves.worker_pool import main as pool_main
+
+    sys.exit(pool_main())
+
+
 @main.command()
 @click.argument("job_id", required=False)
 @click.option("--dsn", envvar="IMPORTWAVES_DSN", help="Tenant database DSN (env IMPORTWAVES_DSN).")
@@ -347,6 +356,7 @@ def run_local(
     from importwaves.engine.app import Engine, SchemaNotReady
     from importwaves.engine.jobs import SpecChangeRefused
     from importwaves.launch.local import LocalLauncher
+    from importwaves.launch.port import LaunchTarget
     from importwaves.runner import LocalRunner
 
     spec = load_spec(Path(spec_file))
@@ -354,16 +364,16 @@ def run_local(
         m.up(conn, spec.tenant)
         # the job row is inserted only once the tables its run needs are known to be there
         _check_tenant(conn, spec.tenant, _ENGINE_TABLES + _REFERENCE_TABLES)
-    launcher = LocalLauncher(dsn)
     with (
+        LocalLauncher(dsn) as launcher,
         _friendly_db_errors(dsn),
         _engine(dsn, spec.tenant, redis_url, Engine, launcher=launcher) as engine,
     ):
         try:
-            engine.submit(job_id, spec)
+            engine.submit(job_id, spec, target=LaunchTarget("local"))
         except (SchemaNotReady, SpecChangeRefused) as exc:
             raise _fail(f"job {job_id!r}: {exc}") from None
-        stats = LocalRunner(engine, launcher, sweep_every=max(5.0, spec.staleAfterSeconds / 2)).run(
+        stats = LocalRunner(engine, sweep_every=max(5.0, spec.staleAfterSeconds / 2)).run(
             job_id, timeout=timeout
         )
         job = engine.job(job_id) or {}

@@ -27,6 +27,7 @@ from importwaves.engine.app import Engine
 from importwaves.engine.model import WaveState
 from importwaves.engine.snapshot import read_waves
 from importwaves.launch.local import LocalLauncher
+from importwaves.launch.port import LaunchTarget
 from importwaves.localdev import LocalPostgres, LocalRedis
 from importwaves.runner import LocalRunner
 from importwaves.verify import verify_import
@@ -114,21 +115,21 @@ def _run(
         f"{data.lines:,} transaction lines in {time.monotonic() - t_gen:.1f}s"
     )
     spec = reference_spec(TENANT, parallelism=parallelism)
-    launcher = LocalLauncher(dsn)
-    with Engine(
-        dsn, TENANT, redis_url=redis_srv.url if redis_srv else None, launcher=launcher
-    ) as engine:
-        engine.submit(JOB_ID, spec)
-        runner = LocalRunner(engine, launcher, tick=0.5, sweep_every=15)
+    with (
+        LocalLauncher(dsn) as launcher,
+        Engine(
+            dsn, TENANT, redis_url=redis_srv.url if redis_srv else None, launcher=launcher
+        ) as engine,
+    ):
+        engine.submit(JOB_ID, spec, target=LaunchTarget("local"))
+        runner = LocalRunner(engine, tick=0.5, sweep_every=15)
         t_run = time.monotonic()
         with Live(console=console, refresh_per_second=8, transient=False) as live:
 
             def progress() -> None:
                 with engine.pool.connection() as conn:
                     waves = read_waves(conn, JOB_ID)
-                live.update(
-                    _progress_view(waves, time.monotonic() - t_run, len(launcher.running()))
-                )
+                live.update(_progress_view(waves, time.monotonic() - t_run, launcher.live(JOB_ID)))
 
             stats = runner.run(JOB_ID, timeout=1800, on_progress=progress)
         with engine.pool.connection() as conn:
@@ -143,8 +144,8 @@ def _run(
         _summary(
             waves, lag_rows, stats.seconds, stats.worker_runs, stats.worker_failures, parallelism
         ),
-        f"{stats.notified} of {stats.worker_runs} completions reached the coordinator by NOTIFY "
-        "at commit; the rest by worker exit",
+        f"{stats.notified} completions reached the coordinator by NOTIFY at commit; "
+        f"{launcher.started} pooled worker process(es) ran the {stats.worker_runs} attempts",
     )
     console.print(_verification(verification.checks))
     console.print(

@@ -93,10 +93,10 @@ def test_worker_command_that_exits_0_and_writes_nothing_never_completes(
     written."""
     stage(dsn, tenant, "job", orders=40)
     launcher = LocalLauncher(dsn, command=["sh", "-c", "exit 0"])
-    engine.launcher = engine.coordinator.launcher = launcher
+    engine.launcher = launcher
     spec = small_spec(tenant, retries=1)
     assert engine.submit("job", spec)
-    stats = LocalRunner(engine, launcher, tick=0.2, notify=True).run("job", timeout=60)
+    stats = LocalRunner(engine, tick=0.2, notify=True).run("job", timeout=60)
     print(f"exit-0 worker: status {stats.status}, {stats.worker_runs} runs, "
           f"{stats.worker_failures} failed attempts")  # fmt: skip
     assert stats.status == "failed"
@@ -197,9 +197,9 @@ def test_run_local_reports_no_staging_records_and_exits_1(
     engine: Engine, dsn: str, tenant: str
 ) -> None:
     launcher = LocalLauncher(dsn)
-    engine.launcher = engine.coordinator.launcher = launcher
+    engine.launcher = launcher
     assert engine.submit("job", small_spec(tenant))
-    stats = LocalRunner(engine, launcher, tick=0.2).run("job", timeout=30)
+    stats = LocalRunner(engine, tick=0.2).run("job", timeout=30)
     assert stats.status == "invalid"
     assert stats.worker_runs == 0
 

@@ -104,9 +104,7 @@ def test_forged_notify_completes_nothing(dsn: str, tenant: str, other_tenant_rol
         # The real workers then import everything.
         runner_engine = make_engine(dsn, tenant, None, launcher=LocalLauncher(dsn))
         try:
-            stats = LocalRunner(runner_engine, runner_engine.launcher, tick=0.2).run(  # type: ignore[arg-type]
-                "forged", timeout=180
-            )
+            stats = LocalRunner(runner_engine, tick=0.2).run("forged", timeout=180)
         finally:
             runner_engine.close()
         assert stats.status == "completed", stats

@@ -128,9 +128,7 @@ def test_stopped_worker_releases_its_batch_and_another_attempt_completes_it(
         print(f"requeued {time.monotonic() - t1:.2f}s later (staleAfterSeconds={STALE_AFTER})")
         runner_engine = make_engine(dsn, tenant, None, launcher=LocalLauncher(dsn))
         try:
-            stats = LocalRunner(runner_engine, runner_engine.launcher, tick=0.2).run(  # type: ignore[arg-type]
-                "stop", timeout=180
-            )
+            stats = LocalRunner(runner_engine, tick=0.2).run("stop", timeout=180)
         finally:
             runner_engine.close()
         assert stats.status == "completed", stats

@@ -4,24 +4,25 @@
 
 The demo's data (`importwaves.datagen.generate(orders=...)`) and the demo's spec (with
 staleAfterSeconds=5) are imported by a runner process: the real `LocalRunner` with the real
-`LocalLauncher` (worker subprocesses running `python -m importwaves.worker`), one process per
-incarnation. While it runs, this driver
+`LocalLauncher` (pooled worker subprocesses running `python -m importwaves.worker_pool`), one
+runner process per incarnation. While it runs, this driver
 
 - SIGKILLs the runner at random moments (at least --kills times), either alone (its workers live
   on, orphaned, and finish their batches) or together with its workers (their claimed batches
-  are left `processing` until the sweep demotes them after staleAfterSeconds), and starts a new
-  runner each time, which resumes from the database (dispatched batches nobody runs are adopted
-  under a new fencing token);
+  are left `processing`; the new runner's worker sync fails their attempt once their `local:<pid>`
+  worker is gone and the grace has passed), and starts a new runner each time, which resumes
+  from the database (the orphaned pooled workers still alive are counted as its own; dispatched
+  batches get workers);
 - flushes Redis and restarts it;
 - SIGKILLs workers in the middle of their batch.
 
 It ends with the demo's verification (`importwaves.verify.verify_import`), the guard rules of
 `tests/audit.py` over every recorded transition, and a table. Definitions:
 
-    duplicate dispatches  two launches of the same (batch, dispatch_seq) by any runner
-                          incarnation (every launch is logged before the worker starts), or a
-                          dispatch claimed twice, or a batch completed twice (the transition
-                          record); a re-dispatch under a new dispatch_seq is legal (fencing)
+    duplicate dispatches  a dispatch (batch, dispatch_seq) claimed twice, or a batch completed
+                          twice (the transition record); a re-dispatch under a new
+                          dispatch_seq is legal (fencing)
+    completed unclaimed   a batch completed under a dispatch no worker claimed (never expected)
     lost rows             staged rows missing from their target table at the end
     recovered             a restarted runner read the database, adopted what was orphaned and
                           entered its loop before the next kill
@@ -60,8 +61,8 @@ import audit  # noqa: E402
 from importwaves.datagen import generate, reference_spec  # noqa: E402
 from importwaves.db import migrate  # noqa: E402
 from importwaves.db.connect import connect  # noqa: E402
-from importwaves.launch.base import BatchDispatch, LaunchFailure  # noqa: E402
 from importwaves.launch.local import LocalLauncher  # noqa: E402
+from importwaves.launch.port import LaunchProblem, LaunchTarget, WorkerGroup  # noqa: E402
 from importwaves.localdev import LocalPostgres, LocalRedis  # noqa: E402
 from importwaves.spec import ImportSpec  # noqa: E402
 from importwaves.verify import verify_import  # noqa: E402
@@ -108,13 +109,12 @@ class ChaosResult:
     orphans_adopted: int = 0
     stale_demoted: int = 0
     unexpected_runner_exits: list[str] = field(default_factory=list)
-    duplicate_launches: list[tuple[str, int]] = field(default_factory=list)
     duplicate_claims: int = 0
     duplicate_completions: int = 0
     launches: int = 0
     batches: int = 0
     dispatches: int = 0
-    completed_unlaunched: list[str] = field(default_factory=list)
+    completed_unclaimed: list[str] = field(default_factory=list)
     staged: dict[str, int] = field(default_factory=dict)
     imported: dict[str, int] = field(default_factory=dict)
     verification: list[tuple[str, bool, str]] = field(default_factory=list)
@@ -127,7 +127,7 @@ class ChaosResult:
 
     @property
     def duplicate_dispatches(self) -> int:
-        return len(self.duplicate_launches) + self.duplicate_claims + self.duplicate_completions
+        return self.duplicate_claims + self.duplicate_completions
 
     @property
     def lost_rows(self) -> int:
@@ -142,7 +142,7 @@ class ChaosResult:
             and all(ok for _, ok, _ in self.verification)
             and not self.violations
             and not self.unexpected_runner_exits
-            and not self.completed_unlaunched
+            and not self.completed_unclaimed
         )
 
     def table(self) -> str:
@@ -173,18 +173,17 @@ class ChaosResult:
             (
                 "batches / dispatches / launches",
                 f"{self.batches} / {self.dispatches} fencing tokens issued / {self.launches} "
-                "worker launches (a dispatch whose runner died before launching is adopted "
-                "under a new token)",
+                "pooled worker processes started",
             ),
             (
-                "completed by an unlaunched dispatch",
-                str(len(self.completed_unlaunched))
-                + (f": {self.completed_unlaunched[:5]}" if self.completed_unlaunched else ""),
+                "completed by an unclaimed dispatch",
+                str(len(self.completed_unclaimed))
+                + (f": {self.completed_unclaimed[:5]}" if self.completed_unclaimed else ""),
             ),
             (
                 "duplicate dispatches",
-                f"{self.duplicate_dispatches} (same (batch, seq) launched twice: "
-                f"{len(self.duplicate_launches)}, claimed twice: {self.duplicate_claims}, "
+                f"{self.duplicate_dispatches} (same (batch, seq) claimed twice: "
+                f"{self.duplicate_claims}, "
                 f"batch completed twice: {self.duplicate_completions})",
             ),
             (
@@ -223,20 +222,20 @@ class ChaosResult:
 
 # -- the runner process ----------------------------------------------------------------------------
 class LoggingLauncher(LocalLauncher):
-    """The local launcher, logging each launch (before its worker starts) to a shared file."""
+    """The local launcher, logging each pooled worker it starts to a shared file."""
 
     def __init__(self, dsn: str, path: Path) -> None:
         super().__init__(dsn)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def launch(
-        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
-    ) -> list[LaunchFailure]:
-        failures = []
-        for b in batches:
-            os.write(self._fd, f"{os.getpid()} {b.batch_id} {b.dispatch_seq}\n".encode())
-            failures += super().launch(tenant, job_id, spec, [b])
-        return failures
+    def ensure(
+        self, target: LaunchTarget, tenant: str, groups: Sequence[WorkerGroup]
+    ) -> list[LaunchProblem]:
+        before = set(self.pids())
+        problems = super().ensure(target, tenant, groups)
+        for wid in sorted(set(self.pids()) - before):
+            os.write(self._fd, f"{os.getpid()} {wid}\n".encode())
+        return problems
 
 
 def runner_main(args: argparse.Namespace) -> int:
@@ -250,8 +249,8 @@ def runner_main(args: argparse.Namespace) -> int:
     launcher = LoggingLauncher(args.dsn, Path(args.launches))
     marker = Path(args.resumed)
     with Engine(args.dsn, spec.tenant, redis_url=args.redis_url, launcher=launcher) as engine:
-        engine.submit(JOB_ID, spec)
-        runner = LocalRunner(engine, launcher, tick=0.5, sweep_every=2.5)
+        engine.submit(JOB_ID, spec, target=LaunchTarget("local"))
+        runner = LocalRunner(engine, tick=0.5, sweep_every=2.5)
 
         def resumed() -> None:
             if not marker.exists():
@@ -458,12 +457,7 @@ class Chaos:
     # -- results -----------------------------------------------------------------------------
     def measure(self) -> None:
         res = self.result
-        launches: list[tuple[str, int]] = []
-        for line in self.launches.read_text().splitlines():
-            _, batch_id, seq = line.split()
-            launches.append((batch_id, int(seq)))
-        res.launches = len(launches)
-        res.duplicate_launches = [k for k, n in Counter(launches).items() if n > 1]
+        res.launches = len(self.launches.read_text().splitlines())
         with connect(self.dsn, self.tenant, autocommit=True) as conn:
             rows = audit.audit_rows(conn, JOB_ID)
             res.duplicate_claims = sum(
@@ -497,9 +491,11 @@ class Chaos:
             ).fetchall()
             res.batches = len(final)
             res.dispatches = sum(r["dispatch_seq"] for r in final)
-            launched = set(launches)
-            res.completed_unlaunched = [
-                r["batch_id"] for r in final if (r["batch_id"], r["dispatch_seq"]) not in launched
+            claimed = {
+                (a["batch_id"], a["dispatch_seq"]) for a in rows if a["new_status"] == "processing"
+            }
+            res.completed_unclaimed = [
+                r["batch_id"] for r in final if (r["batch_id"], r["dispatch_seq"]) not in claimed
             ]
             dispatches = sorted(
                 a["at"].timestamp() for a in rows if a["new_status"] == "dispatched"

@@ -162,7 +162,7 @@ def test_database_down_mid_import_the_runner_waits_and_completes(
     engine = Engine(dsn, tenant, redis_url=redis_url, launcher=launcher)
     try:
         engine.submit("job", spec)
-        runner = LocalRunner(engine, launcher, tick=0.3, sweep_every=2.0)
+        runner = LocalRunner(engine, tick=0.3, sweep_every=2.0)
         t, box = _run_in_thread(runner, "job")
         wait_until(lambda: _completed(dsn, tenant) >= 6, timeout=60, what="6 completed batches")
         pg.stop("immediate") if how == "stop" else pg.kill()

@@ -35,8 +35,7 @@ from helpers import (
 )
 from importwaves.db.queries import Q
 from importwaves.engine.model import Outcome
-from importwaves.launch.base import BatchDispatch, LaunchFailure
-from importwaves.spec import ImportSpec
+from importwaves.launch.port import LaunchProblem, LaunchTarget, WorkerGroup
 from importwaves.worker import ENV, EXIT_FENCED, EXIT_OK, WorkItem, run_batch
 
 pytestmark = pytest.mark.integration
@@ -325,36 +324,81 @@ def test_bad_row_fails_its_batch_at_once_then_the_job_and_retry_failed_completes
     assert_complete(engine, "job", ds, spec)
 
 
-class FirstLaunchFails(TrackingLauncher):
-    """A launcher whose first launch of every batch fails (no worker is started)."""
+class FirstEnsureFails(TrackingLauncher):
+    """A worker launcher (one group per wave) whose first start of every wave's workers is
+    refused for good: the engine fails the attempt of that wave's dispatched batches."""
+
+    per_wave = True
 
     def __init__(self, dsn: str, tenant: str) -> None:
         super().__init__(dsn, tenant)
-        self.failed: list[BatchDispatch] = []
+        self.refused: set[int] = set()
 
-    def launch(
-        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
-    ) -> list[LaunchFailure]:
-        bad = [b for b in batches if b.dispatch_seq == 1]
-        self.failed += bad
-        super().launch(tenant, job_id, spec, [b for b in batches if b.dispatch_seq > 1])
-        return [LaunchFailure(b, "no capacity") for b in bad]
+    def ensure(
+        self, target: LaunchTarget, tenant: str, groups: Sequence[WorkerGroup]
+    ) -> list[LaunchProblem]:
+        out = []
+        for g in groups:
+            assert g.wave_number is not None and g.size > 0
+            if g.wave_number not in self.refused:
+                self.refused.add(g.wave_number)
+                out.append(LaunchProblem(g, "no capacity", permanent=True))
+        return out
 
 
-def test_launch_failures_count_an_attempt_and_are_dispatched_again(
+class TransientEnsureFails(TrackingLauncher):
+    """A worker launcher whose starts all fail transiently (an API hiccup)."""
+
+    def __init__(self, dsn: str, tenant: str) -> None:
+        super().__init__(dsn, tenant)
+        self.tries = 0
+
+    def ensure(
+        self, target: LaunchTarget, tenant: str, groups: Sequence[WorkerGroup]
+    ) -> list[LaunchProblem]:
+        self.tries += 1
+        return [LaunchProblem(g, "503 Service Unavailable", permanent=False) for g in groups]
+
+
+def test_permanent_launch_problems_count_an_attempt_and_are_dispatched_again(
     engines, dsn, tenant, redis_url
 ) -> None:
-    launcher = FirstLaunchFails(dsn, tenant)
+    launcher = FirstEnsureFails(dsn, tenant)
     engine = engines(launcher=launcher)
     ds, spec = setup_job(engine, "job")
+    first = engine.check("job", "start").dispatched
+    refused = {r["batch_id"]: r for r in batches(dsn, tenant, "job")}
+    assert first and {
+        (refused[b.batch_id]["status"], refused[b.batch_id]["attempts"]) for b in first
+    } == {("pending", 1)}
+    assert {refused[b.batch_id]["last_error"] for b in first} == {"launch failed: no capacity"}
     assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED
     rows = batches(dsn, tenant, "job")
-    assert sorted(b.batch_id for b in launcher.failed) == sorted(r["batch_id"] for r in rows)
-    # one attempt lost to the launch, one that ran; the second dispatch carried the work
-    assert {(r["status"], r["attempts"], r["dispatch_seq"]) for r in rows} == {("completed", 2, 2)}
-    assert sorted((b.batch_id, b.dispatch_seq) for b in launcher.launched) == sorted(
-        (r["batch_id"], 2) for r in rows
-    )
+    # every wave's first workers were refused: the batches dispatched then lost an attempt
+    assert launcher.refused == {1, 2, 3}
+    twice = [r for r in rows if r["attempts"] == 2]
+    assert twice, "no batch lost an attempt to a refused launch"
+    assert {(r["status"], r["dispatch_seq"]) for r in twice} == {("completed", 2)}
+    assert {(r["status"], r["attempts"], r["dispatch_seq"]) for r in rows if r not in twice} == {
+        ("completed", 1, 1)
+    }
     assert dict(rows_by_type(dsn, tenant, "job")) == expected_batches(ds, spec)
     assert counters_mismatch(dsn, tenant, "job") == []
     assert_verified(dsn, tenant, "job", spec)
+
+
+def test_transient_launch_problems_leave_batches_dispatched_and_retry_at_the_next_sync(
+    engines, dsn, tenant, redis_url
+) -> None:
+    launcher = TransientEnsureFails(dsn, tenant)
+    engine = engines(launcher=launcher)
+    setup_job(engine, "job")
+    first = engine.check("job", "start").dispatched
+    assert first and launcher.tries == 1
+    sync = engine.sync_workers("job")
+    assert launcher.tries == 2 and [p.permanent for p in sync.problems] == [False]
+    assert sync.launch_failed == 0
+    rows = {r["batch_id"]: r for r in batches(dsn, tenant, "job")}
+    assert {(rows[b.batch_id]["status"], rows[b.batch_id]["attempts"]) for b in first} == {
+        ("dispatched", 0)
+    }

@@ -7,19 +7,19 @@ until released (or until its process is killed):
                completed parent are upserted): nothing is committed yet;
     decided    the run's batches are moved to `dispatched` with new fencing tokens: the
                transaction is still open;
-    committed  the transaction committed; no worker is launched, no flag is set yet.
+    committed  the transaction committed; no worker sync has run, no flag is set yet.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from importwaves.db.connect import Conn
 from importwaves.engine import derived
 from importwaves.engine.app import Engine
-from importwaves.launch.base import BatchDispatch, LaunchFailure
+from importwaves.launch.base import BatchDispatch
 from importwaves.spec import ImportSpec
 
 POINTS = ("locked", "decided", "committed")
@@ -51,7 +51,7 @@ def install_pause(engine: Engine, pause: Pause) -> Callable[[], None]:
     coord = engine.coordinator
     orig_check = coord.check_and_trigger_next_wave
     orig_dispatch = coord._dispatch
-    orig_launcher = coord.launcher
+    orig_dispatched = coord.on_dispatched
 
     def check(job_id: str, cause: str = "nudge", **kw: Any) -> Any:
         inner = kw.pop("prepare", None)
@@ -69,20 +69,18 @@ def install_pause(engine: Engine, pause: Pause) -> Callable[[], None]:
         pause.hit("decided")
         return out
 
-    class PausingLauncher:
-        def launch(
-            self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
-        ) -> list[LaunchFailure]:
-            pause.hit("committed")
-            return orig_launcher.launch(tenant, job_id, spec, batches)
+    def dispatched(job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
+        pause.hit("committed")
+        if orig_dispatched is not None:
+            orig_dispatched(job_id, spec, batches)
 
     coord.check_and_trigger_next_wave = check  # type: ignore[method-assign]
     coord._dispatch = dispatch  # type: ignore[method-assign]
-    coord.launcher = PausingLauncher()
+    coord.on_dispatched = dispatched
 
     def uninstall() -> None:
         del coord.check_and_trigger_next_wave
         del coord._dispatch
-        coord.launcher = orig_launcher
+        coord.on_dispatched = orig_dispatched
 
     return uninstall

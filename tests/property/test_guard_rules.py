@@ -65,10 +65,8 @@ from importwaves.db import migrate
 from importwaves.db.connect import Conn, connect
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
-from importwaves.launch.base import BatchDispatch, LaunchFailure, RecordingLauncher
+from importwaves.launch.base import BatchDispatch, NoWorkers, RecordingLauncher
 from importwaves.localdev import LocalPostgres, LocalRedis
-from importwaves.runner import LocalRunner
-from importwaves.spec import ImportSpec
 from importwaves.worker import EXIT_FAILED, EXIT_OK, WorkItem, run_batch
 
 from .conftest import REPORT
@@ -102,9 +100,7 @@ class ModelLauncher(RecordingLauncher):
         self._seen: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
-    def launch(
-        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
-    ) -> list[LaunchFailure]:
+    def on_dispatched(self, job_id: str, batches: Sequence[BatchDispatch]) -> None:
         with self._lock:
             if self.crash_next:
                 self.crash_next = False
@@ -118,7 +114,15 @@ class ModelLauncher(RecordingLauncher):
                 self._seen.add(key)
                 self.launched.append(b)
                 self.queue.append(b)
-        return []
+
+    def adopt(self, dispatched: Sequence[BatchDispatch]) -> int:
+        """What the pooled workers a restarted runner starts do: claim whatever is dispatched
+        (the same dispatch, under its own fencing token; not a second launch of it)."""
+        with self._lock:
+            queued = {(b.batch_id, b.dispatch_seq) for b in self.queue}
+            fresh = [b for b in dispatched if (b.batch_id, b.dispatch_seq) not in queued]
+            self.queue += fresh
+            return len(fresh)
 
     def take(self, i: int) -> BatchDispatch | None:
         with self._lock:
@@ -127,19 +131,6 @@ class ModelLauncher(RecordingLauncher):
     def running(self, job_id: str | None = None) -> list[BatchDispatch]:
         with self._lock:
             return list(self.queue)
-
-
-class _Restarted:
-    """The launcher as a freshly restarted runner sees it: it runs no worker of its own."""
-
-    def __init__(self, launcher: ModelLauncher) -> None:
-        self.launcher = launcher
-
-    def running(self, job_id: str | None = None) -> list[BatchDispatch]:
-        return []
-
-    def launch(self, *args: Any) -> list[LaunchFailure]:
-        return self.launcher.launch(*args)
 
 
 @dataclass
@@ -576,7 +567,7 @@ class GuardRules(RuleBasedStateMachine):
         self.eng.close()
         self.engine = self._new_engine()
         with contextlib.suppress(Crash):
-            LocalRunner(self.eng, _Restarted(self.launcher)).adopt_dispatched(self.job)  # type: ignore[arg-type]
+            self._adopt_dispatched()
         self._fault("runner_restarted_workers_" + ("survived" if workers_survive else "died"))
 
     # -- Redis ---------------------------------------------------------------------------------
@@ -721,7 +712,7 @@ class GuardRules(RuleBasedStateMachine):
                 if got is not None:
                     self._deliver(got[0], b.batch_id, b.dispatch_seq, got[1])
             self.eng.check(self.job, "timer")
-            LocalRunner(self.eng, self.launcher).adopt_dispatched(self.job)  # type: ignore[arg-type]
+            self._adopt_dispatched()
             if not self.launcher.queue:  # only dead workers hold batches: the sweep's turn
                 self._age(("processing", "dispatched"))
                 self.eng.recovery.reconcile(self.job, cause="sweep")
@@ -740,6 +731,20 @@ class GuardRules(RuleBasedStateMachine):
         if flags._usable() and self.env.redis.running():
             ttl = self.rc.ttl(flagmod.key(self.tenant, self.job, flagmod.MONITORING))
             assert ttl == -2, f"monitoring flag still set on a completed job (ttl {ttl})"
+
+    def _adopt_dispatched(self) -> None:
+        """Dispatched batches nobody runs get workers (Engine.sync_workers: a group for the job;
+        its pooled workers claim whatever is dispatched)."""
+        sync = self.eng.sync_workers(self.job)
+        assert self.conn is not None
+        rows = self.conn.execute(
+            "SELECT batch_id, wave_number, record_type_id, dispatch_seq, attempts "
+            "FROM wave_batches WHERE job_id = %s AND status = 'dispatched' ORDER BY id",
+            (self.job,),
+        ).fetchall()
+        if rows and sync.job_status == "running":
+            assert sync.groups, f"dispatched batches and no worker group: {sync}"
+        self.launcher.adopt([BatchDispatch.from_row(self.job, r) for r in rows])
 
     def _job_status(self) -> str:
         assert self.conn is not None
@@ -774,11 +779,7 @@ def _fork_paused_coordinator(
         try:
             os.close(r)
 
-            class _NoLaunch:
-                def launch(self, *_: Any) -> list[LaunchFailure]:
-                    return []
-
-            engine = Engine(dsn, tenant, redis_url=redis_url, launcher=_NoLaunch(), pool_size=2)
+            engine = Engine(dsn, tenant, redis_url=redis_url, launcher=NoWorkers(), pool_size=2)
             pause = Pause(point, timeout=600)
             pause.on_reached = lambda p: os.write(w, f"PAUSED {p.backend_pid}\n".encode()) and None
             install_pause(engine, pause)

@@ -19,58 +19,42 @@ from helpers import CUSTOMER, setup_job, tenant_conn
 from importwaves.db.connect import connect
 from importwaves.db.queries import Q
 from importwaves.engine.model import Outcome
-from importwaves.launch.base import BatchDispatch, LaunchFailure, RecordingLauncher
-from importwaves.runner import LocalRunner
-from importwaves.worker import EXIT_FENCED, EXIT_OK, WorkItem, run_batch
+from importwaves.worker import EXIT_OK, WorkItem, run_batch
+from importwaves.worker_pool import PooledWorker, PoolSettings
 
 pytestmark = pytest.mark.integration
 
 
-class _FreshRunner:
-    """What a restarted runner's launcher looks like: no worker of its own yet."""
-
-    def __init__(self, inner: RecordingLauncher) -> None:
-        self.inner = inner
-
-    def running(self, job_id: str | None = None) -> list[BatchDispatch]:
-        return []
-
-    def launch(self, *args: object) -> list[LaunchFailure]:
-        return self.inner.launch(*args)  # type: ignore[arg-type]
-
-
-def test_adopted_dispatch_gets_a_new_fencing_token(engine, dsn, tenant, redis_url) -> None:
-    """Adoption re-dispatches; a batch already claimed is left to its worker."""
+def test_dispatch_of_a_dead_runner_gets_pooled_workers_under_its_own_token(
+    engine, dsn, tenant, redis_url
+) -> None:
+    """Batches dispatched by a runner that died before any worker started: the next worker
+    sync asks for a worker group, and a pooled worker claims them under the token they were
+    dispatched with (no re-dispatch, no attempt lost); a late per-batch worker of the old
+    dispatch then finds them completed and imports nothing."""
     setup_job(engine, "job", orders=1000, parallelism=2)  # 100 customers: 2 batches
     lost = engine.check("job", "start").dispatched  # the runner dies before these start
     assert [b.dispatch_seq for b in lost] == [1, 1]
     assert {b.record_type_id for b in lost} == {CUSTOMER}
 
-    adopted = LocalRunner(engine, _FreshRunner(engine.launcher)).adopt_dispatched("job")  # type: ignore[arg-type]
-    assert adopted == 2
-    relaunched = engine.launcher.launched[2:]
-    assert sorted((b.batch_id, b.dispatch_seq) for b in relaunched) == sorted(
-        (b.batch_id, 2) for b in lost
-    )
-    launched = [(b.batch_id, b.dispatch_seq) for b in engine.launcher.launched]
-    assert len(launched) == len(set(launched)), f"a (batch, seq) launched twice: {launched}"
+    sync = engine.sync_workers("job")
+    assert [(g.job_id, g.wave_number, g.size) for g in sync.groups] == [("job", None, 2)]
+    worker = PooledWorker(PoolSettings(dsn, tenant, "job", "pool:1", idle_seconds=0.3, poll=0.1))
+    stats = worker.run()
+    assert (stats.completed, stats.failed, stats.reason) == (2, 0, "idle")
+    assert sorted(stats.batches) == sorted(b.batch_id for b in lost)
 
-    # A late worker of the lost launch is fenced out; the adopted one does the work.
     late = run_batch(WorkItem(dsn, tenant, "job", lost[0].batch_id, lost[0].dispatch_seq))
-    assert late.exit_code == EXIT_FENCED, late.message
-    for b in relaunched:
-        assert run_batch(WorkItem(dsn, tenant, "job", b.batch_id, b.dispatch_seq)).exit_code == (
-            EXIT_OK
-        )
-        engine.listener.on_completed("job", b.batch_id, b.dispatch_seq)
+    assert late.exit_code == EXIT_OK and "already completed" in late.message
     with tenant_conn(dsn, tenant) as conn:
         rows = conn.execute(
-            "SELECT batch_id, status, attempts, dispatch_seq FROM wave_batches "
+            "SELECT batch_id, status, attempts, dispatch_seq, worker_id FROM wave_batches "
             "WHERE batch_id = ANY(%s)",
             ([b.batch_id for b in lost],),
         ).fetchall()
-    # the adoption counted no attempt (the lost worker never ran)
-    assert {(r["status"], r["attempts"], r["dispatch_seq"]) for r in rows} == {("completed", 1, 2)}
+    assert {(r["status"], r["attempts"], r["dispatch_seq"], r["worker_id"]) for r in rows} == {
+        ("completed", 1, 1, "pool:1")
+    }
 
 
 def test_idle_pooled_connections_killed_do_not_fail_the_next_run(

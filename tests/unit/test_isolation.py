@@ -17,7 +17,15 @@ from kubernetes import client
 
 from importwaves import redact
 from importwaves.db.options import ConnOptions
-from importwaves.engine.notify import channel_for, database_identity, fingerprint, parse
+from importwaves.engine.notify import (
+    Prompt,
+    channel_for,
+    database_identity,
+    fingerprint,
+    parse,
+    parse_prompt,
+    prompt_payload,
+)
 from importwaves.k8s import operator as k8s_operator
 from importwaves.k8s.crd import DatabaseRef
 from importwaves.k8s.jobs import (
@@ -210,6 +218,19 @@ def test_parse_accepts_only_a_well_formed_completion() -> None:
     c = parse(ok)
     assert c is not None and (c.tenant, c.dispatch_seq) == ("t", 3)
     assert parse(ok.replace("3}", '"3"}')) is None
+    # a prompt (dispatched, status, failed) is never taken for a completion, and vice versa
+    assert parse(prompt_payload("dispatched", "t", "j")) is None
+    assert parse_prompt(ok) is None
+
+
+def test_parse_prompt_accepts_only_known_kinds_with_tenant_and_job() -> None:
+    for kind in ("dispatched", "status", "failed"):
+        assert parse_prompt(prompt_payload(kind, "t", "j")) == Prompt(kind, "t", "j")
+    assert parse_prompt(prompt_payload("completed", "t", "j")) is None
+    assert parse_prompt('{"kind":"dispatched","tenant":"t"}') is None
+    assert parse_prompt('{"kind":"dispatched","tenant":"t","job_id":7}') is None
+    assert parse_prompt("not json") is None
+    assert parse_prompt("x" * 5000) is None
 
 
 # -- worker Jobs -------------------------------------------------------------------------------

@@ -10,6 +10,34 @@ VALUES (%(job_id)s, %(spec)s)
 ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id;
 
+-- name: job_set_launch_target
+-- Store where the job's workers run (launch/port.py LaunchTarget) at submit; a submit without
+-- one keeps the stored target.
+UPDATE import_jobs SET launch_target = coalesce(%(target)s, launch_target),
+    updated_at = clock_timestamp()
+WHERE job_id = %(job_id)s AND launch_target IS DISTINCT FROM coalesce(%(target)s, launch_target);
+
+-- name: job_workers_view
+-- What the worker sync reads (engine/workers.py): the job's status, spec and launch target.
+SELECT job_id, status, spec, launch_target FROM import_jobs WHERE job_id = %(job_id)s;
+
+-- name: batches_held
+-- The worker sync: batches handed to workers (dispatched or processing), whose worker holds
+-- them, and how long since their last sign of life by the database's clock (heartbeat, claim
+-- or dispatch).
+SELECT batch_id, wave_number, record_type_id, status, dispatch_seq, attempts, worker_id,
+       extract(epoch FROM clock_timestamp()
+               - coalesce(heartbeat_at, started_at, dispatched_at))::double precision AS quiet
+FROM wave_batches
+WHERE job_id = %(job_id)s AND status IN ('dispatched', 'processing')
+ORDER BY id;
+
+-- name: job_attempts
+-- The local runner's summary: attempts the job's workers made and batches completed.
+SELECT coalesce(sum(attempts), 0)::bigint AS attempts,
+       count(*) FILTER (WHERE status = 'completed') AS completed
+FROM wave_batches WHERE job_id = %(job_id)s;
+
 -- name: job_lock
 -- Take the per-job lock (serializes every decision about one job) and read the job row.
 SELECT job_id, spec, status, status_reason, planned_at, completed_at, last_dispatch_lag_seconds
@@ -177,6 +205,44 @@ WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispa
   AND status = 'dispatched'
 RETURNING batch_id, wave_number, record_type_id, dispatch_seq, attempts;
 
+-- name: batch_claim_next
+-- A pooled worker claims the next dispatched batch of its job (of one wave when wave_number is
+-- set) that no worker reserved, under that batch's fencing token: dispatched -> processing,
+-- counting the attempt. SKIP LOCKED: two workers never take the same row, and neither waits.
+UPDATE wave_batches b
+SET status = 'processing', attempts = b.attempts + 1, started_at = clock_timestamp(),
+    heartbeat_at = clock_timestamp(), worker_id = %(worker_id)s, updated_at = clock_timestamp()
+WHERE b.id = (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND status = 'dispatched' AND worker_id IS NULL
+      AND (%(wave_number)s::integer IS NULL OR wave_number = %(wave_number)s::integer)
+    ORDER BY id LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.batch_id, b.dispatch_seq, b.record_type_id, b.chunk_ids_json, b.attempts,
+          (SELECT p.record_type_id FROM wave_batches p
+           WHERE p.job_id = b.job_id AND p.batch_id = b.parent_batch_id)
+          AS parent_record_type_id;
+
+-- name: batch_reserve_next
+-- A pooled worker running a custom worker command reserves the next dispatched batch (it stays
+-- `dispatched`, with this worker's id, so no other pooled worker takes it); the command then
+-- claims it with batch_claim under its dispatch_seq, as a per-batch worker does.
+UPDATE wave_batches b
+SET worker_id = %(worker_id)s, heartbeat_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE b.id = (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND status = 'dispatched' AND worker_id IS NULL
+      AND (%(wave_number)s::integer IS NULL OR wave_number = %(wave_number)s::integer)
+    ORDER BY id LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.batch_id, b.dispatch_seq, b.record_type_id;
+
+-- name: job_status_get
+-- A pooled worker's look at its job: its status (no row: the job is gone).
+SELECT status FROM import_jobs WHERE job_id = %(job_id)s;
+
 -- name: batch_get
 -- One batch row.
 SELECT batch_id, wave_number, record_type_id, status, chunk_ids_json, record_count,
@@ -185,10 +251,13 @@ SELECT batch_id, wave_number, record_type_id, status, chunk_ids_json, record_cou
 FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s;
 
 -- name: batch_claim
--- A worker claims its dispatch: dispatched -> processing, counting the attempt.
+-- A worker claims its dispatch: dispatched -> processing, counting the attempt. A batch a pooled
+-- worker reserved for the custom command it runs (batch_reserve_next) keeps that pooled
+-- worker's id: the engine watches the pooled worker, not the command.
 UPDATE wave_batches
 SET status = 'processing', attempts = attempts + 1, started_at = clock_timestamp(),
-    heartbeat_at = clock_timestamp(), worker_id = %(worker_id)s, updated_at = clock_timestamp()
+    heartbeat_at = clock_timestamp(), worker_id = coalesce(worker_id, %(worker_id)s),
+    updated_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
   AND status = 'dispatched'
 RETURNING record_type_id, chunk_ids_json, attempts,
@@ -207,6 +276,12 @@ SELECT set_config('synchronous_commit', 'on', true);
 -- Lock one batch row (a worker holds it while importing, so a concurrent requeue waits).
 SELECT status, dispatch_seq, record_type_id, chunk_ids_json, record_count
 FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s FOR UPDATE;
+
+-- name: notify_tenant
+-- A prompt on the tenant's channel (engine/notify.py): batches were dispatched (pooled workers
+-- try to claim), a job changed status, a batch failed. Delivered at the commit of the
+-- surrounding transaction; never the truth: the rows are.
+SELECT pg_notify(%(channel)s, %(payload)s);
 
 -- name: notify_tenant_batch_completed
 -- Tell whoever LISTENs on the tenant's channel (engine/notify.py channel_for) that a batch

@@ -1,9 +1,14 @@
 """`Engine`: one tenant's wave engine, wired together (pool, flags, events, coordinator,
-listeners, recovery, launcher). The local runner and the operator both drive this object."""
+listeners, recovery, and the worker launcher it applies its lifecycle decisions through). The
+local runner and the operator both drive this object, through its public methods only: `submit`,
+`check`, `sync_workers`, `on_completed`, `sweep`, `retry_failed`."""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -18,9 +23,17 @@ from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
-from importwaves.engine.recovery import Recovery
+from importwaves.engine.recovery import Recovery, RecoveryReport
+from importwaves.engine.workers import (
+    DEFAULT_GRACE,
+    HeldBatch,
+    LostBatch,
+    plan_problems,
+    plan_workers,
+)
 from importwaves.flags import DEFAULT_TTL, Flags
-from importwaves.launch.base import Launcher, RecordingLauncher
+from importwaves.launch.base import BatchDispatch, DispatchObserver, RecordingLauncher
+from importwaves.launch.port import LaunchProblem, LaunchTarget, WorkerGroup, WorkerLauncher
 from importwaves.log import event
 from importwaves.spec import ImportSpec
 
@@ -31,6 +44,29 @@ class SchemaNotReady(RuntimeError):
     """The tenant schema lacks migrations this importwaves needs (or was never migrated)."""
 
 
+def default_worker_grace() -> float:
+    """Seconds a processing batch whose worker is not alive keeps its claim
+    (IMPORTWAVES_WORKER_GRACE_SECONDS, default 5)."""
+    return float(os.environ.get("IMPORTWAVES_WORKER_GRACE_SECONDS") or DEFAULT_GRACE)
+
+
+@dataclass
+class WorkerSync:
+    """What one `sync_workers` did."""
+
+    job_id: str
+    groups: list[WorkerGroup] = field(default_factory=list)
+    #: processing batches whose worker was gone: their attempt was failed
+    lost: list[LostBatch] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)
+    problems: list[LaunchProblem] = field(default_factory=list)
+    #: batches whose attempt a permanent launch problem failed
+    launch_failed: int = 0
+    #: workers the launcher saw alive
+    live: int = 0
+    job_status: str | None = None
+
+
 class Engine:
     def __init__(
         self,
@@ -38,10 +74,11 @@ class Engine:
         tenant: str,
         *,
         redis_url: str | None = None,
-        launcher: Launcher | None = None,
+        launcher: WorkerLauncher | None = None,
         pool_size: int = 8,
         flag_ttl: int = DEFAULT_TTL,
         opts: ConnOptions | None = None,
+        worker_grace: float | None = None,
     ) -> None:
         self.tenant = tenant
         self.dsn = dsn
@@ -50,12 +87,18 @@ class Engine:
         self.pool = make_pool(dsn, tenant, max_size=pool_size, opts=opts)
         self.flags = Flags(redis_url, tenant, ttl=flag_ttl)
         self.bus = EventBus()
-        self.launcher: Launcher = launcher or RecordingLauncher()
-        self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus, self.launcher)
+        self.launcher: WorkerLauncher = launcher if launcher is not None else RecordingLauncher()
+        self.worker_grace = default_worker_grace() if worker_grace is None else worker_grace
+        #: the host's own per-batch launching (the operator's one-Job-per-batch mode), called
+        #: after the worker sync of every run that dispatched
+        self.on_dispatch: Any = None
+        self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus)
+        self.coordinator.on_dispatched = self._dispatched
+        #: launch targets read by sync_workers (a job's target changes only at submit)
+        self._targets: dict[str, LaunchTarget] = {}
         self.listener = BatchCompletedListener(
             tenant, self.pool, self.flags, self.bus, self.coordinator
         )
-        self.coordinator.on_launch_failure = self.listener.on_launch_failure
         self.recovery = Recovery(tenant, self.pool, self.flags, self.bus, self.coordinator)
         self.bus.subscribe(DerivedWavesCreated, DerivedWavesCreatedListener(self.coordinator))
         self._schema_ready = False
@@ -70,9 +113,10 @@ class Engine:
         self.close()
 
     # -- jobs ----------------------------------------------------------------------------------
-    def submit(self, job_id: str, spec: ImportSpec) -> bool:
+    def submit(self, job_id: str, spec: ImportSpec, target: LaunchTarget | None = None) -> bool:
         """Register a job (idempotent) and make it planned; True when it was new. A changed spec
-        for an existing job is applied if it can be, else SpecChangeRefused says why."""
+        for an existing job is applied if it can be, else SpecChangeRefused says why. `target`:
+        where its workers run, stored with the job (None keeps the stored one)."""
         if spec.tenant != self.tenant:
             raise ValueError(
                 f"spec.tenant {spec.tenant!r} does not match engine tenant {self.tenant!r}"
@@ -96,6 +140,12 @@ class Engine:
                         raise SpecChangeRefused(problems)
                     conn.execute(Q("job_set_spec"), {"job_id": job_id, "spec": Jsonb(data)})
                     event(log, "job_spec_updated", job_id=job_id, tenant=self.tenant)
+            if target is not None:
+                self._targets.pop(job_id, None)
+                conn.execute(
+                    Q("job_set_launch_target"),
+                    {"job_id": job_id, "target": Jsonb(target.to_json())},
+                )
         if created:
             event(log, "job_submitted", job_id=job_id, tenant=self.tenant)
             self.flags.set_monitoring(job_id)
@@ -120,6 +170,132 @@ class Engine:
     def check(self, job_id: str, cause: str = "nudge") -> RunResult:
         return self.coordinator.check_and_trigger_next_wave(job_id, cause=cause)
 
+    def on_completed(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
+        """A completion notice (NOTIFY): a prompt to look at the database (records nothing)."""
+        return self.listener.on_completed(job_id, batch_id, dispatch_seq)
+
+    def sweep(self, job_id: str, cause: str = "sweep") -> RecoveryReport:
+        """Recovery: stale claims and unclaimed dispatches back to pending, missing derived
+        batches created, then a progression check."""
+        return self.recovery.reconcile(job_id, cause=cause)
+
+    def retry_failed(self, job_id: str) -> RecoveryReport:
+        return self.recovery.retry_failed(job_id)
+
+    # -- the worker lifecycle ------------------------------------------------------------------
+    def sync_workers(self, job_id: str) -> WorkerSync:
+        """The engine-owned worker lifecycle, for both hosts: read the job's held batches and
+        launch target, observe its workers, decide (engine/workers.py) and apply: fail the
+        attempt of batches whose worker is gone (one failure path, with the worker's exit code
+        and last words), forget ended workers, ensure the wanted worker groups, and apply the
+        one launch-failure policy (permanent: the group's dispatched batches' attempt fails;
+        transient: logged, retried at the next sync). Idempotent; it dispatches nothing (the
+        caller's next check re-dispatches what went back to pending)."""
+        out = WorkerSync(job_id)
+        with self.pool.connection() as conn:
+            job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
+        if job is None:
+            return out
+        target = self._targets[job_id] = LaunchTarget.from_json(job["launch_target"])
+        spec = spec_of(job)
+        seen = self.launcher.observe(target, self.tenant, job_id)
+        with self.pool.connection() as conn:
+            rows = conn.execute(Q("batches_held"), {"job_id": job_id}).fetchall()
+        names = {rt.recordTypeId: rt.name for rt in spec.recordTypes} | {
+            d.recordTypeId: d.name for d in spec.derivedTypes
+        }
+        held = [
+            HeldBatch(
+                r["batch_id"],
+                int(r["wave_number"]),
+                names.get(int(r["record_type_id"]), str(r["record_type_id"])),
+                r["status"],
+                int(r["dispatch_seq"]),
+                r["worker_id"],
+                float(r["quiet"] or 0.0),
+            )
+            for r in rows
+        ]
+        per_wave = bool(getattr(self.launcher, "per_wave", False))
+        plan = plan_workers(
+            job_id,
+            job["status"],
+            spec.parallelism,
+            held,
+            seen,
+            per_wave=per_wave,
+            grace=self.worker_grace,
+        )
+        out.job_status = job["status"]
+        out.live = sum(1 for w in seen.workers if w.alive)
+        for lost in plan.lost:
+            row = self.listener.fail_attempt(job_id, lost.batch_id, lost.dispatch_seq, lost.error)
+            if row is not None:
+                out.lost.append(lost)
+                event(
+                    log,
+                    "worker_lost",
+                    logging.WARNING,
+                    job_id=job_id,
+                    batch_id=lost.batch_id,
+                    worker_id=lost.worker_id,
+                    now=row["status"],
+                    attempts=row["attempts"],
+                    error=lost.error,
+                )
+        if plan.discard:
+            self.launcher.discard(target, self.tenant, job_id, plan.discard)
+            out.discarded = list(plan.discard)
+        out.groups = list(plan.groups)
+        if plan.groups:
+            out.problems = self.launcher.ensure(target, self.tenant, plan.groups)
+        policy = plan_problems(out.problems, held, per_wave=per_wave)
+        for p in policy.retry:
+            event(
+                log,
+                "launch_retry_later",
+                logging.WARNING,
+                job_id=job_id,
+                wave=p.group.wave_number,
+                error=p.error,
+            )
+        for f in policy.fail:
+            event(log, "launch_failed", logging.WARNING, job_id=job_id, error=f.error)
+            for b in f.batches:
+                if self.listener.fail_attempt(job_id, b.batch_id, b.dispatch_seq, f.error):
+                    out.launch_failed += 1
+        return out
+
+    def _dispatched(self, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
+        """After the commit of a run that dispatched: workers for them at once."""
+        if isinstance(self.launcher, DispatchObserver):
+            self.launcher.on_dispatched(job_id, batches)
+        target = self._targets.get(job_id)
+        if target is not None:
+            # The hot path (a completion -> the next dispatch): with all its workers alive the
+            # job needs no sync; their LISTEN already has this run's dispatch NOTIFY.
+            seen = self.launcher.observe(target, self.tenant, job_id)
+            alive = sum(1 for w in seen.workers if w.alive)
+            if seen.complete and alive >= spec.parallelism:
+                return self._host_dispatch(job_id, spec, batches)
+        self.sync_workers(job_id)
+        self._host_dispatch(job_id, spec, batches)
+
+    def _host_dispatch(self, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
+        if self.on_dispatch is not None:
+            self.on_dispatch(job_id, spec, batches)
+
+    def workers_for(self, job_id: str) -> Sequence[str]:
+        """Ids of the job's workers the launcher sees alive (for progress views)."""
+        with self.pool.connection() as conn:
+            job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
+        target = LaunchTarget.from_json(job["launch_target"] if job else None)
+        return [
+            w.worker_id
+            for w in self.launcher.observe(target, self.tenant, job_id).workers
+            if w.alive
+        ]
+
     def update_gauges(self) -> None:
         """Refresh this tenant's queue.active_jobs and derived-backlog gauges from the DB."""
         with self.pool.connection() as conn:
@@ -136,6 +312,12 @@ class Engine:
             ).fetchone()
         metrics.ACTIVE_JOBS.labels(self.tenant).set(active["n"] if active else 0)
         metrics.DERIVED_BACKLOG.labels(self.tenant).set(backlog["n"] if backlog else 0)
+
+    def attempts(self, job_id: str) -> tuple[int, int]:
+        """(attempts the job's workers made, batches completed), from the batch rows."""
+        with self.pool.connection() as conn:
+            row = conn.execute(Q("job_attempts"), {"job_id": job_id}).fetchone()
+        return (int(row["attempts"]), int(row["completed"])) if row else (0, 0)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.pool.connection() as conn:

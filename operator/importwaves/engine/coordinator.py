@@ -1,14 +1,17 @@
 """`check_and_trigger_next_wave`: the one loop every stimulus ends in.
 
 Lock the job row, catch up on derived creation, read one snapshot, ask `decide`, apply its answer
-in the same transaction (dispatch, job status), commit; only then touch the outside world
-(launching workers first, then cache flags and events). Running it twice in a row does nothing
-the second time.
+in the same transaction (dispatch, job status, and a NOTIFY on the tenant's channel that prompts
+the job's pooled workers to claim), commit; only then touch the outside world (the engine's
+worker sync first, `on_dispatched`, then cache flags and events). Running it twice in a row does
+nothing the second time. The coordinator launches nothing itself: a dispatch makes batches
+claimable; workers are the business of Engine.sync_workers.
 
 A caller may hand the run a `prepare` step (run first, in the same transaction, under the job
-lock) and an `on_commit` step (run after the commit, right after the launch): the batch-completed
-listener does its post-commit derived initialization that way, so the derived batches it creates
-are decided on (and dispatched) under the same lock, in one transaction, with one commit.
+lock) and an `on_commit` step (run after the commit, right after the worker sync): the
+batch-completed listener does its post-commit derived initialization that way, so the derived
+batches it creates are decided on (and dispatched) under the same lock, in one transaction,
+with one commit.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from importwaves.engine.decide import decide
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import Decision, JobStatus, Outcome, Snapshot, WaveState
+from importwaves.engine.notify import channel_for, prompt_payload
 from importwaves.engine.planner import plan
 from importwaves.engine.rows import Code, TypeRows, completion_problems
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
-from importwaves.launch.base import BatchDispatch, Launcher, LaunchFailure
+from importwaves.launch.base import BatchDispatch
 from importwaves.log import event
 from importwaves.spec import ImportSpec
 
@@ -50,7 +54,6 @@ class RunResult:
     reason: str = ""
     dispatched: list[BatchDispatch] = field(default_factory=list)
     derived_created: int = 0
-    launch_failures: list[LaunchFailure] = field(default_factory=list)
     snapshot: Snapshot | None = None
     decision: Decision | None = None
     seconds: float = 0.0
@@ -59,8 +62,10 @@ class RunResult:
 #: A step run inside the coordinator's transaction, under the job lock, before anything else is
 #: read: it returns the derived batches it created (they are decided on in the same run).
 Prepare = Callable[[Conn, ImportSpec], derived.Created]
-#: A step run after the commit, right after the launch, before the run's flags and events.
+#: A step run after the commit, right after the worker sync, before the run's flags and events.
 OnCommit = Callable[[RunResult], None]
+#: What the engine does with a run's dispatched batches after its commit (its worker sync).
+OnDispatched = Callable[[str, ImportSpec, list[BatchDispatch]], None]
 
 
 class GuardViolation(RuntimeError):
@@ -74,15 +79,13 @@ class Coordinator:
         pool: ConnectionPool[Conn],
         flags: Flags,
         bus: EventBus,
-        launcher: Launcher,
     ) -> None:
         self.tenant = tenant
         self.pool = pool
         self.flags = flags
         self.bus = bus
-        self.launcher = launcher
-        # A launch failure is recorded by this callback (the listener's failure path).
-        self.on_launch_failure: Any = None
+        #: called after the commit of a run that dispatched (the engine: sync the job's workers)
+        self.on_dispatched: OnDispatched | None = None
 
     def check_and_trigger_next_wave(
         self,
@@ -130,7 +133,9 @@ class Coordinator:
                 if decision.job_status == JobStatus.COMPLETED:
                     decision = self._verify_completion(conn, job_id, decision)
                 dispatched = self._dispatch(conn, job, spec, snap, decision)
-                if decision.job_status is not None and decision.job_status != snap.status:
+                changed = decision.job_status is not None and decision.job_status != snap.status
+                if changed:
+                    assert decision.job_status is not None
                     conn.execute(
                         Q("job_set_outcome"),
                         {
@@ -138,6 +143,18 @@ class Coordinator:
                             "status": decision.job_status.value,
                             "reason": decision.reason,
                             "code": decision.code,
+                        },
+                    )
+                if dispatched or changed:
+                    # Delivered at this commit: idle pooled workers of the job try to claim (or,
+                    # the job being over, exit). A prompt; the rows are the truth.
+                    conn.execute(
+                        Q("notify_tenant"),
+                        {
+                            "channel": channel_for(self.tenant),
+                            "payload": prompt_payload(
+                                "dispatched" if dispatched else "status", self.tenant, job_id
+                            ),
                         },
                     )
         if verdict is not None and not verdict.ok:
@@ -265,17 +282,7 @@ class Coordinator:
             rows = conn.execute(
                 Q("batches_dispatch_first" if first else "batches_dispatch"), params
             ).fetchall()
-            for r in rows:
-                out.append(
-                    BatchDispatch(
-                        snap.job_id,
-                        r["batch_id"],
-                        r["wave_number"],
-                        r["record_type_id"],
-                        r["dispatch_seq"],
-                        r["attempts"] + 1,
-                    )
-                )
+            out += [BatchDispatch.from_row(snap.job_id, r) for r in rows]
             lag = rows[0]["lag"] if first and rows else None
             if lag is not None:
                 level = "derived" if wave.is_derived else "main"
@@ -334,20 +341,8 @@ class Coordinator:
     ) -> None:
         job_id = snap.job_id
         # Workers first: everything else here is bookkeeping that no worker waits for.
-        if dispatched:
-            failures = self.launcher.launch(self.tenant, job_id, spec, dispatched)
-            result.launch_failures = failures
-            for f in failures:
-                event(
-                    log,
-                    "launch_failed",
-                    logging.WARNING,
-                    job_id=job_id,
-                    batch_id=f.batch.batch_id,
-                    error=f.error,
-                )
-                if self.on_launch_failure is not None:
-                    self.on_launch_failure(f)
+        if dispatched and self.on_dispatched is not None:
+            self.on_dispatched(job_id, spec, dispatched)
         if on_commit is not None:
             on_commit(result)
         if decision.keep_monitoring:

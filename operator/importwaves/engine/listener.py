@@ -19,6 +19,7 @@ already done by the time the event is emitted.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from psycopg_pool import ConnectionPool
 
@@ -34,14 +35,11 @@ from importwaves.flags import Flags
 from importwaves.launch.base import LaunchFailure
 from importwaves.log import event
 from importwaves.spec import ImportSpec
+from importwaves.worker_pool import EXIT_WITHOUT_COMPLETION
 
 log = logging.getLogger("importwaves.listener")
 
-#: The failed attempt recorded when a worker exits 0 but its dispatch recorded no completion.
-EXIT_WITHOUT_COMPLETION = (
-    "worker exited 0 without recording its completion; see the worker contract (README: a "
-    "worker records its completion and row count itself, in its fenced transaction)"
-)
+__all__ = ["EXIT_WITHOUT_COMPLETION", "BatchCompletedListener", "DerivedWavesCreatedListener"]
 
 
 class BatchCompletedListener:
@@ -82,21 +80,7 @@ class BatchCompletedListener:
     def record_exit_without_completion(self, job_id: str, batch_id: str, dispatch_seq: int) -> bool:
         """The exit-0 check alone: True when this dispatch had recorded no completion (or
         failure) and a failed attempt was counted for it now."""
-        with self.pool.connection() as conn, conn.transaction():
-            loaded = load_job(conn, job_id)
-            if loaded is None:
-                return False
-            spec = loaded.spec
-            row = conn.execute(
-                Q("batch_fail"),
-                {
-                    "job_id": job_id,
-                    "batch_id": batch_id,
-                    "dispatch_seq": dispatch_seq,
-                    "max_attempts": spec.max_attempts,
-                    "error": EXIT_WITHOUT_COMPLETION,
-                },
-            ).fetchone()
+        row = self.fail_attempt(job_id, batch_id, dispatch_seq, EXIT_WITHOUT_COMPLETION)
         if row is None:
             return False
         event(
@@ -113,21 +97,7 @@ class BatchCompletedListener:
 
     def on_failed(self, job_id: str, batch_id: str, dispatch_seq: int, error: str) -> RunResult:
         """A worker failed (or its pod did); counts an attempt unless the worker already did."""
-        with self.pool.connection() as conn, conn.transaction():
-            loaded = load_job(conn, job_id)
-            if loaded is None:
-                return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-            spec = loaded.spec
-            row = conn.execute(
-                Q("batch_fail"),
-                {
-                    "job_id": job_id,
-                    "batch_id": batch_id,
-                    "dispatch_seq": dispatch_seq,
-                    "max_attempts": spec.max_attempts,
-                    "error": error[:4000],
-                },
-            ).fetchone()
+        row = self.fail_attempt(job_id, batch_id, dispatch_seq, error)
         if row is not None:
             event(
                 log,
@@ -142,23 +112,32 @@ class BatchCompletedListener:
         return self.coordinator.check_and_trigger_next_wave(job_id, cause="batch_failed")
 
     def on_launch_failure(self, failure: LaunchFailure) -> None:
+        """A per-batch launch failed (the operator's one-Job-per-batch mode)."""
         b = failure.batch
+        self.fail_attempt(b.job_id, b.batch_id, b.dispatch_seq, f"launch failed: {failure.error}")
+        # The next timer tick or completion re-dispatches; no recursion from inside a launch.
+
+    def fail_attempt(
+        self, job_id: str, batch_id: str, dispatch_seq: int, error: str
+    ) -> dict[str, Any] | None:
+        """THE failure path: count a failed attempt of this dispatch (back to pending, or failed
+        when out of attempts), fenced by its dispatch sequence: a newer dispatch or a recorded
+        result is never touched. The batch row after it, or None when nothing was recorded."""
         with self.pool.connection() as conn, conn.transaction():
-            loaded = load_job(conn, b.job_id)
+            loaded = load_job(conn, job_id)
             if loaded is None:
-                return
-            spec = loaded.spec
-            conn.execute(
+                return None
+            row: dict[str, Any] | None = conn.execute(
                 Q("batch_fail"),
                 {
-                    "job_id": b.job_id,
-                    "batch_id": b.batch_id,
-                    "dispatch_seq": b.dispatch_seq,
-                    "max_attempts": spec.max_attempts,
-                    "error": f"launch failed: {failure.error}",
+                    "job_id": job_id,
+                    "batch_id": batch_id,
+                    "dispatch_seq": dispatch_seq,
+                    "max_attempts": loaded.spec.max_attempts,
+                    "error": error[:4000],
                 },
-            )
-        # The next timer tick or completion re-dispatches; no recursion from inside a launch.
+            ).fetchone()
+        return row
 
     # -- seed A: post-commit derived initialization ---------------------------------------------
     def _derived_after_parent(self, job_id: str, batch_id: str) -> RunResult:

@@ -57,15 +57,50 @@ class Completion:
     dispatch_seq: int
 
 
-def parse(payload: str) -> Completion | None:
-    """A completion payload, or None for anything else (never raises)."""
+#: Kinds of prompt (a payload's "kind"; a completion has none): batches were dispatched (pooled
+#: workers try to claim), a job's status changed, a worker recorded a failed attempt.
+PROMPT_KINDS = frozenset({"dispatched", "status", "failed"})
+
+
+def prompt_payload(kind: str, tenant: str, job_id: str) -> str:
+    """The NOTIFY payload of a prompt that is not a completion (see PROMPT_KINDS)."""
+    return json.dumps({"kind": kind, "tenant": tenant, "job_id": job_id}, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    kind: str
+    tenant: str
+    job_id: str
+
+
+def parse_prompt(payload: str) -> Prompt | None:
+    """A prompt payload (see prompt_payload), or None for anything else (never raises)."""
+    data = _load(payload)
+    if data is None:
+        return None
+    kind, tenant, job_id = data.get("kind"), data.get("tenant"), data.get("job_id")
+    if kind not in PROMPT_KINDS:
+        return None
+    if not all(isinstance(v, str) and v for v in (tenant, job_id)):
+        return None
+    return Prompt(str(kind), str(tenant), str(job_id))
+
+
+def _load(payload: str) -> dict[str, Any] | None:
     if not isinstance(payload, str) or len(payload) > MAX_PAYLOAD:
         return None
     try:
         data = json.loads(payload)
     except ValueError:
         return None
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else None
+
+
+def parse(payload: str) -> Completion | None:
+    """A completion payload, or None for anything else (never raises)."""
+    data = _load(payload)
+    if data is None or "kind" in data:
         return None
     tenant, job_id, batch_id, seq = (
         data.get("tenant"),

@@ -56,11 +56,11 @@ from importwaves.k8s.status import (
     now_iso,
     status_patch,
 )
-from importwaves.launch.base import BatchDispatch
+from importwaves.launch.base import BatchDispatch, NoWorkers
 from importwaves.launch.kubernetes import KubernetesLauncher
 from importwaves.log import event
 from importwaves.settings import Settings
-from importwaves.spec import format_validation_error
+from importwaves.spec import ImportSpec, format_validation_error
 
 log = logging.getLogger("importwaves.operator")
 
@@ -342,6 +342,22 @@ class ImportJobOperator:
         )
 
     # -- worker Jobs -----------------------------------------------------------------------------
+    def _launch_batches(
+        self, engine: Engine, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]
+    ) -> None:
+        """After the commit of a run that dispatched: a Job per batch; a refused one is a
+        failed attempt (the engine's one failure path)."""
+        for f in self.launcher.launch(engine.tenant, job_id, spec, batches):
+            event(
+                log,
+                "launch_failed",
+                logging.WARNING,
+                job_id=job_id,
+                batch_id=f.batch.batch_id,
+                error=f.error,
+            )
+            engine.listener.on_launch_failure(f)
+
     def sync_jobs(
         self, engine: Engine, owner: Owner, job_id: str, stale_after: float = 300.0
     ) -> list[KubeEvent]:
@@ -371,14 +387,7 @@ class ImportJobOperator:
         adopted = 0
         for row in rows:
             if row["status"] == "dispatched" and (row["batch_id"], row["dispatch_seq"]) not in live:
-                b = BatchDispatch(
-                    job_id,
-                    row["batch_id"],
-                    row["wave_number"],
-                    row["record_type_id"],
-                    row["dispatch_seq"],
-                    row["attempts"] + 1,
-                )
+                b = BatchDispatch.from_row(job_id, row)
                 try:
                     adopted += int(self.launcher.create(owner, b))
                 except ApiException as exc:
@@ -673,11 +682,13 @@ class ImportJobOperator:
             dsn,
             tenant,
             redis_url=self.settings.redis_url,
-            launcher=self.launcher,
+            launcher=NoWorkers(),
             pool_size=self.settings.pool_size,
             flag_ttl=self.settings.flag_ttl,
             opts=opts,
         )
+        # One Job per batch, until this operator moves onto Engine.sync_workers (issue 12).
+        engine.on_dispatch = functools.partial(self._launch_batches, engine)
         # Completions arrive by NOTIFY the moment they commit (engine/notify.py), through one
         # LISTEN connection per database; Job events and the timer stay the backstops.
         try:
