@@ -122,6 +122,7 @@ class ProcSeen:
     first: float
     last: float
     hwm_kb: int = 0
+    cmd: str = ""
 
 
 @dataclass
@@ -169,20 +170,21 @@ class TreeSampler:
             total += st.get("VmRSS", 0)
             p = self.seen.get(pid)
             if p is None:
-                p = self.seen[pid] = ProcSeen(pid, self._role(pid), now, now)
+                role, cmd = self._role(pid)
+                p = self.seen[pid] = ProcSeen(pid, role, now, now, cmd=cmd)
             p.last = now
             p.hwm_kb = max(p.hwm_kb, st.get("VmHWM", 0))
         self.total_peak_kb = max(self.total_peak_kb, total)
         self.samples += 1
 
-    def _role(self, pid: int) -> str:
-        if pid == self.root:
-            return "runner"
+    def _role(self, pid: int) -> tuple[str, str]:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
-            return "other"
-        return "worker" if "worker" in cmd else "other"
+            cmd = ""
+        if pid == self.root:
+            return "runner", cmd[:120]
+        return ("worker" if "worker" in cmd else "other"), cmd[:120]
 
     def summary(self) -> dict[str, Any]:
         def mb(kb: float) -> float:
@@ -198,6 +200,7 @@ class TreeSampler:
             "worker_peak_mb_median": mb(statistics.median(workers)) if workers else None,
             "other_processes_seen": len(others),
             "other_peak_mb_max": mb(max(others)) if others else None,
+            "other_commands": sorted({p.cmd for p in self.seen.values() if p.role == "other"})[:5],
             "tree_total_rss_peak_mb": mb(self.total_peak_kb),
             "samples": self.samples,
             "interval_s": self.every,
