@@ -514,17 +514,20 @@ ORDER BY record_id LIMIT %(limit)s;
 -- name: derived_uncovered
 -- Planning: staging rows of one derived type that no derived batch can ever cover (parent_id
 -- NULL, or naming no staged row of its parent types, or of the parent_record_type_id it names):
--- how many, and the first ids. The parent is looked up by its whole primary key, one parent type
--- at a time (with staging just loaded and not analyzed, `record_type_id = ANY(...)` let the
--- planner pick the (job, type, parent) index and scan every parent per child: seconds).
-WITH orphans AS (
+-- how many, and the first ids. One hash anti-join: the parent keys are read once (a
+-- materialized CTE has no index, so the planner cannot choose a probe per child whatever the
+-- statistics say; with staging just loaded and not analyzed, a correlated lookup per child was
+-- 1M primary-key probes for 1M lines: 5.4 s, against 1.1 s for this).
+WITH parents AS MATERIALIZED (
+    SELECT p.record_type_id, p.record_id FROM staging_records p
+    WHERE p.job_id = %(job_id)s AND p.record_type_id = ANY(%(parent_type_ids)s::integer[])
+), orphans AS (
     SELECT s.record_id FROM staging_records s
     WHERE s.job_id = %(job_id)s AND s.record_type_id = %(record_type_id)s
       AND NOT EXISTS (
-          SELECT 1 FROM unnest(%(parent_type_ids)s::integer[]) AS pt(id)
-          JOIN staging_records p
-            ON p.job_id = s.job_id AND p.record_type_id = pt.id AND p.record_id = s.parent_id
-          WHERE s.parent_record_type_id IS NULL OR s.parent_record_type_id = pt.id)
+          SELECT 1 FROM parents p
+          WHERE p.record_id = s.parent_id
+            AND (s.parent_record_type_id IS NULL OR s.parent_record_type_id = p.record_type_id))
 )
 SELECT (SELECT count(*) FROM orphans) AS n,
        coalesce((SELECT array_agg(record_id ORDER BY record_id)
