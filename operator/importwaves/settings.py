@@ -54,3 +54,7 @@ class Settings:
     worker_active_deadline: int = field(
         default_factory=lambda: int(_env("WORKER_ACTIVE_DEADLINE_SECONDS", "3600"))
     )
+    #: Seconds the last failed worker Job of a wave is kept for `kubectl logs` (0: not kept).
+    keep_failed_job_seconds: int = field(
+        default_factory=lambda: int(_env("KEEP_FAILED_JOB_SECONDS", "3600"))
+    )

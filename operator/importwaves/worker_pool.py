@@ -262,6 +262,11 @@ class PooledWorker:
             what = "could not start" if code is None else f"exited {code}"
             text = f"worker command {what}" + (f": {err}" if err else "")
             self._fail(conn, key, max_attempts, text)
+            # in this worker's own log too (redacted): `kubectl logs` of its pod shows why
+            print(
+                f"importwaves worker {s.worker_id}: batch {key['batch_id']}: {text}",
+                file=sys.stderr,
+            )
         return True
 
     def _fail(self, conn: Conn, key: dict[str, Any], max_attempts: int, message: str) -> bool:

@@ -146,6 +146,16 @@ def local_kubelet(k8s_cluster: Cluster) -> Iterator[LocalKubelet]:
 
 @pytest.fixture
 def namespace(k8s_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    yield from _namespace(k8s_cluster, request)
+
+
+@pytest.fixture
+def other_namespace(k8s_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A second namespace for the same test (a distinct name)."""
+    yield from _namespace(k8s_cluster, request)
+
+
+def _namespace(k8s_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     from kubernetes import client
 
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
@@ -180,9 +190,10 @@ def operator(
 ) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
-    def start(namespace: str, **env: str) -> OperatorProcess:
+    def start(namespace: str | list[str], **env: str) -> OperatorProcess:
         log_path = k8s_cluster.workdir / "operator" / f"{_node_slug(request)}-{len(started)}.log"
-        op = OperatorProcess(k8s_cluster, [namespace], log_path, dict(env))
+        namespaces = [namespace] if isinstance(namespace, str) else list(namespace)
+        op = OperatorProcess(k8s_cluster, namespaces, log_path, dict(env))
         started.append(op)
         return op.start()
 

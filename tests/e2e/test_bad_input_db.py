@@ -37,7 +37,7 @@ from .harness.operatorkit import (
     watch_importjobs,
     watch_jobs,
 )
-from .test_chaos import assert_imported, assert_one_job_per_dispatch, chaos_spec
+from .test_chaos import assert_imported, assert_one_job_per_wave_at_a_time, chaos_spec
 
 
 def db_ready(st: dict[str, Any]) -> dict[str, Any]:
@@ -177,5 +177,5 @@ def test_database_stopped_mid_import_and_started_again(
         assert all("unreachable" in c["message"] for c in unreachable)
         assert db_ready(st).get("status") == "True"
         assert time.monotonic() - down < 300
-        assert_one_job_per_dispatch(jobs, t, job_id)
+        assert_one_job_per_wave_at_a_time(jobs, t, job_id)
         assert_imported(t, job_id, body["spec"], data)

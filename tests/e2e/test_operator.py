@@ -25,12 +25,15 @@ from .harness.operatorkit import (
     Tenant,
     conditions,
     created_jobs,
+    created_pods,
     deleted_unfinished,
     example_importjob,
     is_true,
+    overlapping_jobs,
     status_history,
     watch_importjobs,
     watch_jobs,
+    watch_pods,
 )
 
 
@@ -81,6 +84,7 @@ def test_examples_run_to_completion(
     with k8s_cluster.api_client() as api:
         rec = watch_importjobs(api, ns)
         jobs = watch_jobs(api, ns)
+        pods = watch_pods(api, ns)
         try:
             k8s_cluster.kubectl("apply", "-f", str(EXAMPLES / "importjob.yaml"))
             r = k8s_cluster.kubectl(
@@ -99,6 +103,7 @@ def test_examples_run_to_completion(
         finally:
             rec.stop()
             jobs.stop()
+            pods.stop()
 
     with h.explained():
         st = h.status(name)
@@ -158,13 +163,24 @@ def test_examples_run_to_completion(
         assert "WaveDispatched" in reasons, reasons
         assert "CompletionGuard" in reasons, reasons
         assert any("wave 3" in m for m in reasons["WaveDispatched"]), reasons
-        # One Job per batch, each deleted only after it finished (and its result was
-        # recorded): none is left behind.
+        # One work-queue Job per wave (pooled workers), named for the ImportJob, record type
+        # and wave; each deleted only after it finished (its pods' ends recorded): none left.
         h.wait_for(lambda: not h.jobs(), "the finished worker Jobs to be deleted", timeout=30)
         made = created_jobs(jobs)
-        assert sorted((j.batch_id, j.dispatch_seq) for j in made) == sorted(
-            (b["batch_id"], 1) for b in t.batches(job_id)
+        workers = created_pods(pods)
+        spec = ImportJobSpec.model_validate(manifest["spec"])
+        waves = len(spec.recordTypes) + len(spec.derivedTypes)
+        restarts = sum(1 for j in made if j.index > 1)
+        print(
+            f"\nworker objects for {len(t.batches(job_id))} batches in {waves} waves: "
+            f"{len(made)} Jobs ({restarts} restarted), {len(workers)} pods: "
+            + ", ".join(j.name for j in made)
         )
+        assert {j.wave for j in made} == set(range(1, waves + 1)), made
+        assert len(made) <= waves + restarts
+        assert all(j.name == f"{name}-{j.record_type.lower()}-w{j.wave}-{j.index}" for j in made)
+        assert len(workers) <= waves * spec.parallelism + restarts * spec.parallelism, workers
+        assert not overlapping_jobs(jobs), overlapping_jobs(jobs)
         assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
 
         # `kubectl wait` on an already completed import returns at once.

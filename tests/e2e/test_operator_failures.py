@@ -1,17 +1,20 @@
-"""Worker failures on the real cluster: retried as new Jobs (new fencing token), then the batch
-is failed and the ImportJob says why (bad staging data fails at once: it would fail every
-attempt); `importwaves.io/retry-failed` after fixing the data completes the import."""
+"""Worker failures on the real cluster: a failed attempt is retried (a new dispatch, a new fencing
+token, claimed by a pooled worker of the wave's Job), then the batch is failed and the ImportJob
+says why (bad staging data fails at once: it would fail every attempt); `importwaves.io/
+retry-failed` after fixing the data completes the import. A custom worker command's stderr
+reaches the Failed condition and a BatchFailed Event, and the Job that ran it is kept."""
 
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from importwaves.k8s.crd import ImportJobSpec
 from importwaves.verify import verify_import
 
 from .harness.cluster import Cluster
+from .harness.localkubelet import LocalKubelet
 from .harness.operatorkit import (
     Harness,
     OperatorProcess,
@@ -23,6 +26,7 @@ from .harness.operatorkit import (
     deleted_unfinished,
     importjob,
     is_true,
+    overlapping_jobs,
     small_spec,
     watch_jobs,
 )
@@ -68,9 +72,6 @@ def test_bad_row_fails_at_once_and_retry_failed_completes(
                 assert bad["attempts"] == 1
                 assert bad["last_error"].startswith("non-retryable: BatchDataError")
                 assert "record 150" in bad["last_error"]
-                tries = [j for j in created_jobs(jobs) if j.batch_id == bad["batch_id"]]
-                # One Job for the one attempt.
-                assert sorted(j.dispatch_seq for j in tries) == [1], tries
                 # Nothing was imported for the failed batch; the others were.
                 assert t.scalar("SELECT count(*) FROM transactions WHERE id = 150") == 0
                 assert t.scalar("SELECT count(*) FROM transaction_lines") == 0
@@ -100,23 +101,28 @@ def test_bad_row_fails_at_once_and_retry_failed_completes(
                 conn, job_id, ImportJobSpec.model_validate(body["spec"]).engine_spec()
             )
         assert v.ok, v.failures()
-        # The retried batch ran as a second Job with a second fencing token; no Job twice.
+        # The retried batch ran under a second fencing token; its wave got a new Job (its
+        # pods had ended with the job Failed), never two of a wave at once.
+        [again] = [b for b in t.batches(job_id) if b["batch_id"] == bad["batch_id"]]
+        assert (again["dispatch_seq"], again["status"]) == (2, "completed"), again
         made = created_jobs(jobs)
-        per_dispatch = Counter((j.batch_id, j.dispatch_seq) for j in made)
-        assert max(per_dispatch.values()) == 1, per_dispatch
-        assert sorted(j.dispatch_seq for j in made if j.batch_id == bad["batch_id"]) == [1, 2]
+        assert [j.index for j in made if j.wave == 2] == [1, 2], made
+        assert not overlapping_jobs(jobs), overlapping_jobs(jobs)
         assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
 
 
-def test_worker_pod_that_exits_1_is_retried_then_failed(
+def test_custom_worker_stderr_reaches_the_condition_and_an_event_and_its_job_is_kept(
     k8s_cluster: Cluster,
     namespace: str,
     tenant_db: Callable[[str], Tenant],
     operator: Callable[..., OperatorProcess],
     harness: Callable[..., Harness],
+    local_kubelet: LocalKubelet,
 ) -> None:
-    """A worker that fails without touching the database (here: exit 1): the operator records
-    the failed pod as the attempt, re-dispatches, and fails the batch after `retries`."""
+    """A custom worker command that prints to stderr and exits 1 (issue 13): each attempt is
+    recorded with that stderr, re-dispatched, and the batch fails after `retries`; the Failed
+    condition and a Warning BatchFailed Event (naming the batch and its record type) carry the
+    text, and the Job whose pod ran the last attempt is kept (kubectl logs)."""
     ns, name = namespace, "exits-1"
     job_id = f"{ns}.{name}"
     t = tenant_db(f"exit_{uuid.uuid4().hex[:8]}")
@@ -124,29 +130,62 @@ def test_worker_pod_that_exits_1_is_retried_then_failed(
     create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
     op = operator(ns)
     h = harness(ns, [op], [t])
-    spec = small_spec(retries=2, worker={"image": "busybox", "command": ["sh", "-c", "exit 1"]})
+    boom = "boom: cannot reach upstream API"
+    spec = small_spec(
+        retries=2,
+        worker={"image": "busybox", "command": ["sh", "-c", f"echo '{boom}' >&2; exit 1"]},
+    )
     with k8s_cluster.api_client() as api:
         jobs = watch_jobs(api, ns)
         try:
             apply(k8s_cluster, importjob(name, ns, t.name, **spec))
-            st = h.wait(name, lambda s: s.get("summary") == "Failed", "summary Failed", 90)
+            st = h.wait(name, lambda s: s.get("summary") == "Failed", "summary Failed", 120)
         finally:
             jobs.stop()
     with h.explained():
         failed = conditions(st)["Failed"]
         assert failed["status"] == "True"
-        assert "pod failed" in failed["message"], failed
+        assert boom in failed["message"], failed
         [bad] = [b for b in t.batches(job_id) if b["status"] == "failed"]
         assert bad["record_type_id"] == -2  # the first wave never got through
         assert bad["attempts"] == 3
-        assert bad["last_error"].startswith("pod failed"), bad
-        tries = sorted(j.dispatch_seq for j in created_jobs(jobs) if j.batch_id == bad["batch_id"])
-        assert tries == [1, 2, 3], created_jobs(jobs)
-        assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
+        assert boom in bad["last_error"], bad
+        events = h.wait_for(
+            lambda: h.event_reasons(name).get("BatchFailed"), "a BatchFailed Event", 30
+        )
+        assert any(
+            bad["batch_id"] in m and "(Customer, wave 1)" in m and boom in m for m in events
+        ), events
+        warnings = [e for e in h.events(name) if e["reason"] == "BatchFailed"]
+        assert {e["type"] for e in warnings} == {"Warning"}, warnings
         assert t.target_counts(job_id) == {
             "customers": 0,
             "transactions": 0,
             "transaction_lines": 0,
         }
-        # Failed Jobs were recorded and deleted.
-        h.wait_for(lambda: not h.jobs(), "the failed worker Jobs to be deleted", timeout=30)
+        made = created_jobs(jobs)
+        assert {j.wave for j in made} == {1}, made
+        assert not overlapping_jobs(jobs), overlapping_jobs(jobs)
+        # The Job whose pod ran the failed batch's last attempt is kept: its pod (named in
+        # the batch row) and its log stay readable.
+        assert bad["worker_id"], bad
+        kept = bad["worker_id"]
+
+        def only_the_kept_job() -> list[dict[str, Any]] | None:
+            left = h.jobs()
+            pods = {p["metadata"]["name"]: p for p in h.pods()}
+            owner = pods.get(kept, {}).get("metadata", {}).get("labels", {}).get("job-name")
+            names = [j["metadata"]["name"] for j in left]
+            return left if owner and names == [owner] and _finished(left[0]) else None
+
+        [job] = h.wait_for(only_the_kept_job, "only the kept Job of the failed batch", 60)
+        print(f"\nkept Job {job['metadata']['name']} (pod {kept}) after the import failed")
+        log = local_kubelet.pod_log(ns, kept)
+        assert boom in log, log  # what `kubectl logs` shows on a real node
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (job.get("status") or {}).get("conditions") or []
+    )

@@ -28,19 +28,12 @@ from importwaves.engine.notify import (
 )
 from importwaves.k8s import operator as k8s_operator
 from importwaves.k8s.crd import DatabaseRef
-from importwaves.k8s.jobs import (
-    ANN_BATCH,
-    ANN_JOB_ID,
-    ANN_SEQ,
-    MAX_JOB_MESSAGE,
-    Owner,
-    build_job,
-    needs_polling,
-    read_job,
-)
+from importwaves.k8s.jobs import needs_polling
 from importwaves.k8s.operator import ImportJobOperator, ProblemError, _db_problem
 from importwaves.k8s.status import Problem, ProblemKind
 from importwaves.launch.base import MAX_LAUNCH_ERROR, BatchDispatch, LaunchFailure
+from importwaves.launch.kubejobs import LABEL_INDEX, build_wave_job, read_wave_job
+from importwaves.launch.port import LaunchTarget, WorkerGroup
 from importwaves.log import JsonFormatter, event
 from importwaves.settings import Settings
 from importwaves.spec import WorkerPod
@@ -234,32 +227,34 @@ def test_parse_prompt_accepts_only_known_kinds_with_tenant_and_job() -> None:
 
 
 # -- worker Jobs -------------------------------------------------------------------------------
-def _owner(**worker: Any) -> Owner:
-    return Owner(
-        "ns",
-        "ij",
-        "uid-1",
-        "t",
-        DatabaseRef(secretName="db", key="dsn"),
-        WorkerPod(image="i", **worker),
+def _target(**worker: Any) -> LaunchTarget:
+    return LaunchTarget(
+        "kubernetes",
+        namespace="ns",
+        owner_name="ij",
+        owner_uid="uid-1",
+        secret_name="db",
+        secret_key="dsn",
+        worker=WorkerPod(image="i", **worker).model_dump(mode="json"),
     )
 
 
+G = WorkerGroup("j", 1, "Customer", 2)
 B = BatchDispatch("j", "b1", 1, -2, 4, 1)
 
 
 def test_job_gets_connection_env_and_active_deadline() -> None:
-    job = build_job(_owner(), B, conn_env=ConnOptions().env(), active_deadline=600)
+    job = build_wave_job(_target(), "t", G, 1, conn_env=ConnOptions().env(), active_deadline=600)
     assert job["spec"]["activeDeadlineSeconds"] == 600
     env = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {"IMPORTWAVES_IDLE_IN_TRANSACTION_TIMEOUT_MS", "IMPORTWAVES_CONNECT_TIMEOUT"} <= env
-    spec_deadline = build_job(_owner(activeDeadlineSeconds=60), B, active_deadline=600)
+    spec_deadline = build_wave_job(_target(activeDeadlineSeconds=60), "t", G, 1, active_deadline=9)
     assert spec_deadline["spec"]["activeDeadlineSeconds"] == 60
-    assert "activeDeadlineSeconds" not in build_job(_owner(), B)["spec"]
+    assert "activeDeadlineSeconds" not in build_wave_job(_target(), "t", G, 1)["spec"]
 
 
 def _finished(**changes: Any) -> dict[str, Any]:
-    job = build_job(_owner(), B)
+    job = build_wave_job(_target(), "t", G, 1)
     job["status"] = {"conditions": [{"type": "Failed", "status": "True", "message": "x" * 5000}]}
     for path, value in changes.items():
         node: Any = job
@@ -271,26 +266,19 @@ def _finished(**changes: Any) -> dict[str, Any]:
 
 
 def test_read_job_checks_the_controller_uid() -> None:
-    r = read_job(_finished(), owner_uid="uid-1")
-    assert r is not None and r.owner_uid == "uid-1" and r.owner_name == "ij"
-    assert len(r.message) <= MAX_JOB_MESSAGE
-    assert read_job(_finished(), owner_uid="uid-2") is None
-    assert read_job(_finished(**{"metadata/ownerReferences": []})) is None
-    assert read_job(_finished(**{"metadata/ownerReferences/0/controller": False})) is None
+    r = read_wave_job(_finished(), owner_uid="uid-1")
+    assert r is not None and r.failed and r.job_id == "j"
+    assert read_wave_job(_finished(), owner_uid="uid-2") is None
+    assert read_wave_job(_finished(**{"metadata/ownerReferences": []}), "uid-1") is None
+    no_ctl = _finished(**{"metadata/ownerReferences/0/controller": False})
+    assert read_wave_job(no_ctl, "uid-1") is None
 
 
-@pytest.mark.parametrize("seq", ["x", "", "-1", "1.5", "٣", "9" * 30, None])
-def test_read_job_refuses_a_bad_dispatch_seq(seq: Any) -> None:
+@pytest.mark.parametrize("index", ["", "x", "1.5", "\u0661", "9" * 40, None])
+def test_read_job_refuses_a_bad_index(index: Any) -> None:
     job = _finished()
-    job["metadata"]["annotations"][ANN_SEQ] = seq
-    assert read_job(job) is None
-
-
-def test_read_job_needs_string_ids() -> None:
-    for ann in (ANN_JOB_ID, ANN_BATCH):
-        job = _finished()
-        job["metadata"]["annotations"][ann] = ""
-        assert read_job(job) is None
+    job["metadata"]["labels"][LABEL_INDEX] = index
+    assert read_wave_job(job, "uid-1") is None
 
 
 def test_launch_failure_text_is_truncated() -> None:

@@ -1,7 +1,8 @@
-"""Worker Job builder and reader (pure: no API server)."""
+"""Wave Job builder and Job/pod readers (pure: no API server)."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -9,51 +10,51 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from importwaves.k8s.crd import DatabaseRef
-from importwaves.k8s.jobs import (
-    ANN_BATCH,
+from importwaves.launch.kubejobs import (
     ANN_JOB_ID,
-    ANN_SECRET,
-    ANN_SECRET_KEY,
-    ANN_SEQ,
-    ANN_TENANT,
-    JOB_TTL_SECONDS,
+    ENV_COMMAND,
     LABEL_IMPORTJOB,
+    LABEL_INDEX,
     LABEL_MANAGED,
+    LABEL_OWNER_UID,
+    LABEL_RECORD_TYPE,
     LABEL_WAVE,
-    Owner,
-    build_job,
+    MAX_BACKOFF_LIMIT,
+    MAX_POD_MESSAGE,
+    MIN_JOB_TTL_SECONDS,
+    POOLED_MODULE,
+    backoff_limit,
+    build_wave_job,
     job_name,
+    label_value,
     owner_label,
-    read_job,
+    read_wave_job,
+    read_worker_pod,
 )
-from importwaves.launch.base import BatchDispatch
+from importwaves.launch.port import LaunchTarget, WorkerGroup
 from importwaves.spec import WorkerPod
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 #: ImportJob names are DNS-1123 subdomains (lowercase alphanumerics, '-' and '.', <= 253).
 OWNER_NAMES = st.from_regex(r"\A[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
+UID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 
 
-def owner(name: str = "demo-import", **worker: Any) -> Owner:
-    return Owner(
+def target(name: str = "demo-import", **worker: Any) -> LaunchTarget:
+    return LaunchTarget(
+        "kubernetes",
         namespace="imports",
-        name=name,
-        uid="1b4e28ba-2fa1-11d2-883f-0016d3cca427",
-        tenant="demo",
-        database=DatabaseRef(secretName="demo-tenant-db", key="dsn"),
-        worker=WorkerPod(image="importwaves:0.1.0", **worker),
+        owner_name=name,
+        owner_uid=UID,
+        secret_name="demo-tenant-db",
+        secret_key="dsn",
+        worker=WorkerPod(image="importwaves:0.1.0", **worker).model_dump(mode="json"),
     )
 
 
-BATCH = BatchDispatch(
-    job_id="demo-import",
-    batch_id="w2-SalesOrder-00000000000000000003",
-    wave_number=2,
-    record_type_id=-30,
-    dispatch_seq=7,
-    attempt=1,
+GROUP = WorkerGroup(
+    job_id="imports.demo-import", wave_number=2, record_type_name="SalesOrder", size=4
 )
 
 
@@ -63,32 +64,33 @@ def env_of(job: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- names ---------------------------------------------------------------------------------------
-def test_job_name_is_deterministic_and_carries_the_fencing_token() -> None:
-    a = job_name("demo-import", BATCH.batch_id, 7)
-    assert a == job_name("demo-import", BATCH.batch_id, 7)
-    assert a.startswith("demo-import-") and a.endswith("-7")
-    assert job_name("demo-import", BATCH.batch_id, 8) != a
-    assert job_name("demo-import", "w2-SalesOrder-00000000000000000004", 7) != a
-    assert job_name("other-import", BATCH.batch_id, 7) != a
+def test_job_name_reads_as_importjob_record_type_wave_and_index() -> None:
+    assert job_name("demo-import", "SalesOrder", 2, 1) == "demo-import-salesorder-w2-1"
+    assert job_name("demo-import", "SalesOrder", 2, 3) == "demo-import-salesorder-w2-3"
+    assert job_name("a.b", "Transaction Line", 10, 1) == "a-b-transaction-line-w10-1"
 
 
-@given(name=OWNER_NAMES, batch=st.text(min_size=1, max_size=80), seq=st.integers(0, 10**12))
-def test_job_name_is_a_dns_label_of_at_most_63(name: str, batch: str, seq: int) -> None:
-    n = job_name(name, batch, seq)
+@given(
+    name=OWNER_NAMES,
+    record_type=st.text(min_size=0, max_size=80),
+    wave=st.integers(0, 10**6),
+    index=st.integers(1, 10**6),
+)
+def test_job_name_is_a_dns_label_of_at_most_63(
+    name: str, record_type: str, wave: int, index: int
+) -> None:
+    n = job_name(name, record_type, wave, index)
     assert len(n) <= 63, n
     assert DNS1123_LABEL.match(n), n
+    assert n.endswith(f"-w{wave}-{index}")
 
 
-@pytest.mark.parametrize("name", ["a" * 36, "a" * 35 + "-b", "x" * 253, "a.b-c.d", "a" * 35 + "."])
-def test_job_name_edge_cases(name: str) -> None:
-    n = job_name(name, "b", 2**40)
-    assert len(n) <= 63 and DNS1123_LABEL.match(n), n
-
-
-def test_long_owner_names_stay_distinct() -> None:
+def test_long_names_are_cut_with_a_digest_and_stay_distinct() -> None:
     base = "x" * 60
-    assert job_name(base + "a", "b", 1) != job_name(base + "b", "b", 1)
-    assert owner_label(base + "aaaa") != owner_label(base + "aaab")
+    a, b = job_name(base + "a", "Order", 1, 1), job_name(base + "b", "Order", 1, 1)
+    assert a != b and len(a) == 63 and a.startswith("x" * 20)
+    short = job_name("imp", "Order", 1, 1)
+    assert short == "imp-order-w1-1"  # no digest when it fits
 
 
 @given(name=OWNER_NAMES)
@@ -99,84 +101,104 @@ def test_owner_label_is_a_valid_label_value(name: str) -> None:
         assert value == name  # short names read as themselves in `kubectl get jobs -l`
 
 
-# -- build_job -----------------------------------------------------------------------------------
-def test_build_job_metadata() -> None:
-    job = build_job(owner(), BATCH)
+@given(text=st.text(max_size=100))
+def test_label_value_of_any_text(text: str) -> None:
+    value = label_value(text)
+    assert len(value) <= 63 and LABEL_VALUE.match(value), value
+
+
+def test_backoff_limit_is_bounded() -> None:
+    assert [backoff_limit(n) for n in (1, 4, 100)] == [1, 4, MAX_BACKOFF_LIMIT]
+
+
+# -- build_wave_job ------------------------------------------------------------------------------
+def test_wave_job_metadata_and_labels() -> None:
+    job = build_wave_job(target(), "demo", GROUP, 1)
     meta = job["metadata"]
     assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
-    assert meta["name"] == job_name("demo-import", BATCH.batch_id, 7)
+    assert meta["name"] == "demo-import-salesorder-w2-1"
     assert meta["namespace"] == "imports"
-    assert meta["labels"] == {
+    labels = {
         LABEL_MANAGED: "importwaves",
         LABEL_IMPORTJOB: "demo-import",
+        LABEL_OWNER_UID: UID,
         LABEL_WAVE: "2",
+        LABEL_RECORD_TYPE: "SalesOrder",
+        LABEL_INDEX: "1",
     }
-    # the pod template carries the same labels (`kubectl get pods -l` finds a wave's pods)
-    assert job["spec"]["template"]["metadata"]["labels"] == {
-        LABEL_MANAGED: "importwaves",
-        LABEL_IMPORTJOB: "demo-import",
-        LABEL_WAVE: "2",
-    }
-    assert meta["annotations"] == {
-        ANN_JOB_ID: "demo-import",
-        ANN_BATCH: BATCH.batch_id,
-        ANN_SEQ: "7",
-        ANN_TENANT: "demo",
-        ANN_SECRET: "demo-tenant-db",
-        ANN_SECRET_KEY: "dsn",
-    }
+    assert meta["labels"] == labels
+    # the pods carry the same labels and the job id (observe reads them)
+    assert job["spec"]["template"]["metadata"]["labels"] == labels
+    assert job["spec"]["template"]["metadata"]["annotations"][ANN_JOB_ID] == GROUP.job_id
     assert meta["ownerReferences"] == [
         {
             "apiVersion": "importwaves.io/v1alpha1",
             "kind": "ImportJob",
             "name": "demo-import",
-            "uid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+            "uid": UID,
             "controller": True,
             "blockOwnerDeletion": True,
         }
     ]
 
 
-def test_build_job_long_owner_name_has_valid_labels() -> None:
-    name = "a-very-long-importjob-name." + "x" * 200
-    job = build_job(owner(name), BATCH)
-    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
-        for value in labels.values():
-            assert len(value) <= 63 and LABEL_VALUE.match(value), value
-    assert job["metadata"]["labels"][LABEL_IMPORTJOB] == owner_label(name)
-    assert job["metadata"]["ownerReferences"][0]["name"] == name  # the full name
-    assert DNS1123_LABEL.match(job["metadata"]["name"])
+def test_wave_job_is_a_work_queue_of_pooled_workers() -> None:
+    spec = build_wave_job(target(), "demo", GROUP, 1, keep_failed_seconds=7200)["spec"]
+    assert spec["parallelism"] == 4
+    assert "completions" not in spec
+    assert spec["backoffLimit"] == backoff_limit(4) == 4
+    assert spec["ttlSecondsAfterFinished"] == 7200
+    short = build_wave_job(target(), "demo", GROUP, 1, keep_failed_seconds=0)["spec"]
+    assert short["ttlSecondsAfterFinished"] == MIN_JOB_TTL_SECONDS
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    [c] = pod["containers"]
+    assert c["command"] == ["python", "-m", POOLED_MODULE]
+    assert "args" not in c
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
-def test_build_job_spec_never_retries_itself() -> None:
-    spec = build_job(owner(), BATCH)["spec"]
-    assert spec["backoffLimit"] == 0
-    assert spec["ttlSecondsAfterFinished"] == JOB_TTL_SECONDS
-    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+def test_wave_job_needs_a_wave() -> None:
+    with pytest.raises(ValueError, match="names its wave"):
+        build_wave_job(target(), "demo", WorkerGroup("j", None, "x", 1), 1)
 
 
-def test_build_job_env_contract() -> None:
+def test_wave_job_env_contract() -> None:
     # An IMPORTWAVES_* entry in worker.env (refused by the CRD and the spec, but the builder
     # filters it too) could carry a DSN in clear or shadow the contract's variables.
     clear = {"name": "IMPORTWAVES_DSN", "value": "postgresql://u:pw@db/tenant"}
-    shadow = {"name": "IMPORTWAVES_BATCH_ID", "value": "someone-elses-batch"}
-    job = build_job(owner(env=[{"name": "EXTRA", "value": "1"}, clear, shadow]), BATCH)
+    shadow = {"name": "IMPORTWAVES_WAVE", "value": "99"}
+    t = target()
+    worker = {**t.worker, "env": [{"name": "EXTRA", "value": "1"}, clear, shadow]}
+    t = LaunchTarget(**{**t.to_json(), "worker": worker})
+    job = build_wave_job(t, "demo", GROUP, 1, conn_env={"IMPORTWAVES_CONNECT_TIMEOUT": "5"})
     env = env_of(job)
     assert env["IMPORTWAVES_DSN"] == {"secretKeyRef": {"name": "demo-tenant-db", "key": "dsn"}}
     assert env["IMPORTWAVES_TENANT"] == "demo"
-    assert env["IMPORTWAVES_JOB_ID"] == "demo-import"
-    assert env["IMPORTWAVES_BATCH_ID"] == BATCH.batch_id
-    assert env["IMPORTWAVES_DISPATCH_SEQ"] == "7"
+    assert env["IMPORTWAVES_JOB_ID"] == GROUP.job_id
+    assert env["IMPORTWAVES_WAVE"] == "2"
+    assert env["IMPORTWAVES_WORKER_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["IMPORTWAVES_CONNECT_TIMEOUT"] == "5"
     assert env["EXTRA"] == "1"
+    assert ENV_COMMAND not in env  # the reference worker runs in-process
     names = [e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]]
     assert len(names) == len(set(names))
-    # The DSN never appears in the Job in clear, even when worker.env tried to put it there.
     assert "postgresql://" not in str(job)
-    assert "someone-elses-batch" not in str(job)
+    assert "99" not in str(env["IMPORTWAVES_WAVE"])
 
 
-def test_build_job_restricted_security_context() -> None:
-    pod = build_job(owner(), BATCH)["spec"]["template"]["spec"]
+def test_custom_command_is_handed_to_the_pooled_worker() -> None:
+    job = build_wave_job(
+        target(command=["sh", "-c"], args=["echo boom >&2; exit 1"]), "d", GROUP, 1
+    )
+    env = env_of(job)
+    assert json.loads(env[ENV_COMMAND]) == ["sh", "-c", "echo boom >&2; exit 1"]
+    # the container still runs the pooled worker, which runs the command per batch
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-1] == POOLED_MODULE
+
+
+def test_wave_job_restricted_security_context() -> None:
+    pod = build_wave_job(target(), "demo", GROUP, 1)["spec"]["template"]["spec"]
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},
@@ -191,141 +213,143 @@ def test_build_job_restricted_security_context() -> None:
     }
 
 
-def test_build_job_worker_settings() -> None:
-    o = owner(
-        command=["python", "-m", "importwaves.worker"],
-        args=["--x"],
+def test_wave_job_worker_settings() -> None:
+    t = target(
         resources={"limits": {"cpu": "1"}},
         serviceAccountName="importer",
         nodeSelector={"pool": "imports"},
         tolerations=[{"key": "k", "operator": "Exists"}],
+        activeDeadlineSeconds=60,
     )
-    pod = build_job(o, BATCH)["spec"]["template"]["spec"]
+    job = build_wave_job(t, "demo", GROUP, 1, active_deadline=600)
+    pod = job["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert (c["image"], c["command"], c["args"]) == (
-        "importwaves:0.1.0",
-        ["python", "-m", "importwaves.worker"],
-        ["--x"],
-    )
+    assert c["image"] == "importwaves:0.1.0"
     assert c["resources"] == {"limits": {"cpu": "1"}}
     assert pod["serviceAccountName"] == "importer"
     assert pod["nodeSelector"] == {"pool": "imports"}
     assert pod["tolerations"] == [{"key": "k", "operator": "Exists"}]
-    plain = build_job(owner(), BATCH)["spec"]["template"]["spec"]
-    assert not {"serviceAccountName", "nodeSelector", "tolerations"} & set(plain)
-    assert "resources" not in plain["containers"][0]
+    assert job["spec"]["activeDeadlineSeconds"] == 60
+    plain = build_wave_job(target(), "demo", GROUP, 1, active_deadline=600)
+    assert plain["spec"]["activeDeadlineSeconds"] == 600
+    assert "activeDeadlineSeconds" not in build_wave_job(target(), "demo", GROUP, 1)["spec"]
+    ps = plain["spec"]["template"]["spec"]
+    assert not {"serviceAccountName", "nodeSelector", "tolerations"} & set(ps)
+    assert "resources" not in ps["containers"][0]
 
 
-# -- read_job ------------------------------------------------------------------------------------
-def with_conditions(*conds: tuple[str, str], **extra: Any) -> dict[str, Any]:
-    job = build_job(owner(), BATCH)
+# -- read_wave_job -------------------------------------------------------------------------------
+def with_conditions(*conds: tuple[str, str]) -> dict[str, Any]:
+    job = build_wave_job(target(), "demo", GROUP, 3)
     job["status"] = {
-        "conditions": [{"type": t, "status": s, **extra} for t, s in conds],
+        "conditions": [
+            {"type": t, "status": s, "lastTransitionTime": "2026-01-01T00:00:00Z"} for t, s in conds
+        ]
     }
     return job
 
 
-def test_read_job_running() -> None:
-    r = read_job(build_job(owner(), BATCH))
-    assert r is not None
-    assert (r.job_id, r.batch_id, r.dispatch_seq) == ("demo-import", BATCH.batch_id, 7)
-    assert r.name == job_name("demo-import", BATCH.batch_id, 7)
-    assert (r.finished, r.succeeded) == (False, False)
-
-
 @pytest.mark.parametrize(
-    ("conds", "finished", "succeeded"),
+    ("conds", "finished", "failed"),
     [
-        ([("Complete", "True")], True, True),
-        ([("SuccessCriteriaMet", "True")], True, True),
-        ([("SuccessCriteriaMet", "True"), ("Complete", "True")], True, True),
-        ([("Failed", "True")], True, False),
-        ([("FailureTarget", "True")], True, False),
-        ([("FailureTarget", "True"), ("Failed", "True")], True, False),
+        ([], False, False),
+        ([("Complete", "True")], True, False),
+        ([("SuccessCriteriaMet", "True")], False, False),
+        ([("Failed", "True")], True, True),
+        ([("FailureTarget", "True")], False, False),
         ([("Complete", "False"), ("Failed", "False")], False, False),
         ([("Suspended", "True")], False, False),
     ],
 )
-def test_read_job_conditions(conds: list[tuple[str, str]], finished: bool, succeeded: bool) -> None:
-    r = read_job(with_conditions(*conds, reason="BackoffLimitExceeded", message="limit"))
-    assert r is not None
-    assert (r.finished, r.succeeded) == (finished, succeeded)
-
-
-def test_read_job_failure_message_names_the_reason() -> None:
-    r = read_job(
-        with_conditions(
-            ("Failed", "True"),
-            reason="BackoffLimitExceeded",
-            message="Job has reached the specified backoff limit",
-        )
+def test_read_wave_job(conds: list[tuple[str, str]], finished: bool, failed: bool) -> None:
+    j = read_wave_job(with_conditions(*conds), UID)
+    assert j is not None
+    assert (j.name, j.job_id, j.wave, j.index) == (
+        "demo-import-salesorder-w2-3",
+        GROUP.job_id,
+        2,
+        3,
     )
-    assert r is not None
-    assert r.message == (
-        "pod failed: BackoffLimitExceeded: Job has reached the specified backoff limit"
+    assert (j.finished, j.failed) == (finished, failed)
+    assert bool(j.finished_at) == finished
+
+
+def test_read_wave_job_trusts_only_its_controller() -> None:
+    job = with_conditions()
+    assert read_wave_job(job, "another-uid") is None
+    assert read_wave_job(job, "") is None
+    job["metadata"]["ownerReferences"][0]["controller"] = False
+    assert read_wave_job(job, UID) is None
+    bad = with_conditions()
+    bad["metadata"]["labels"][LABEL_WAVE] = "two"
+    assert read_wave_job(bad, UID) is None
+    no_id = with_conditions()
+    del no_id["metadata"]["annotations"][ANN_JOB_ID]
+    assert read_wave_job(no_id, UID) is None
+
+
+# -- read_worker_pod -----------------------------------------------------------------------------
+def pod(phase: str, **state: Any) -> dict[str, Any]:
+    job = build_wave_job(target(), "demo", GROUP, 1)
+    tmpl = job["spec"]["template"]["metadata"]
+    return {
+        "metadata": {"name": "demo-import-salesorder-w2-1-abcde", **tmpl},
+        "status": {
+            "phase": phase,
+            "containerStatuses": [{"name": "worker", "state": state}] if state else [],
+        },
+    }
+
+
+def test_a_running_pod_is_alive() -> None:
+    w = read_worker_pod(pod("Running", running={"startedAt": "x"}), GROUP.job_id)
+    assert w is not None
+    assert (w.worker_id, w.job_id, w.wave_number, w.alive) == (
+        "demo-import-salesorder-w2-1-abcde",
+        GROUP.job_id,
+        2,
+        True,
     )
+    pending = read_worker_pod(pod("Pending"), GROUP.job_id)
+    assert pending is not None and pending.alive
 
 
-def test_read_job_ignores_jobs_that_are_not_ours() -> None:
-    assert read_job({"metadata": {"name": "x", "annotations": {}}}) is None
-    assert read_job({"metadata": {"name": "x"}}) is None
-    job = build_job(owner(), BATCH)
-    del job["metadata"]["annotations"][ANN_JOB_ID]
-    assert read_job(job) is None
+def test_a_failed_pod_brings_its_termination_message() -> None:
+    p = pod("Failed", terminated={"exitCode": 1, "reason": "Error", "message": "boom: upstream"})
+    w = read_worker_pod(p, GROUP.job_id)
+    assert w is not None and not w.alive
+    assert (w.exit_code, w.message) == (1, "boom: upstream")
 
 
-def test_read_job_of_the_api_shape() -> None:
-    """As the API returns it (sanitized client model): no status yet, or status without
-    conditions."""
-    job = build_job(owner(), BATCH)
-    job["status"] = {}
-    r = read_job(job)
-    assert r is not None and not r.finished
-    job["status"] = {"active": 1, "conditions": None}
-    r = read_job(job)
-    assert r is not None and not r.finished
-
-
-def test_pod_failure_message_carries_the_kubelets_reason() -> None:
-    from importwaves.k8s.jobs import pod_failure_message
-
-    msg = "container has runAsNonRoot and image will run as root (pod: ...)"
-    pod = {
-        "status": {
-            "containerStatuses": [
-                {
-                    "name": "worker",
-                    "state": {
-                        "terminated": {
-                            "exitCode": 128,
-                            "reason": "CreateContainerConfigError",
-                            "message": msg,
-                        }
-                    },
-                }
-            ]
-        }
-    }
-    assert pod_failure_message(pod) == (
-        f"container worker: CreateContainerConfigError (exit code 128): {msg}"
+def test_a_pod_message_is_cut_from_the_front_and_scrubbed() -> None:
+    long = "x" * 5000 + " postgresql://u:hunter2secret@db/t final words"
+    w = read_worker_pod(
+        pod("Failed", terminated={"exitCode": 1, "reason": "Error", "message": long}),
+        GROUP.job_id,
     )
-    waiting = {
-        "status": {
-            "containerStatuses": [
-                {
-                    "name": "w",
-                    "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "not present"}},
-                }
-            ]
-        }
-    }
-    assert pod_failure_message(waiting) == "container w: ErrImageNeverPull: not present"
-    plain = {
-        "status": {
-            "containerStatuses": [
-                {"name": "w", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}
-            ]
-        }
-    }
-    assert pod_failure_message(plain) is None
-    assert pod_failure_message({"status": {}}) is None
+    assert w is not None
+    assert len(w.message) <= MAX_POD_MESSAGE and w.message.endswith("final words")
+    assert "hunter2secret" not in w.message
+
+
+def test_ended_pods_without_a_message() -> None:
+    other = pod("Succeeded", terminated={"exitCode": 0, "reason": "Completed"})
+    assert read_worker_pod(other, "imports.another-import") is None  # another job's pod
+    ok = read_worker_pod(
+        pod("Succeeded", terminated={"exitCode": 0, "reason": "Completed"}), GROUP.job_id
+    )
+    assert ok is not None and (ok.alive, ok.exit_code, ok.message) == (False, 0, "")
+    oom = read_worker_pod(
+        pod("Failed", terminated={"exitCode": 137, "reason": "OOMKilled"}), GROUP.job_id
+    )
+    assert oom is not None and (oom.exit_code, oom.message) == (137, "OOMKilled")
+    never = read_worker_pod(
+        pod("Failed", waiting={"reason": "CreateContainerConfigError", "message": "no secret"}),
+        GROUP.job_id,
+    )
+    assert never is not None and never.exit_code is None
+    assert never.message == "CreateContainerConfigError: no secret"
+    evicted = pod("Failed")
+    evicted["status"].update(reason="DeadlineExceeded", message="Pod was active too long")
+    w = read_worker_pod(evicted, GROUP.job_id)
+    assert w is not None and w.message == "DeadlineExceeded: Pod was active too long"

@@ -1,15 +1,16 @@
-"""The operator's API economy: one WaveDispatched Event per wave (not one per refill), and a worker
-Job's later watch events (its deletion) are not recorded, deleted and refreshed a second time."""
+"""The operator's API economy: one WaveDispatched Event per wave (not one per refill); a worker
+Job's event only prompts the worker sync of the ImportJob controlling it; one BatchFailed Event
+per failed batch, naming it and its record type."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
 from kubernetes import client
 
 from importwaves.engine.coordinator import RunResult
+from importwaves.engine.failures import FailedBatch
 from importwaves.engine.model import (
     DERIVED,
     MAIN,
@@ -20,16 +21,8 @@ from importwaves.engine.model import (
     Snapshot,
     WaveState,
 )
-from importwaves.k8s import operator as k8s_operator
 from importwaves.k8s.crd import ImportJobSpec
-from importwaves.k8s.jobs import (
-    ANN_BATCH,
-    ANN_JOB_ID,
-    ANN_SECRET,
-    ANN_SEQ,
-    ANN_TENANT,
-)
-from importwaves.k8s.operator import ImportJobOperator, _run_events
+from importwaves.k8s.operator import ImportJobOperator, _run_events, batch_failed_message
 from importwaves.launch.base import BatchDispatch
 from importwaves.settings import Settings
 from spec_cases import base_crd_spec
@@ -73,30 +66,23 @@ def test_without_a_snapshot_every_dispatch_is_reported() -> None:
     assert messages(r) == ["dispatched 1 batch(es) of wave 2"]
 
 
-def finished_job(uid: str) -> dict[str, Any]:
+def worker_job(owner_uid: str = "ij-uid") -> dict[str, Any]:
     return {
         "metadata": {
-            "name": "ij-abc-1",
+            "name": "ij-customer-w1-1",
             "namespace": "ns",
-            "uid": uid,
-            "annotations": {
-                ANN_JOB_ID: "j",
-                ANN_BATCH: "b1",
-                ANN_SEQ: "1",
-                ANN_TENANT: "t",
-                ANN_SECRET: "db",
-            },
+            "uid": "job-uid",
             "ownerReferences": [
                 {
                     "apiVersion": "importwaves.io/v1alpha1",
                     "kind": "ImportJob",
                     "name": "ij",
-                    "uid": "ij-uid",
+                    "uid": owner_uid,
                     "controller": True,
                 }
             ],
         },
-        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+        "status": {"active": 1},
     }
 
 
@@ -104,60 +90,75 @@ def owner_spec() -> ImportJobSpec:
     return ImportJobSpec.model_validate({**base_crd_spec("t"), "importId": "j"})
 
 
-def test_a_finished_job_is_recorded_and_deleted_once(monkeypatch: Any) -> None:
+def _nudgeable(monkeypatch: Any, live_uid: str = "ij-uid") -> tuple[ImportJobOperator, list[str]]:
     op = ImportJobOperator(Settings(), client.ApiClient())
     calls: list[str] = []
-    result = RunResult("j", Outcome.IN_PROGRESS)
+    importjob = {"metadata": {"name": "ij", "uid": live_uid}, "spec": base_crd_spec("t")}
     monkeypatch.setattr(
-        op, "_owning_importjob", lambda ns, name, uid: calls.append("owner") or owner_spec()
+        op.custom,
+        "get_namespaced_custom_object",
+        lambda g, v, ns, plural, name: calls.append(f"get {ns}/{name}") or importjob,
     )
     monkeypatch.setattr(op, "engine_for", lambda *a, **k: object())
-    monkeypatch.setattr(op, "_record", lambda *a: calls.append("record") or result)
-    monkeypatch.setattr(op, "_delete_job", lambda ns, name: calls.append("delete"))
-
-    done = op.on_job_finished(finished_job("u1"))
-    assert done is not None and (done.namespace, done.name, done.result) == ("ns", "ij", result)
-    assert calls == ["owner", "record", "delete"]
-    # The same Job's later events (deletion: MODIFIED, DELETED) change nothing.
-    assert op.on_job_finished(finished_job("u1")) is None
-    assert op.on_job_finished(finished_job("u1")) is None
-    assert calls == ["owner", "record", "delete"]
-    # Another Job object (a new uid, even with the same name) is recorded.
-    assert op.on_job_finished(finished_job("u2")) is not None
-    assert calls.count("record") == 2
-
-
-def test_a_failed_record_or_delete_is_retried_on_the_next_event(monkeypatch: Any) -> None:
-    op = ImportJobOperator(Settings(), client.ApiClient())
-    calls: list[str] = []
-    monkeypatch.setattr(op, "_owning_importjob", lambda ns, name, uid: owner_spec())
-    monkeypatch.setattr(op, "engine_for", lambda *a, **k: object())
     monkeypatch.setattr(
-        op, "_record", lambda *a: calls.append("record") or RunResult("j", Outcome.IN_PROGRESS)
+        op, "_nudged", lambda engine, ij, job_id: calls.append(f"sync {job_id}") or []
     )
-
-    def delete(ns: str, name: str) -> None:
-        calls.append("delete")
-        if calls.count("delete") == 1:
-            raise client.ApiException(status=500)
-
-    monkeypatch.setattr(op, "_delete_job", delete)
-    with pytest.raises(client.ApiException):
-        op.on_job_finished(finished_job("u1"))
-    assert op.on_job_finished(finished_job("u1")) is not None
-    assert calls == ["record", "delete", "record", "delete"]
+    monkeypatch.setattr(op, "write_status", lambda ns, name, **k: calls.append("status") or None)
+    return op, calls
 
 
-def test_the_memory_of_recorded_jobs_is_bounded(monkeypatch: Any) -> None:
-    monkeypatch.setattr(k8s_operator, "RECORDED_JOBS_KEPT", 3)
+def test_a_worker_job_event_syncs_the_importjob_controlling_it(monkeypatch: Any) -> None:
+    op, calls = _nudgeable(monkeypatch)
+    nudged = op.on_worker_job(worker_job())
+    assert nudged is not None and nudged[0]["metadata"]["name"] == "ij"
+    assert calls == ["get ns/ij", "sync ns.ij", "status"]
+    op.close()
+
+
+def test_a_worker_job_of_another_importjob_uid_changes_nothing(monkeypatch: Any) -> None:
+    # an ImportJob deleted and re-created under the same name: the old Job's owner uid differs
+    op, calls = _nudgeable(monkeypatch, live_uid="new-uid")
+    assert op.on_worker_job(worker_job("ij-uid")) is None
+    assert calls == ["get ns/ij"]
+    # a Job without a controlling ImportJob is not looked up at all
+    plain = worker_job()
+    plain["metadata"]["ownerReferences"][0]["controller"] = False
+    assert op.on_worker_job(plain) is None
+    assert calls == ["get ns/ij"]
+    op.close()
+
+
+def test_batch_failed_event_names_batch_record_type_wave_and_error() -> None:
+    ij = owner_spec()
+    rt = ij.recordTypes[0]
+    f = FailedBatch("w1-x-0001", rt.recordTypeId, 1, 4, "boom: cannot reach upstream API")
+    assert batch_failed_message(f, ij) == (
+        f"batch w1-x-0001 ({rt.name}, wave 1) failed after 4 attempt(s): "
+        "boom: cannot reach upstream API"
+    )
+    unknown = FailedBatch("b", 424242, 9, 1, "")
+    assert batch_failed_message(unknown, ij) == (
+        "batch b (record type 424242, wave 9) failed after 1 attempt(s): no error recorded"
+    )
+    assert len(batch_failed_message(FailedBatch("b", 1, 1, 1, "x" * 5000), ij)) == 1000
+
+
+def test_batch_failed_event_once_per_failed_attempt(monkeypatch: Any) -> None:
     op = ImportJobOperator(Settings(), client.ApiClient())
-    monkeypatch.setattr(op, "_owning_importjob", lambda ns, name, uid: owner_spec())
-    monkeypatch.setattr(op, "engine_for", lambda *a, **k: object())
-    monkeypatch.setattr(op, "_record", lambda *a: RunResult("j", Outcome.IN_PROGRESS))
-    monkeypatch.setattr(op, "_delete_job", lambda ns, name: None)
-    for i in range(10):
-        op.on_job_finished(finished_job(f"u{i}"))
-    assert len(op._recorded) == 3
+    ij = owner_spec()
+    failed = [FailedBatch("b1", ij.recordTypes[0].recordTypeId, 1, 2, "boom")]
+
+    class Engine:
+        def failed_batches(self, job_id: str, limit: int) -> list[FailedBatch]:
+            return list(failed)
+
+    first = op._failure_events(Engine(), ij, "j")  # type: ignore[arg-type]
+    assert [(e.type, e.reason) for e in first] == [("Warning", "BatchFailed")]
+    assert op._failure_events(Engine(), ij, "j") == []  # type: ignore[arg-type]
+    failed[0] = FailedBatch("b1", ij.recordTypes[0].recordTypeId, 1, 4, "boom again")  # retried
+    again = op._failure_events(Engine(), ij, "j")  # type: ignore[arg-type]
+    assert [e.message.endswith("boom again") for e in again] == [True]
+    op.close()
 
 
 def guard_run(job_id: str) -> RunResult:

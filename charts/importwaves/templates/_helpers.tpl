@@ -101,16 +101,18 @@ launch/kubernetes.py, cli.py).
 - apiGroups: ["importwaves.io"]
   resources: ["importjobs/status"]
   verbs: ["patch"]
-# application: worker Jobs. Watched for completions (kopf on.event), listed per ImportJob,
-# created for each dispatched batch and deleted once its result is recorded. No update/patch:
+# application: worker Jobs, one work-queue Job per wave (launch/kubernetes.py). Watched (kopf
+# on.event) so a pod's end promptly runs the engine's worker sync for its ImportJob, listed per
+# ImportJob, created when a wave needs workers and none of its Jobs is active, deleted once the
+# engine has recorded their pods' ends (the last failed one a while later). No update/patch:
 # the operator never edits a Job.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete"]
-# application: worker pods, listed by their Job's job-name label when a worker Job failed, to
-# read the pod's container termination reason into the batch's error (k8s/operator.py
-# _failure_message; the Job's own condition only says BackoffLimitExceeded). No get/watch and
-# no write access: pods are created and removed by the Job controller.
+# application: worker pods, listed per ImportJob (its owner-uid label) by the launcher's
+# observe: which workers live, and an ended one's exit code and termination message (a failed
+# batch's recorded error). No get/watch and no write access: pods are created and removed by
+# the Job controller.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]

@@ -483,6 +483,19 @@ ORDER BY id LIMIT 50;
 SELECT batch_id, record_type_id, attempts, last_error FROM wave_batches
 WHERE job_id = %(job_id)s AND status = 'failed' ORDER BY id LIMIT %(limit)s;
 
+-- name: workers_with_failed_attempt
+-- The worker sync's discard: which of these ended workers ran a batch whose last attempt failed
+-- (its row still names them), so a launcher may keep them a while for diagnosis.
+SELECT DISTINCT worker_id FROM wave_batches
+WHERE job_id = %(job_id)s AND worker_id = ANY(%(worker_ids)s)
+  AND status IN ('pending', 'failed') AND last_error IS NOT NULL;
+
+-- name: batches_failed_recent
+-- BatchFailed Events: failed batches with record type, wave and last error, newest first.
+SELECT batch_id, record_type_id, wave_number, attempts, last_error FROM wave_batches
+WHERE job_id = %(job_id)s AND status = 'failed'
+ORDER BY updated_at DESC, id DESC LIMIT %(limit)s;
+
 -- name: derived_backlog
 -- Derived records' batches not yet completed, across running jobs (the backlog gauge).
 SELECT count(*) AS n FROM wave_batches b JOIN import_jobs j USING (job_id)

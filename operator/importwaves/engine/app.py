@@ -18,8 +18,10 @@ from importwaves.db import migrate
 from importwaves.db.connect import Conn, make_pool
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
+from importwaves.engine import failures
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
+from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
@@ -244,7 +246,15 @@ class Engine:
                     error=lost.error,
                 )
         if plan.discard:
-            self.launcher.discard(target, self.tenant, job_id, plan.discard)
+            with self.pool.connection() as conn:
+                keep = [
+                    r["worker_id"]
+                    for r in conn.execute(
+                        Q("workers_with_failed_attempt"),
+                        {"job_id": job_id, "worker_ids": list(plan.discard)},
+                    ).fetchall()
+                ]
+            self.launcher.discard(target, self.tenant, job_id, plan.discard, keep=keep)
             out.discarded = list(plan.discard)
         out.groups = list(plan.groups)
         if plan.groups:
@@ -285,6 +295,12 @@ class Engine:
         if self.on_dispatch is not None:
             self.on_dispatch(job_id, spec, batches)
 
+    def launch_target(self, job_id: str) -> LaunchTarget:
+        """Where the job's workers run, as stored at submit (kind "none" for an unknown job)."""
+        with self.pool.connection() as conn:
+            job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
+        return LaunchTarget.from_json(job["launch_target"] if job else None)
+
     def workers_for(self, job_id: str) -> Sequence[str]:
         """Ids of the job's workers the launcher sees alive (for progress views)."""
         with self.pool.connection() as conn:
@@ -322,3 +338,8 @@ class Engine:
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.pool.connection() as conn:
             return conn.execute(Q("job_get"), {"job_id": job_id}).fetchone()
+
+    def failed_batches(self, job_id: str, limit: int = 20) -> list[FailedBatch]:
+        """The job's batches that failed for good (newest first), with their recorded errors."""
+        with self.pool.connection() as conn:
+            return failures.failed_batches(conn, job_id, limit)

@@ -13,12 +13,27 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from importwaves.launch.kubejobs import GROUP, KIND, VERSION
 from importwaves.spec import ImportSpec
 
-GROUP = "importwaves.io"
-VERSION = "v1alpha1"
+# GROUP, VERSION and KIND are defined below the engine (the worker Jobs' owner references name
+# them) and re-exported here with the rest of the API's names.
+__all__ = [
+    "CEL_RULES",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "DatabaseRef",
+    "ImportJobSpec",
+    "build_crd",
+    "crd_yaml",
+    "spec_schema",
+    "status_schema",
+    "structural",
+]
+
 PLURAL = "importjobs"
-KIND = "ImportJob"
 
 
 class DatabaseRef(BaseModel):

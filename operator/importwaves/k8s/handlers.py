@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from importwaves import metrics
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
-from importwaves.k8s.jobs import LABEL_IMPORTJOB, needs_polling
+from importwaves.k8s.jobs import LABEL_OWNER_UID, needs_polling
 from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
 from importwaves.settings import Settings
 
@@ -106,12 +106,15 @@ def tick(body: kopf.Body, **_: Any) -> None:
     _apply(body, _reconcile(body, "timer"), 0)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_IMPORTJOB: kopf.PRESENT})
-def worker_job(body: kopf.Body, **_: Any) -> None:
-    done = _op().on_job_finished(dict(body))
-    refreshed = _op().refresh_status(done.namespace, done.name, done.result) if done else None
-    if refreshed is not None:
-        owner, events = refreshed
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_OWNER_UID: kopf.PRESENT})
+def worker_job(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """A worker Job changed (its pods' starts and ends move its status): a prompt to run the
+    worker sync of the ImportJob controlling it. Its deletion (by the sync itself) is none."""
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return
+    nudged = _op().on_worker_job(dict(body))
+    if nudged is not None:
+        owner, events = nudged
         for e in events:
             kopf.event(
                 kopf.Body(cast(kopf.RawBody, owner)),

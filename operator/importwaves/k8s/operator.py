@@ -1,10 +1,12 @@
 """What the operator does for an ImportJob; kopf handlers (k8s/handlers.py) only call this.
 
-Level-based: every call re-reads the ImportJob's Secret, the tenant database and the worker Jobs,
-and converges. Finished Jobs feed the batch-completed listener and are then deleted; dispatched
-batches without a Job get one (a restart or an API hiccup between dispatch and launch loses
-nothing); Jobs of an outdated dispatch are deleted. Status and Events come back to the handler as
-data, to be written once.
+Level-based: every call re-reads the ImportJob's Secret and the tenant database and converges.
+The operator calls only the engine's public API: `submit` (with the ImportJob's LaunchTarget:
+namespace, owner, Secret and pod settings, stored with the job), `sync_workers` (the engine
+reads the database and the Kubernetes launcher's observation of the worker pods, starts the
+wave Jobs it needs, records lost workers and discards ended ones), `check` and `recovery`. A
+worker Job's event is only a prompt to run that sync for the ImportJob controlling it. Status
+and Events come back to the handler as data, to be written once.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from importwaves.db import migrate
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
 from importwaves.engine.coordinator import RunResult
+from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job
 from importwaves.engine.jobs import SpecChangeRefused
 from importwaves.engine.model import Outcome
@@ -39,15 +42,7 @@ from importwaves.engine.notify import HUBS, Completion, Registration, fingerprin
 from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
 from importwaves.k8s.crd import GROUP, KIND, PLURAL, VERSION, DatabaseRef, ImportJobSpec
-from importwaves.k8s.jobs import (
-    ANN_RECONCILE,
-    ANN_RETRY_FAILED,
-    LABEL_IMPORTJOB,
-    Owner,
-    owner_label,
-    pod_failure_message,
-    read_job,
-)
+from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner
 from importwaves.k8s.status import (
     JobView,
     Problem,
@@ -56,18 +51,19 @@ from importwaves.k8s.status import (
     now_iso,
     status_patch,
 )
-from importwaves.launch.base import BatchDispatch, NoWorkers
 from importwaves.launch.kubernetes import KubernetesLauncher
+from importwaves.launch.port import LaunchTarget
 from importwaves.log import event
 from importwaves.settings import Settings
 from importwaves.spec import ImportSpec, format_validation_error
 
 log = logging.getLogger("importwaves.operator")
 
-#: Finished worker Jobs (by uid) this process recorded and deleted, remembered so the same Job's
-#: later watch events (its deletion) are not recorded, deleted and refreshed a second time.
-#: Bounded: a forgotten one only costs that second, idempotent pass.
-RECORDED_JOBS_KEPT = 4096
+#: Imports whose CompletionGuard Event, and failed batches whose BatchFailed Event, this process
+#: posted (bounded: a forgotten one costs one repeated Event).
+REMEMBERED = 4096
+#: Failed batches a run looks at for BatchFailed Events (the newest first).
+MAX_FAILURE_EVENTS = 20
 
 
 @dataclass
@@ -82,15 +78,6 @@ class ReconcileResult:
     status: dict[str, Any]
     events: list[KubeEvent] = field(default_factory=list)
     problem: Problem | None = None
-
-
-@dataclass
-class JobFinished:
-    """A worker Job's result was recorded: the engine run it caused, for its ImportJob."""
-
-    namespace: str
-    name: str  # the ImportJob's
-    result: RunResult
 
 
 #: An engine is keyed by where its DSN comes from and the tenant it serves.
@@ -131,6 +118,7 @@ class ImportJobOperator:
             api,
             conn_env=settings.conn.env(),
             active_deadline=settings.worker_active_deadline,
+            keep_failed_seconds=settings.keep_failed_job_seconds,
         )
         #: engines by (namespace, Secret name, key, tenant); `_lock` guards only these dicts
         #: (never held around network work); one lock per key serialises that key's creation
@@ -140,10 +128,11 @@ class ImportJobOperator:
         self._users: dict[tuple[str, str], EngineKey] = {}  # ImportJob -> the engine it uses
         self._closing: list[threading.Timer] = []  # evicted engines closed after a grace
         self._lock = threading.Lock()
-        self._recorded: OrderedDict[str, None] = OrderedDict()
         self._recorded_lock = threading.Lock()
-        #: imports whose CompletionGuard Event this process posted (bounded like _recorded)
+        #: imports whose CompletionGuard Event this process posted (bounded)
         self._guarded: OrderedDict[str, None] = OrderedDict()
+        #: failed batches (job, batch, attempts) whose BatchFailed Event it posted (bounded)
+        self._failures_posted: OrderedDict[str, None] = OrderedDict()
         #: runs NOTIFY prompts off the LISTEN hub's thread (one tenant's slow database does not
         #: hold another's notifications)
         self._prompts = ThreadPoolExecutor(max_workers=4, thread_name_prefix="notified")
@@ -189,10 +178,8 @@ class ImportJobOperator:
         except ProblemError as exc:
             return self._done(namespace, name, None, exc.problem, events)
         source = _source(namespace, ij.database)
-        owner = Owner(namespace, name, uid, ij.tenant, ij.database, ij.worker)
-        self.launcher.register(job_id, owner)
         try:
-            engine.submit(job_id, ij.engine_spec())
+            engine.submit(job_id, ij.engine_spec(), target=launch_target(namespace, name, uid, ij))
         except SpecChangeRefused as exc:
             problem = Problem(ProblemKind.SPEC_CHANGE_REFUSED, str(exc))
         except psycopg.OperationalError as exc:
@@ -202,22 +189,22 @@ class ImportJobOperator:
         try:
             rec = annotations.get(ANN_RECONCILE)
             if rec and rec != old.get("handledReconcile"):
-                report = engine.recovery.reconcile(job_id, cause="reconcile")
+                report = engine.sweep(job_id, cause="reconcile")
                 events.append(
                     KubeEvent("Normal", "ManualReconcile", "; ".join(report.actions)[:1000])
                 )
                 new_fields["handledReconcile"] = rec
             retry = annotations.get(ANN_RETRY_FAILED)
             if retry and retry != old.get("handledRetryFailed"):
-                report = engine.recovery.retry_failed(job_id)
+                report = engine.retry_failed(job_id)
                 events.append(
                     KubeEvent(
                         "Normal", "RetryFailed", f"requeued {report.requeued} failed batch(es)"
                     )
                 )
                 new_fields["handledRetryFailed"] = retry
-            events += self.sync_jobs(engine, owner, job_id, ij.staleAfterSeconds)
-            sweep = engine.recovery.reconcile(job_id, cause=cause)
+            events += self._sync(engine, ij, job_id)
+            sweep = engine.sweep(job_id, cause=cause)
             events += _recovery_events(
                 sweep.actions if sweep.demoted or sweep.requeued or sweep.failed else []
             )
@@ -341,133 +328,42 @@ class ImportJobOperator:
             job.get("staging_report"),
         )
 
-    # -- worker Jobs -----------------------------------------------------------------------------
-    def _launch_batches(
-        self, engine: Engine, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]
-    ) -> None:
-        """After the commit of a run that dispatched: a Job per batch; a refused one is a
-        failed attempt (the engine's one failure path)."""
-        for f in self.launcher.launch(engine.tenant, job_id, spec, batches):
-            event(
-                log,
-                "launch_failed",
-                logging.WARNING,
-                job_id=job_id,
-                batch_id=f.batch.batch_id,
-                error=f.error,
-            )
-            engine.listener.on_launch_failure(f)
+    # -- workers ---------------------------------------------------------------------------------
+    def _sync(self, engine: Engine, ij: ImportJobSpec, job_id: str) -> list[KubeEvent]:
+        """The engine's worker sync (it reads the database and the launcher's observation and
+        decides; a pod's end is recorded there), then a BatchFailed Event for each batch that
+        failed for good since this process last looked."""
+        engine.sync_workers(job_id)
+        return self._failure_events(engine, ij, job_id)
 
-    def sync_jobs(
-        self, engine: Engine, owner: Owner, job_id: str, stale_after: float = 300.0
-    ) -> list[KubeEvent]:
-        """Record finished Jobs, launch dispatched batches that lack one, drop outdated ones."""
-        events: list[KubeEvent] = []
-        jobs = self.batch.list_namespaced_job(
-            owner.namespace, label_selector=f"{LABEL_IMPORTJOB}={owner_label(owner.name)}"
-        )
-        live: set[tuple[str, int]] = set()
-        for obj in jobs.items:
-            body = _as_dict(self.api, obj)
-            r = read_job(body, owner_uid=owner.uid or None)
-            if r is None:
-                continue
-            if r.job_id != job_id:  # left by an earlier ImportJob of the same name
-                self._delete_job(owner.namespace, r.name)
-                continue
-            if r.finished:
-                message = self._failure_message(owner.namespace, r.name, r.succeeded, r.message)
-                self._record(engine, job_id, r.batch_id, r.dispatch_seq, r.succeeded, message)
-                self._delete_job(owner.namespace, r.name)
-            else:
-                live.add((r.batch_id, r.dispatch_seq))
-        with engine.pool.connection() as conn:
-            rows = conn.execute(Q("batches_dispatched_list"), {"job_id": job_id}).fetchall()
-        current = {(row["batch_id"], row["dispatch_seq"]) for row in rows}
-        adopted = 0
-        for row in rows:
-            if row["status"] == "dispatched" and (row["batch_id"], row["dispatch_seq"]) not in live:
-                b = BatchDispatch.from_row(job_id, row)
-                try:
-                    adopted += int(self.launcher.create(owner, b))
-                except ApiException as exc:
-                    event(
-                        log,
-                        "job_create_failed",
-                        logging.WARNING,
-                        job_id=job_id,
-                        batch_id=b.batch_id,
-                        status=exc.status,
-                        error=str(exc.reason),
-                    )
-        now = datetime.now(UTC)
-        for obj in jobs.items:
-            body = _as_dict(self.api, obj)
-            r = read_job(body, owner_uid=owner.uid or None)
-            if (
-                r
-                and r.job_id == job_id
-                and not r.finished
-                and (r.batch_id, r.dispatch_seq) not in current
-                and _age_seconds(body, now) > stale_after
-                and self._fenced_out(engine, r.job_id, r.batch_id, r.dispatch_seq)
-            ):
-                # An outdated dispatch's Job that is still running after staleAfterSeconds (a
-                # hung or never-started worker). Younger ones finish by themselves: their
-                # worker is fenced out, and they are recorded (as no-ops) and deleted then.
-                self._delete_job(owner.namespace, r.name)
-        if adopted:
-            events.append(
-                KubeEvent(
-                    "Normal",
-                    "JobsAdopted",
-                    f"created {adopted} missing worker Job(s) for dispatched batches",
-                )
-            )
-        return events
+    def _nudged(self, engine: Engine, ij: ImportJobSpec, job_id: str) -> list[KubeEvent]:
+        """A worker Job's prompt: the worker sync, then a coordinator check (a lost worker's
+        batch went back to pending; a finished wave may open the next)."""
+        events = self._sync(engine, ij, job_id)
+        result = engine.check(job_id, cause="worker_event")
+        return events + self._events_for(result, None)
 
-    @staticmethod
-    def _fenced_out(engine: Engine, job_id: str, batch_id: str, dispatch_seq: int) -> bool:
-        """A newer dispatch owns the batch (or it is gone): that Job's worker can do nothing.
-
-        Not merely "no longer dispatched or processing": a worker that has just committed its
-        batch (or recorded its failure) still has a running Job for a moment; deleting it would
-        kill the worker on its way out and lose the completion's immediate nudge."""
-        with engine.pool.connection() as conn:
-            row = conn.execute(Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}).fetchone()
-        return row is None or int(row["dispatch_seq"]) > dispatch_seq
-
-    def on_job_finished(self, job: dict[str, Any]) -> JobFinished | None:
-        """A worker Job finished: record it, delete it. Returns what that caused, for the
-        ImportJob's status and events."""
-        r = read_job(job)
-        if r is None or not r.finished:
-            return None
-        meta = job["metadata"]
-        uid = str(meta.get("uid") or "")
-        with self._recorded_lock:
-            if uid and uid in self._recorded:
-                return None  # recorded and deleted already: this is an event of its deletion
-        ns = meta["namespace"]
-        # The tenant and database come from the controlling ImportJob (its uid must match the
-        # Job's controller ownerReference), never from the Job's own annotations.
-        ij = self._owning_importjob(ns, r.owner_name, r.owner_uid)
-        if ij is None or ij.job_id(ns, r.owner_name) != r.job_id:
-            return None
-        engine = self.engine_for(ns, ij.database, ij.tenant, user=r.owner_name)
-        message = self._failure_message(ns, r.name, r.succeeded, r.message)
-        result = self._record(engine, r.job_id, r.batch_id, r.dispatch_seq, r.succeeded, message)
-        self._delete_job(ns, r.name)
-        if uid:
+    def _failure_events(self, engine: Engine, ij: ImportJobSpec, job_id: str) -> list[KubeEvent]:
+        out = []
+        for f in engine.failed_batches(job_id, limit=MAX_FAILURE_EVENTS):
+            key = f"{job_id}\0{f.batch_id}\0{f.attempts}"
             with self._recorded_lock:
-                self._recorded[uid] = None
-                while len(self._recorded) > RECORDED_JOBS_KEPT:
-                    self._recorded.popitem(last=False)
-        return JobFinished(ns, r.owner_name, result)
+                if key in self._failures_posted:
+                    continue
+                self._failures_posted[key] = None
+                while len(self._failures_posted) > REMEMBERED:
+                    self._failures_posted.popitem(last=False)
+            out.append(KubeEvent("Warning", "BatchFailed", batch_failed_message(f, ij)))
+        return out
 
-    def _owning_importjob(self, namespace: str, name: str, uid: str) -> ImportJobSpec | None:
-        """The spec of ImportJob `name` if it exists with `uid` and a valid spec."""
-        if not name or not uid:
+    def on_worker_job(self, job: dict[str, Any]) -> tuple[dict[str, Any], list[KubeEvent]] | None:
+        """A worker Job changed (a pod started or ended): a prompt to run the worker sync of the
+        ImportJob that controls it (its controller ownerReference, with a matching uid); the
+        database decides what it means. Returns that ImportJob and the Events to post."""
+        meta = job.get("metadata") or {}
+        name, uid = controller_owner(meta)
+        namespace = str(meta.get("namespace") or "")
+        if not name or not uid or not namespace:
             return None
         try:
             obj = cast(
@@ -479,42 +375,16 @@ class ImportJobOperator:
                 return None
             raise
         if (obj.get("metadata") or {}).get("uid") != uid:
-            event(
-                log,
-                "job_owner_mismatch",
-                logging.WARNING,
-                namespace=namespace,
-                importjob=name,
-            )
-            return None
+            return None  # a Job of an earlier ImportJob of that name: garbage-collected
         try:
-            return ImportJobSpec.model_validate(obj.get("spec") or {})
-        except ValidationError:
-            return None
-
-    def refresh_status(
-        self, namespace: str, name: str, result: RunResult | None = None
-    ) -> tuple[dict[str, Any], list[KubeEvent]] | None:
-        """Recompute an ImportJob's status from the database and write it if it changed.
-        Returns the ImportJob and the Events `result` (an engine run) calls for, to post."""
-        try:
-            obj = cast(
-                dict[str, Any],
-                self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name),
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        old = obj.get("status") or {}
-        events = self._events_for(result, old.get("summary")) if result is not None else []
-        try:
-            ij = ImportJobSpec.model_validate(obj["spec"])
+            ij = ImportJobSpec.model_validate(obj.get("spec") or {})
             engine = self.engine_for(namespace, ij.database, ij.tenant, user=name)
-        except (ValidationError, ProblemError, psycopg.OperationalError):
-            return obj, events  # the ImportJob's own reconcile reports these
+        except (ValidationError, ProblemError):
+            return obj, []  # the ImportJob's own reconcile reports these
         job_id = ij.job_id(namespace, name)
+        events: list[KubeEvent] = []
         with contextlib.suppress(psycopg.OperationalError):  # its own reconcile reports it
+            events = self._nudged(engine, ij, job_id)
             written = self.write_status(namespace, name, view_of=lambda: self.view(engine, job_id))
             self._settle(namespace, name, written[1].get("summary") if written else "Deleted")
         return obj, events
@@ -529,37 +399,6 @@ class ImportJobOperator:
             return
         if self.settings.redis_url:
             Flags(self.settings.redis_url, ij.tenant).forget_job(ij.job_id(namespace, name))
-
-    def _record(
-        self, engine: Engine, job_id: str, batch_id: str, seq: int, ok: bool, message: str
-    ) -> RunResult:
-        if ok:  # a prompt: the worker's own transaction must have recorded the completion
-            return engine.listener.on_worker_exited_ok(job_id, batch_id, seq)
-        return engine.listener.on_failed(job_id, batch_id, seq, message)
-
-    def _failure_message(self, namespace: str, job: str, succeeded: bool, message: str) -> str:
-        """A failed Job's message with its pod's reason (the Job's own condition only says
-        BackoffLimitExceeded), so the ImportJob tells why, e.g. a runAsNonRoot refusal."""
-        if succeeded:
-            return message
-        try:
-            pods = self.core.list_namespaced_pod(
-                namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
-            )
-        except ApiException:
-            return message
-        for pod in pods.items:
-            detail = pod_failure_message(_as_dict(self.api, pod))
-            if detail:
-                return f"{message}; {detail}"
-        return message
-
-    def _delete_job(self, namespace: str, name: str) -> None:
-        try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
 
     # -- tenants -------------------------------------------------------------------------------
     def read_dsn(self, namespace: str, ref: DatabaseRef) -> str:
@@ -682,13 +521,11 @@ class ImportJobOperator:
             dsn,
             tenant,
             redis_url=self.settings.redis_url,
-            launcher=NoWorkers(),
+            launcher=self.launcher,
             pool_size=self.settings.pool_size,
             flag_ttl=self.settings.flag_ttl,
             opts=opts,
         )
-        # One Job per batch, until this operator moves onto Engine.sync_workers (issue 12).
-        engine.on_dispatch = functools.partial(self._launch_batches, engine)
         # Completions arrive by NOTIFY the moment they commit (engine/notify.py), through one
         # LISTEN connection per database; Job events and the timer stay the backstops.
         try:
@@ -750,12 +587,12 @@ class ImportJobOperator:
         """A completion notice: let the coordinator look at the database (the notice records
         nothing), dispatch what the recorded state unblocks, and report those as Events."""
         try:
-            result = engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+            result = engine.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+            target = engine.launch_target(c.job_id)
         except psycopg.Error:
             return  # the level-based paths (Job events, the timer) retry
-        owner = self.launcher.owners.get(c.job_id)
-        if owner is not None:
-            self.post_events(owner, self._events_for(result, None))
+        if target.kind == "kubernetes":
+            self.post_events(target, self._events_for(result, None))
 
     def _events_for(self, result: RunResult, old_summary: str | None) -> list[KubeEvent]:
         """The Events an engine run calls for, whichever path ran it (a reconcile, a Job event,
@@ -770,23 +607,27 @@ class ImportJobOperator:
                     if result.job_id in self._guarded:
                         continue
                     self._guarded[result.job_id] = None
-                    while len(self._guarded) > RECORDED_JOBS_KEPT:
+                    while len(self._guarded) > REMEMBERED:
                         self._guarded.popitem(last=False)
             out.append(e)
         return out
 
-    def post_events(self, owner: Owner, events: list[KubeEvent]) -> None:
-        """Post Events about an ImportJob from outside a kopf handler (core/v1 Events)."""
+    def post_events(self, owner: LaunchTarget, events: list[KubeEvent]) -> None:
+        """Post Events about an ImportJob (the owner of a LaunchTarget) from outside a kopf
+        handler (core/v1 Events)."""
         now = datetime.now(UTC)
         for e in events:
             body = {
-                "metadata": {"generateName": f"{owner.name[:200]}.", "namespace": owner.namespace},
+                "metadata": {
+                    "generateName": f"{owner.owner_name[:200]}.",
+                    "namespace": owner.namespace,
+                },
                 "involvedObject": {
                     "apiVersion": f"{GROUP}/{VERSION}",
                     "kind": KIND,
-                    "name": owner.name,
+                    "name": owner.owner_name,
                     "namespace": owner.namespace,
-                    "uid": owner.uid,
+                    "uid": owner.owner_uid,
                 },
                 "type": e.type,
                 "reason": e.reason,
@@ -804,7 +645,7 @@ class ImportJobOperator:
                     log,
                     "event_post_failed",
                     logging.WARNING,
-                    importjob=owner.name,
+                    importjob=owner.owner_name,
                     status=exc.status,
                     reason=e.reason,
                 )
@@ -874,16 +715,31 @@ def _starts_wave(result: RunResult, wave_number: int) -> bool:
         return True
 
 
-def _age_seconds(body: dict[str, Any], now: datetime) -> float:
-    """Seconds since a Job was created (0 when the API did not say)."""
-    raw = (body.get("metadata") or {}).get("creationTimestamp")
-    if not raw:
-        return 0.0
-    created = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    return (now - created).total_seconds()
+def launch_target(namespace: str, name: str, uid: str, ij: ImportJobSpec) -> LaunchTarget:
+    """Where an ImportJob's workers run, stored with its job at submit: its namespace, itself as
+    the worker Jobs' owner, its Secret reference (never the DSN) and its pod settings."""
+    return LaunchTarget(
+        "kubernetes",
+        namespace=namespace,
+        owner_name=name,
+        owner_uid=uid,
+        secret_name=ij.database.secretName,
+        secret_key=ij.database.key,
+        worker=ij.worker.model_dump(mode="json"),
+    )
 
 
-def _as_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
-    """A kubernetes-client model as the API's own camelCase dict."""
-    out: dict[str, Any] = api.sanitize_for_serialization(obj)
-    return out
+def record_type_name(ij: ImportSpec, record_type_id: int) -> str:
+    names = {r.recordTypeId: r.name for r in ij.recordTypes}
+    names.update({d.recordTypeId: d.name for d in ij.derivedTypes})
+    return names.get(record_type_id, f"record type {record_type_id}")
+
+
+def batch_failed_message(f: FailedBatch, ij: ImportSpec) -> str:
+    """The BatchFailed Event's message: the batch, its record type and wave, its attempts and
+    its recorded error (a failed worker's termination message or stderr tail)."""
+    head = (
+        f"batch {f.batch_id} ({record_type_name(ij, f.record_type_id)}, wave {f.wave_number}) "
+        f"failed after {f.attempts} attempt(s): "
+    )
+    return (head + (f.error or "no error recorded"))[:1000]

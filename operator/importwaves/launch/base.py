@@ -93,7 +93,12 @@ class NoWorkers:
         return Observation((), complete=False)
 
     def discard(
-        self, target: LaunchTarget, tenant: str, job_id: str, worker_ids: Sequence[str]
+        self,
+        target: LaunchTarget,
+        tenant: str,
+        job_id: str,
+        worker_ids: Sequence[str],
+        keep: Sequence[str] = (),
     ) -> None:
         return None
 

@@ -130,7 +130,12 @@ class LocalLauncher:
         return Observation(tuple(seen))
 
     def discard(
-        self, target: LaunchTarget, tenant: str, job_id: str, worker_ids: Sequence[str]
+        self,
+        target: LaunchTarget,
+        tenant: str,
+        job_id: str,
+        worker_ids: Sequence[str],
+        keep: Sequence[str] = (),
     ) -> None:
         for wid in worker_ids:
             w = self._workers.get(wid)

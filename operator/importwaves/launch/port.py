@@ -114,8 +114,14 @@ class WorkerLauncher(Protocol):
         ...
 
     def discard(
-        self, target: LaunchTarget, tenant: str, job_id: str, worker_ids: Sequence[str]
+        self,
+        target: LaunchTarget,
+        tenant: str,
+        job_id: str,
+        worker_ids: Sequence[str],
+        keep: Sequence[str] = (),
     ) -> None:
         """Forget ended workers whose end the engine has recorded (delete their Job or reap
-        their process; a launcher may keep a failed one a while for `kubectl logs`)."""
+        their process). `keep`: those of them that ran a batch whose last attempt failed; a
+        launcher may keep them a while so a person can read why (`kubectl logs`)."""
         ...

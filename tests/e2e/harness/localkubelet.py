@@ -33,6 +33,12 @@ with the kubelet's reason and message in its container's terminated state (e.g.
 real kubelet would keep such a pod Pending and retry; here only a missing Secret/ConfigMap is
 retried. The termination message (terminationMessagePath) is reported on exit.
 
+Both modes: with `terminationMessagePolicy: FallbackToLogsOnError` a failed container without a
+termination message reports the tail of its log (80 lines, 2048 bytes) as the kubelet does; a
+pod start latency (`start_latency`, or $LOCALKUBELET_START_LATENCY; default 0) keeps each pod
+Pending/ContainerCreating that long before its container first starts, as a real node's
+sandbox and image set-up does.
+
 Run it in-process (`LocalKubelet(...).start()`, as the e2e fixture does) or standalone:
 `python tests/e2e/harness/localkubelet.py --kubeconfig PATH`.
 """
@@ -75,6 +81,10 @@ NODE_LABEL = "importwaves.io/local-kubelet"
 SMP = "application/strategic-merge-patch+json"
 LEASE_DURATION_S = 40
 POD_IP = "127.0.0.1"
+START_LATENCY_ENV = "LOCALKUBELET_START_LATENCY"
+#: A failed container's log tail used as its termination message (FallbackToLogsOnError): the
+#: kubelet's limits, 80 lines and 2048 bytes.
+FALLBACK_LINES, FALLBACK_BYTES = 80, 2048
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
@@ -173,6 +183,7 @@ class LocalKubelet:
         runtime: str = "process",
         labels: dict[str, str] | None = None,
         taints: list[dict[str, str]] | None = None,
+        start_latency: float | None = None,
     ) -> None:
         from kubernetes import client
 
@@ -190,6 +201,15 @@ class LocalKubelet:
         self.taints = list(taints or [])
         #: Added to every pod's environment (the pod's own env wins), e.g. for coverage.
         self.extra_env = dict(extra_env or {})
+        #: Seconds a pod waits (Pending, ContainerCreating) before its container first starts:
+        #: what a real node spends on the sandbox and a cached image. Default
+        #: $LOCALKUBELET_START_LATENCY or 0 (functional tests); the benchmark uses 2 s. Read at
+        #: each pod's start, so a test may change it on a running kubelet.
+        self.start_latency = (
+            float(os.environ.get(START_LATENCY_ENV, "0") or 0)
+            if start_latency is None
+            else float(start_latency)
+        )
         self.capacity = capacity or {
             "cpu": "64",
             "memory": "256Gi",
@@ -687,6 +707,13 @@ class _PodRunner(threading.Thread):
                 if self._stopping():
                     self._patch_terminal(None, "ContainerCreating", failed=True)
                     return
+        latency = kl.start_latency
+        if latency > 0:
+            self._patch_waiting("ContainerCreating", "")
+            self._sleep(latency)
+            if self._stopping():
+                self._patch_terminal(None, "ContainerCreating", failed=True)
+                return
         if kl.podman is not None:
             self._run_container(env, workdir)
             return
@@ -727,14 +754,15 @@ class _PodRunner(threading.Thread):
             if self._killed.is_set():
                 return
             reason = "Completed" if rc == 0 else "Error"
+            message = self._fallback_message(rc, log_path) or None
             if self._deleting.is_set():
-                self._patch_terminal(rc, reason, failed=rc != 0, started=started)
+                self._patch_terminal(rc, reason, failed=rc != 0, started=started, message=message)
                 return
             restart = self.restart_policy == "Always" or (
                 self.restart_policy == "OnFailure" and rc != 0
             )
             if not restart:
-                self._patch_terminal(rc, reason, failed=rc != 0, started=started)
+                self._patch_terminal(rc, reason, failed=rc != 0, started=started, message=message)
                 return
             self.last_state = {
                 "terminated": {
@@ -828,6 +856,18 @@ class _PodRunner(threading.Thread):
             if self._stopping():
                 return
 
+    def _fallback_message(self, rc: int, log_path: Path) -> str:
+        """Process mode has no terminationMessagePath file: with FallbackToLogsOnError, a failed
+        container's message is the tail of its log (this run's output included), as the
+        kubelet's."""
+        if rc == 0 or self.container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            return ""
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()[-FALLBACK_LINES:]
+        except OSError:
+            return ""
+        return "\n".join(lines)[-FALLBACK_BYTES:].strip()
+
     def _wait_container(self, prep: Prepared, log_path: Path) -> tuple[int, str]:
         """Wait for `podman start --attach` to end (stopping the container, with the pod's grace
         period, when the pod is deleted); return the exit code and the termination message."""
@@ -852,8 +892,8 @@ class _PodRunner(threading.Thread):
         rc = int(state) if state.lstrip("-").isdigit() else 128 + 9
         message = prep.termination_file.read_text(errors="replace")[:4096].strip()
         if not message and rc != 0 and prep.termination_policy == "FallbackToLogsOnError":
-            lines = log_path.read_text(errors="replace").splitlines()[-80:]
-            message = "\n".join(lines)[-2048:]
+            lines = log_path.read_text(errors="replace").splitlines()[-FALLBACK_LINES:]
+            message = "\n".join(lines)[-FALLBACK_BYTES:]
         return rc, message
 
     def _wait(self) -> int:

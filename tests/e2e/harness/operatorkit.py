@@ -155,7 +155,7 @@ class Tenant:
     def batches(self, job_id: str) -> list[dict[str, Any]]:
         return self.query(
             "SELECT batch_id, record_type_id, wave_number, status, attempts, dispatch_seq, "
-            "last_error FROM wave_batches WHERE job_id = %s ORDER BY id",
+            "last_error, worker_id FROM wave_batches WHERE job_id = %s ORDER BY id",
             (job_id,),
         )
 
@@ -376,31 +376,86 @@ def watch_jobs(api: Any, namespace: str) -> Recorder:
     return Recorder(batch.list_namespaced_job, (namespace,), f"jobs/{namespace}").start()
 
 
+def watch_pods(api: Any, namespace: str) -> Recorder:
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    return Recorder(core.list_namespaced_pod, (namespace,), f"pods/{namespace}").start()
+
+
 @dataclass(frozen=True)
 class CreatedJob:
+    """A worker Job: one work-queue Job per wave (launch/kubejobs.py)."""
+
     name: str
     uid: str
-    batch_id: str
-    dispatch_seq: int
+    wave: int
+    index: int
+    record_type: str
     owner: str
+    parallelism: int
 
 
 def created_jobs(rec: Recorder) -> list[CreatedJob]:
-    """Every distinct Job object (by uid) the recorder saw, in order of appearance."""
+    """Every distinct worker Job object (by uid) the recorder saw, in order of appearance."""
     seen: dict[str, CreatedJob] = {}
     for _, obj in rec.snapshot():
         meta = obj.get("metadata") or {}
-        ann = meta.get("annotations") or {}
-        if meta.get("uid") in seen or f"{GROUP}/batch-id" not in ann:
+        labels = meta.get("labels") or {}
+        if meta.get("uid") in seen or f"{GROUP}/owner-uid" not in labels:
             continue
         owners = [r["name"] for r in meta.get("ownerReferences") or []]
         seen[meta["uid"]] = CreatedJob(
             meta["name"],
             meta["uid"],
-            ann[f"{GROUP}/batch-id"],
-            int(ann[f"{GROUP}/dispatch-seq"]),
+            int(labels[f"{GROUP}/wave"]),
+            int(labels[f"{GROUP}/job-index"]),
+            labels.get(f"{GROUP}/record-type", ""),
             owners[0] if owners else "",
+            int((obj.get("spec") or {}).get("parallelism") or 0),
         )
+    return list(seen.values())
+
+
+def overlapping_jobs(rec: Recorder) -> list[str]:
+    """Worker Jobs created while another Job of the same ImportJob (uid) and wave had not yet
+    finished, as the watch saw them in order: there must be none (a wave gets its next Job only
+    after its pods have ended)."""
+    finished = {"Complete", "Failed"}
+    active: dict[tuple[str, str], str] = {}  # (owner uid, wave) -> the Job not yet finished
+    seen: set[str] = set()
+    out = []
+    for kind, obj in rec.snapshot():
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        uid = labels.get(f"{GROUP}/owner-uid")
+        if not uid:
+            continue
+        key = (uid, labels.get(f"{GROUP}/wave", ""))
+        done = kind == "DELETED" or any(
+            c.get("type") in finished and c.get("status") == "True"
+            for c in (obj.get("status") or {}).get("conditions") or []
+        )
+        if meta["uid"] not in seen:
+            seen.add(meta["uid"])
+            other = active.get(key)
+            if other is not None and other != meta["uid"]:
+                out.append(meta["name"])
+        if done:
+            if active.get(key) == meta["uid"]:
+                del active[key]
+        else:
+            active[key] = meta["uid"]
+    return out
+
+
+def created_pods(rec: Recorder) -> list[str]:
+    """Names of every distinct worker pod (by uid) the recorder saw."""
+    seen: dict[str, str] = {}
+    for _, obj in rec.snapshot():
+        meta = obj.get("metadata") or {}
+        if f"{GROUP}/owner-uid" in (meta.get("labels") or {}):
+            seen.setdefault(meta["uid"], meta["name"])
     return list(seen.values())
 
 

@@ -218,3 +218,71 @@ def test_pod_deletion_kills_process(
         except FileNotFoundError:
             state = "gone"
         assert state in ("gone", "Z"), f"process {pid} still alive ({state})"
+
+
+def test_fallback_to_logs_on_error_reports_the_log_tail(
+    k8s_cluster: Cluster, local_kubelet: LocalKubelet, namespace: str
+) -> None:
+    with k8s_cluster.api_client() as api:
+        core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        script = "echo starting; echo 'boom: cannot reach upstream API' >&2; exit 1"
+        batch.create_namespaced_job(
+            namespace,
+            _job("tells", script, terminationMessagePolicy="FallbackToLogsOnError"),
+        )
+        batch.create_namespaced_job(namespace, _job("silent", "echo quiet >&2; exit 1"))
+        for name in ("tells", "silent"):
+            assert job_condition(wait_job_finished(batch, namespace, name)) == "Failed"
+        (told,) = _job_pods(core, namespace, "tells")
+        term = told.status.container_statuses[0].state.terminated
+        assert term.exit_code == 1
+        assert term.message == "starting\nboom: cannot reach upstream API"
+        (quiet,) = _job_pods(core, namespace, "silent")
+        assert quiet.status.container_statuses[0].state.terminated.message is None
+
+
+def test_start_latency_keeps_a_pod_pending_that_long(
+    k8s_cluster: Cluster, local_kubelet: LocalKubelet, namespace: str
+) -> None:
+    latency = 2.0
+    old, local_kubelet.start_latency = local_kubelet.start_latency, latency
+    try:
+        with k8s_cluster.api_client() as api:
+            core = client.CoreV1Api(api)
+            t0 = time.time()
+            core.create_namespaced_pod(
+                namespace,
+                {
+                    "metadata": {"name": "slowstart"},
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": "ignored",
+                                "command": ["sh", "-c", "date +%s.%N > started"],
+                            }
+                        ],
+                    },
+                },
+            )
+
+            def creating() -> bool:
+                pod = core.read_namespaced_pod("slowstart", namespace)
+                states = [cs.state for cs in pod.status.container_statuses or []]
+                return any(s.waiting and s.waiting.reason == "ContainerCreating" for s in states)
+
+            wait_for(creating, 30, interval=0.05, what="pod slowstart ContainerCreating")
+
+            def succeeded() -> bool:
+                pod = core.read_namespaced_pod("slowstart", namespace)
+                return pod.status.phase == "Succeeded"
+
+            wait_for(succeeded, 30, what="pod slowstart Succeeded")
+            started = float((local_kubelet.pod_dir(namespace, "slowstart") / "started").read_text())
+            delay = started - t0
+            print(f"pod start latency {latency} s: container started {delay:.2f} s after create")
+            assert delay >= latency, delay
+            assert delay < latency + 10, delay
+    finally:
+        local_kubelet.start_latency = old
