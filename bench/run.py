@@ -522,7 +522,12 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows += [
             (
                 f"8 import via the operator, {r8['pod_start_latency_s']:g} s pod start / local",
-                f"{r8['wall_s']:.1f} s = {r8['ratio_over_local_runner']}x"
+                f"{r8['wall_s']:.1f} s = "
+                + (
+                    f"{r8['ratio_over_local_runner']:.2f}x"
+                    if r8["ratio_over_local_runner"] is not None
+                    else "(no local run of that size in this run)"
+                )
                 + ("" if r8["verified"] else " NOT VERIFIED"),
                 "<= 1.5x",
                 _verdict(
