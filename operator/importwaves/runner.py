@@ -116,14 +116,18 @@ class LocalRunner:
                     started = True
                 while not notified.empty():  # completions, the moment they commit
                     undelivered.append(notified.get_nowait())
-                while undelivered:
-                    c = undelivered[0]
-                    key = (c.batch_id, c.dispatch_seq)
-                    if c.job_id == job_id and key not in handled:
-                        outcome = engine.on_completed(job_id, *key).outcome
-                        handled.add(key)
-                        by_notify += 1
-                    undelivered.pop(0)
+                fresh = [
+                    c
+                    for c in undelivered
+                    if c.job_id == job_id and (c.batch_id, c.dispatch_seq) not in handled
+                ]
+                if fresh:
+                    # all the completions queued now, in ONE look (level-based): none waits
+                    # behind the runs of the others
+                    outcome = engine.on_completions(job_id, [c.batch_id for c in fresh]).outcome
+                    handled.update((c.batch_id, c.dispatch_seq) for c in fresh)
+                    by_notify += len({(c.batch_id, c.dispatch_seq) for c in fresh})
+                undelivered.clear()
                 now = time.monotonic()
                 # Once the job is over, look at its workers often: they exit on its status
                 # change, and the run ends when they have.

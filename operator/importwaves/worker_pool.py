@@ -254,9 +254,7 @@ class PooledWorker:
         elif code == EXIT_OK:
             # An exit 0 proves nothing: without the completion in the database it is a failed
             # attempt (fenced by the dispatch sequence: a recorded result is never touched).
-            if self._fail(conn, key, max_attempts, EXIT_WITHOUT_COMPLETION):
-                pass
-            else:
+            if not self._fail(conn, key, max_attempts, EXIT_WITHOUT_COMPLETION):
                 self.stats.completed += 1
         else:
             what = "could not start" if code is None else f"exited {code}"

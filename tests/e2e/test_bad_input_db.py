@@ -137,7 +137,12 @@ def test_database_stopped_mid_import_and_started_again(
     t = tenant_db(f"dbdown_{uuid.uuid4().hex[:8]}")
     data = t.generate(job_id, orders=500)
     create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
-    body = importjob(name, ns, t.name, **chaos_spec(hold=0.3))
+    # Pooled workers that lost their database exit 1; the Job controller starts their
+    # replacements after its pod back-off (10 s, 20 s, ...). A dispatch that no worker claims
+    # within the claim timeout counts an attempt (the engine's rule), so with chaos_spec's 5 s
+    # the wave's batches ran out of attempts before the replacements came: the claim timeout
+    # here outlasts the back-off (see the issue 12 notes: an open question for the engine).
+    body = importjob(name, ns, t.name, **{**chaos_spec(hold=0.3), "claimTimeoutSeconds": 90})
     op = operator(ns)
     h = harness(ns, [op], [t])
 

@@ -399,3 +399,26 @@ def test_restarted_runner_fails_a_dead_local_workers_batch_at_once(engines, dsn,
         assert_verified(dsn, tenant, "job", spec)
     finally:
         launcher.stop_all()
+
+
+def test_queued_completions_are_looked_at_in_one_run(engine, dsn, tenant) -> None:
+    """The runner hands every completion queued at once to one coordinator run: it creates the
+    derived batches of all the completed parents and dispatches what they unblock."""
+    from importwaves.worker import EXIT_OK, WorkItem, run_batch
+
+    setup_job(engine, "job", orders=400, parallelism=8, **_sizes(100, 100, 1000))
+    res = engine.check("job", "start")
+    for _ in range(3):  # Customer, then SalesOrder, then the derived lines
+        assert res.dispatched
+        for b in res.dispatched:
+            item = WorkItem(dsn, tenant, "job", b.batch_id, b.dispatch_seq)
+            assert run_batch(item).exit_code == EXIT_OK
+        res = engine.on_completions("job", [b.batch_id for b in res.dispatched])
+        if res.outcome == Outcome.COMPLETED:
+            break
+    assert res.outcome == Outcome.COMPLETED
+    rows = batches(dsn, tenant, "job")
+    parents = [r for r in rows if r["record_type_id"] == -30]
+    lines = [r for r in rows if r["record_type_id"] == -13]
+    assert len(parents) == 4 and lines and not [r for r in parents if r["needs_derivation"]]
+    assert {r["status"] for r in rows} == {"completed"}

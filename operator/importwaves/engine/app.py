@@ -34,7 +34,12 @@ from importwaves.engine.workers import (
     plan_workers,
 )
 from importwaves.flags import DEFAULT_TTL, Flags
-from importwaves.launch.base import BatchDispatch, DispatchObserver, RecordingLauncher
+from importwaves.launch.base import (
+    BatchDispatch,
+    DispatchObserver,
+    NoWorkers,
+    RecordingLauncher,
+)
 from importwaves.launch.port import LaunchProblem, LaunchTarget, WorkerGroup, WorkerLauncher
 from importwaves.log import event
 from importwaves.spec import ImportSpec
@@ -176,6 +181,10 @@ class Engine:
         """A completion notice (NOTIFY): a prompt to look at the database (records nothing)."""
         return self.listener.on_completed(job_id, batch_id, dispatch_seq)
 
+    def on_completions(self, job_id: str, batch_ids: Sequence[str]) -> RunResult:
+        """Several completion notices of one job found queued together: one look for all."""
+        return self.listener.on_completions(job_id, batch_ids)
+
     def sweep(self, job_id: str, cause: str = "sweep") -> RecoveryReport:
         """Recovery: stale claims and unclaimed dispatches back to pending, missing derived
         batches created, then a progression check."""
@@ -280,6 +289,10 @@ class Engine:
         """After the commit of a run that dispatched: workers for them at once."""
         if isinstance(self.launcher, DispatchObserver):
             self.launcher.on_dispatched(job_id, batches)
+        if type(self.launcher).ensure is NoWorkers.ensure:
+            # a launcher that starts nothing (the host runs its workers itself): nothing to
+            # sync on the hot path; its host's timer may still call sync_workers
+            return self._host_dispatch(job_id, spec, batches)
         target = self._targets.get(job_id)
         if target is not None:
             # The hot path (a completion -> the next dispatch): with all its workers alive the
@@ -300,17 +313,6 @@ class Engine:
         with self.pool.connection() as conn:
             job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
         return LaunchTarget.from_json(job["launch_target"] if job else None)
-
-    def workers_for(self, job_id: str) -> Sequence[str]:
-        """Ids of the job's workers the launcher sees alive (for progress views)."""
-        with self.pool.connection() as conn:
-            job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
-        target = LaunchTarget.from_json(job["launch_target"] if job else None)
-        return [
-            w.worker_id
-            for w in self.launcher.observe(target, self.tenant, job_id).workers
-            if w.alive
-        ]
 
     def update_gauges(self) -> None:
         """Refresh this tenant's queue.active_jobs and derived-backlog gauges from the DB."""

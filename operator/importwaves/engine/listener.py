@@ -19,6 +19,7 @@ already done by the time the event is emitted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from psycopg_pool import ConnectionPool
@@ -140,30 +141,43 @@ class BatchCompletedListener:
         return row
 
     # -- seed A: post-commit derived initialization ---------------------------------------------
-    def _derived_after_parent(self, job_id: str, batch_id: str) -> RunResult:
-        """The coordinator run for a completion, after its commit. For a parent batch, derived
+    def on_completions(self, job_id: str, batch_ids: Sequence[str]) -> RunResult:
+        """Several completion notices of one job at once (a host that found them queued): ONE
+        coordinator run looks at all of them (the run is level-based: it creates the derived
+        batches of every completed parent that lacks them and dispatches what that unblocks),
+        instead of one run per notice waiting behind the others."""
+        return self._derived_after_parent(job_id, *dict.fromkeys(batch_ids))
+
+    def _derived_after_parent(self, job_id: str, *batch_ids: str) -> RunResult:
+        """The coordinator run for completions, after their commit. For a parent batch, derived
         batches are created first in that run's transaction (under the job lock), for it and
         for any other completed parent batch still without them; the run then recomputes parent
         completion from the database and dispatches."""
-        parent = False
-        status: str | None = None  # the batch's, as the run read it (None: no such batch)
+        parent: str | None = None  # the first batch of a parent record type among them
+        completed_parent = False
+        #: the batches' statuses, as the run read them (absent: no such batch)
+        statuses: dict[str, str] = {}
 
         def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
-            nonlocal parent, status
-            batch = conn.execute(
-                Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
-            ).fetchone()
-            if batch is None:
-                return derived.Created()
-            status = batch["status"]
-            parent = batch["record_type_id"] in spec.derived_parent_type_ids()
-            if not parent or batch["status"] != "completed":
+            nonlocal parent, completed_parent
+            parents = spec.derived_parent_type_ids()
+            for batch_id in batch_ids:
+                batch = conn.execute(
+                    Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
+                ).fetchone()
+                if batch is None:
+                    continue
+                statuses[batch_id] = batch["status"]
+                if batch["record_type_id"] in parents:
+                    parent = parent or batch_id
+                    completed_parent = completed_parent or batch["status"] == "completed"
+            if not completed_parent:
                 return derived.Created()
             return derived.create_for_completed_parents(conn, job_id, spec)
 
         def on_commit(result: RunResult) -> None:
             snap = result.snapshot
-            if not parent or snap is None:
+            if parent is None or snap is None:
                 return
             # Parent completion as the run recomputed it from the DB, after the commit above.
             open_gates = [g for g in snap.gates if g.open]
@@ -176,7 +190,7 @@ class BatchCompletedListener:
                 "derived_initialized",
                 job_id=job_id,
                 tenant=self.tenant,
-                parent_batch_id=batch_id,
+                parent_batch_id=parent,
                 parent_completion_percent=round(min(g.percent for g in open_gates), 2),
                 threshold=min(g.threshold for g in open_gates),
                 created_batches=result.derived_created,
@@ -190,21 +204,22 @@ class BatchCompletedListener:
             on_commit=on_commit,
             source="listener",
         )
-        if status is None:
+        if not statuses:
             if result.outcome == Outcome.NOT_FOUND:
                 return result
-            return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {batch_id}")
-        if status == "completed":
-            # counted once the run that read the batch has committed
-            metrics.COMPLETIONS.labels(self.tenant).inc()
-        event(
-            log,
-            "batch_completed" if status == "completed" else "batch_notice_not_completed",
-            logging.DEBUG,
-            job_id=job_id,
-            batch_id=batch_id,
-            status=status,
-        )
+            return RunResult(job_id, Outcome.NOT_FOUND, f"no batch {', '.join(batch_ids)}")
+        for batch_id, status in statuses.items():
+            if status == "completed":
+                # counted once the run that read the batch has committed
+                metrics.COMPLETIONS.labels(self.tenant).inc()
+            event(
+                log,
+                "batch_completed" if status == "completed" else "batch_notice_not_completed",
+                logging.DEBUG,
+                job_id=job_id,
+                batch_id=batch_id,
+                status=status,
+            )
         return result
 
 

@@ -19,6 +19,13 @@ pods <= waves x parallelism + restarts, through the one engine-owned lifecycle.
 already counted the claimed batch's attempt) at most `backoff_limit(size)` times per Job, so one
 crashed worker does not end its wave's pool and a crash loop (a broken image or command) ends
 the Job instead of running forever; the engine starts the next Job of the wave if work remains.
+Replacements come after the Job controller's pod back-off (10 s, 20 s, ... up to 6 min): while
+it lasts the wave has no live worker, and a dispatch nobody claims within the import's claim
+timeout counts an attempt (the engine's rule; an open question for pooled workers).
+
+`activeDeadlineSeconds` (spec.worker, else the operator's default) now bounds a wave's whole
+pool, not one batch: a wave running longer has its pods ended and its next Job started, the
+batches in flight requeued.
 """
 
 from __future__ import annotations
