@@ -248,6 +248,7 @@ def run_local(
         batches = conn.execute(BQ("batch_count"), {"job_id": JOB}).fetchone()
         phases = conn.execute(BQ("batch_phases"), {"job_id": JOB}).fetchall()
         top = conn.execute(BQ("pgss_top"), {"n": 15}).fetchall()
+        span = conn.execute(BQ("job_span"), {"job_id": JOB}).fetchone()
     derived_wave = [r for r in lags if r["record_type_id"] == DERIVED]
     return {
         "wall_s": round(wall, 2),
@@ -256,6 +257,7 @@ def run_local(
         "verification_failures": checked.failures()[:5],
         "batches": int(batches["n"]) if batches else None,
         "processes": sampler.summary(),
+        "db_first_dispatch_to_last_completion_s": _num(span["seconds"]) if span else None,
         # where a batch's time goes: dispatch -> claim, claim -> completion (per record type)
         "batch_phases": [{k: _num(v) for k, v in r.items()} for r in phases],
         # where the server's time went during the run (pg_stat_statements, reset at start)
@@ -376,6 +378,9 @@ def kubernetes_import_row(
             checked = verify_import(conn, JOB, spec)
             waves = conn.execute(Q("waves_snapshot"), {"job_id": JOB}).fetchall()
             batches = conn.execute(BQ("batch_count"), {"job_id": JOB}).fetchone()
+            phases = conn.execute(BQ("batch_phases"), {"job_id": JOB}).fetchall()
+            lags = conn.execute(BQ("wave_dispatch_lags"), {"job_id": JOB}).fetchall()
+            span = conn.execute(BQ("job_span"), {"job_id": JOB}).fetchone()
         jobs, pods, evs = (ws[k].snapshot() for k in ("Job", "Pod", "Event"))
         by_source: dict[str, int] = {}
         for e in evs:
@@ -394,6 +399,19 @@ def kubernetes_import_row(
             "events_by_source": dict(sorted(by_source.items(), key=lambda kv: -kv[1])),
             "peak_live": {"jobs": ws["Job"].peak_live, "pods": ws["Pod"].peak_live},
             "operator_peak_rss_mb": round(rss_peak / 1024, 1),
+            # where the time goes: per batch dispatch -> claim (a pod's start counts here) and
+            # claim -> completion, by record type; the waves' dispatch lags; the database's
+            # first dispatch -> last completion
+            "batch_phases": [{k: _num(v) for k, v in r.items()} for r in phases],
+            "wave_dispatch_lag_ms": {
+                str(r["wave_number"]): (
+                    None
+                    if r["dispatch_lag_seconds"] is None
+                    else round(float(r["dispatch_lag_seconds"]) * 1000, 2)
+                )
+                for r in lags
+            },
+            "db_first_dispatch_to_last_completion_s": _num(span["seconds"]) if span else None,
         }
     finally:
         kube.stop()

@@ -195,3 +195,9 @@ SELECT record_type_id, count(*) AS batches,
 FROM wave_batches
 WHERE job_id = %(job_id)s AND status = 'completed'
 GROUP BY record_type_id ORDER BY record_type_id;
+
+-- name: job_span
+-- From the job's first batch dispatch to its last completion, seconds (the database's view of
+-- an import's working time, without start-up and the last observation).
+SELECT round(extract(epoch FROM max(completed_at) - min(dispatched_at))::numeric, 2) AS seconds
+FROM wave_batches WHERE job_id = %(job_id)s;

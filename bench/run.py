@@ -537,6 +537,18 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 ),
             ),
             (
+                "8 per batch p50: dispatch->claim / claim->completed, by type "
+                + "/".join(str(p["record_type_id"]) for p in r8.get("batch_phases") or []),
+                ", ".join(
+                    f"{p['start_p50_ms']:.0f}/{p['work_p50_ms']:.0f}"
+                    for p in r8.get("batch_phases") or []
+                )
+                + f" ms; DB first dispatch -> last completion "
+                f"{r8.get('db_first_dispatch_to_last_completion_s')} s",
+                "-",
+                "-",
+            ),
+            (
                 f"8 objects per import ({r8['batches']} batches, {r8['waves']} waves)",
                 f"{made['jobs']} Jobs, {made['pods']} Pods, {made['events']} Events",
                 "Jobs <= waves, pods <= waves x par.",
