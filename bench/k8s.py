@@ -57,7 +57,9 @@ def say(msg: str) -> None:
 class Kube:
     """The e2e cluster (kwokctl, binary runtime) with its local kubelet and the CRDs."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, start_latency: float | None = None) -> None:
+        import inspect
+
         from tests.e2e.harness.cluster import Cluster, testbin_dir
         from tests.e2e.harness.localkubelet import LocalKubelet
 
@@ -84,10 +86,18 @@ class Kube:
             self.cluster.kubectl(
                 "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"
             )
+            # pod start latency (issue 12): a setting of the local kubelet on i12-k8s and later
+            self.start_latency_supported = (
+                "start_latency" in inspect.signature(LocalKubelet.__init__).parameters
+            )
+            extra: dict[str, Any] = {}
+            if start_latency is not None and self.start_latency_supported:
+                extra["start_latency"] = start_latency
             self.kubelet = LocalKubelet(
                 self.cluster.api_client,
                 root_dir=workdir / "localkubelet",
                 kubelet_version=f"v{self.cluster.kube_version}",
+                **extra,
             ).start()
         except BaseException:
             self.cluster.stop()

@@ -136,3 +136,68 @@ VACUUM ANALYZE staging_records;
 -- name: checkpoint
 -- Flush dirty buffers so a timed run does not pay for the setup's writes.
 CHECKPOINT;
+
+-- name: plain_insert_customers
+-- Row 6's baseline: the job's customers straight from staging into the (copied) target table.
+INSERT INTO customers (id, name, imported_job)
+SELECT s.record_id, s.payload ->> 'name', s.job_id FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = -2;
+
+-- name: plain_insert_orders
+-- Row 6's baseline: the job's sales orders.
+INSERT INTO transactions (id, record_type_id, customer_id, amount, payload, imported_job)
+SELECT s.record_id, s.record_type_id, s.parent_id, (s.payload ->> 'amount')::numeric,
+       s.payload, s.job_id
+FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = -30;
+
+-- name: plain_insert_lines
+-- Row 6's baseline: the job's transaction lines.
+INSERT INTO transaction_lines (id, transaction_id, amount, payload, imported_job)
+SELECT s.record_id, s.parent_id, (s.payload ->> 'amount')::numeric, s.payload, s.job_id
+FROM staging_records s
+WHERE s.job_id = %(job_id)s AND s.record_type_id = -13;
+
+-- name: wave_dispatch_lags
+-- Each wave's dispatch lag as the engine stamped it (first dispatch - when it became ready).
+SELECT wave_number, record_type_id, dispatch_lag_seconds
+FROM wave_coordination WHERE job_id = %(job_id)s ORDER BY wave_number;
+
+-- name: derived_batch_dispatch_lags
+-- Per derived batch: its dispatch minus its parent batch's completion, seconds.
+SELECT extract(epoch FROM d.dispatched_at - p.completed_at)::double precision AS lag_s
+FROM wave_batches d
+JOIN wave_batches p ON p.job_id = d.job_id AND p.batch_id = d.parent_batch_id
+WHERE d.job_id = %(job_id)s AND d.record_type_id = %(derived)s
+  AND d.dispatched_at IS NOT NULL AND p.completed_at IS NOT NULL;
+
+-- name: pgss_top
+-- Where the server's time went since the last reset: the top statements by total execution
+-- time (top level and nested), with calls and mean.
+SELECT toplevel, calls, round(total_exec_time::numeric, 1) AS total_ms,
+       round(mean_exec_time::numeric, 3) AS mean_ms,
+       round(total_plan_time::numeric, 1) AS plan_ms, rows,
+       left(regexp_replace(query, '\s+', ' ', 'g'), 160) AS query
+FROM public.pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND query NOT LIKE '%%pg_stat_statements%%'
+ORDER BY total_exec_time DESC LIMIT %(n)s;
+
+-- name: batch_phases
+-- Per record type, from the batch rows: dispatch -> claim (the worker's start) and claim ->
+-- completion (the worker's work), in milliseconds.
+SELECT record_type_id, count(*) AS batches,
+       round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - dispatched_at)) * 1000)::numeric, 1) AS start_p50_ms,
+       round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - dispatched_at)) * 1000)::numeric, 1) AS start_p99_ms,
+       round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - started_at)) * 1000)::numeric, 1) AS work_p50_ms,
+       round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - started_at)) * 1000)::numeric, 1) AS work_p99_ms,
+       round((sum(extract(epoch FROM completed_at - started_at)))::numeric, 1) AS work_total_s
+FROM wave_batches
+WHERE job_id = %(job_id)s AND status = 'completed'
+GROUP BY record_type_id ORDER BY record_type_id;
+
+-- name: job_span
+-- From the job's first batch dispatch to its last completion, seconds (the database's view of
+-- an import's working time, without start-up and the last observation).
+SELECT round(extract(epoch FROM max(completed_at) - min(dispatched_at))::numeric, 2) AS seconds
+FROM wave_batches WHERE job_id = %(job_id)s;

@@ -1,14 +1,16 @@
 """Row 2: completion throughput against the database's own limit.
 
 The engine side runs the reference worker's completion transaction exactly as the worker does
-(`importwaves.worker._import_and_complete`: batch_lock, invalid_staging_rows, the import
-upsert, batch_complete, in one transaction, the counter triggers firing), for claimed batches of
+(`importwaves.worker._import_and_complete`: batch_lock, the import upsert, batch_complete, in
+one transaction sent in pipeline mode, the counter triggers firing; invalid_staging_rows runs
+only after an upsert that failed or wrote less than planned), for claimed batches of
 one record each, on one connection per thread, for a fixed time; 1 and 2 threads.
 
 The limit: `pgbench` with the same number of clients running a custom script made of the very
-same statements, taken from queries.sql at run time (parameters become pgbench variables,
--M prepared as psycopg prepares repeated statements), on the same server against the same job's
-remaining batches. Each pgbench transaction first takes its batch number from a sequence
+same statements (completion_durable, batch_lock, the upsert, batch_complete and the NOTIFY, one
+at a time, as pgbench does), taken from queries.sql at run time (parameters become pgbench
+variables, -M prepared as psycopg prepares repeated statements), on the same server against the
+same job's remaining batches. Each pgbench transaction first takes its batch number from a sequence
 (`SELECT nextval(...) \\gset`, outside the transaction) so that, like the engine side, every
 transaction completes a different batch.
 """
@@ -28,6 +30,7 @@ from bench.common import BQ, one, tenant_conn
 from importwaves.db.connect import connect
 from importwaves.db.queries import Q
 from importwaves.engine.app import Engine
+from importwaves.engine.notify import channel_for
 from importwaves.localdev import LocalPostgres
 from importwaves.spec import ImportSpec
 from importwaves.worker import WorkItem, _import_and_complete
@@ -112,7 +115,13 @@ def _pgbench_sql(name: str) -> str:
     return text.replace("%%", "%") + ";\n"
 
 
-_ENGINE = {"batch_lock", "invalid_staging_rows", "import_transactions", "batch_complete"}
+_ENGINE = {
+    "completion_durable",
+    "batch_lock",
+    "import_transactions",
+    "batch_complete",
+    "notify_tenant_batch_completed",
+}
 
 
 def pgbench_script(path: Path) -> Path:
@@ -122,10 +131,11 @@ def pgbench_script(path: Path) -> Path:
         + _pgbench_sql("pgbench_batch_params").rstrip(";\n")
         + " \\gset\n"
         + "BEGIN;\n"
+        + _pgbench_sql("completion_durable")
         + _pgbench_sql("batch_lock")
-        + _pgbench_sql("invalid_staging_rows")
         + _pgbench_sql("import_transactions")
         + _pgbench_sql("batch_complete")
+        + _pgbench_sql("notify_tenant_batch_completed")
         + "END;\n"
     )
     _check_variables(body)
@@ -139,9 +149,6 @@ DEFINES = {
     "job_id": JOB,
     "prefix": PREFIX,
     "record_type_id": str(SALES_ORDER),
-    "needs_name": "false",
-    "parent_table": "customers",
-    "by_parent": "false",
     # The worker passes NULL (a main batch has no parent type); pgbench cannot send a NULL
     # parameter, and for a main batch (by_parent false) the predicate never reads it.
     "parent_record_type_id": "0",
@@ -149,12 +156,15 @@ DEFINES = {
     "rows_written": "1",
 }
 PER_TRANSACTION = {"batch_id", "ids", "dispatch_seq"}
+#: Per run (the tenant's channel) and the NOTIFY payload: constant (the engine's names the batch;
+#: the server's work for it is the same).
+PER_RUN = {"channel", "payload"}
 
 
 def _check_variables(body: str) -> None:
     """Every :variable of the script has a value (queries.sql may grow a parameter)."""
     used = set(re.findall(r"(?<!:):([a-z_]+)", body))
-    missing = used - set(DEFINES) - PER_TRANSACTION
+    missing = used - set(DEFINES) - PER_TRANSACTION - PER_RUN
     if missing:
         raise RuntimeError(f"pgbench script needs values for {sorted(missing)}")
 
@@ -172,7 +182,11 @@ def pgbench(
         "PGUSER": "postgres",
         "PGDATABASE": "postgres",
     }
-    defines = DEFINES
+    defines = {
+        **DEFINES,
+        "channel": channel_for(tenant),
+        "payload": '{"tenant":"bench","job_id":"tput","batch_id":"SalesOrder-000000"}',
+    }
     cmd = [str(pg.binary("pgbench")), "-n", "-M", "prepared", "-f", str(script)]
     cmd += ["-c", str(clients), "-j", str(clients), "-T", str(int(seconds))]
     for k, v in defines.items():

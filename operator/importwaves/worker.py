@@ -131,6 +131,25 @@ def backoff_params(spec: dict[str, Any]) -> dict[str, float]:
     return {"backoff_base": backoff.baseSeconds, "backoff_cap": backoff.capSeconds}
 
 
+def import_statement(spec: dict[str, Any], record_type_id: int) -> tuple[str, dict[str, Any]]:
+    """The import query (queries.sql name) of a batch of `record_type_id` and the parameters
+    `invalid_staging_rows` validates its rows with."""
+    derived_ids = {int(d.get("recordTypeId", -13)) for d in spec.get("derivedTypes", [])}
+    if record_type_id in derived_ids:
+        return "import_transaction_lines", {
+            "needs_name": False,
+            "parent_table": "transactions",
+            "by_parent": True,
+        }
+    if record_type_id == CUSTOMER_RECORD_TYPE_ID:
+        return "import_customers", {"needs_name": True, "parent_table": "", "by_parent": False}
+    return "import_transactions", {
+        "needs_name": False,
+        "parent_table": "customers",
+        "by_parent": False,
+    }
+
+
 def _import_and_complete(
     conn: psycopg.Connection[Any],
     item: WorkItem,
@@ -138,65 +157,111 @@ def _import_and_complete(
     spec: dict[str, Any],
     claimed: dict[str, Any],
 ) -> None:
+    """Import the batch and record its completion in ONE transaction, or change nothing.
+
+    `conn` is in autocommit mode; the transaction is BEGIN ... COMMIT sent in pipeline mode, in
+    three round trips instead of one per statement: (1) BEGIN, the durable-commit setting,
+    `batch_lock` and the import upsert; (2) `batch_complete` with the upsert's row count and
+    the NOTIFY; (3) COMMIT. Every check is made before the COMMIT, in this order: the lock says
+    this dispatch still holds the batch (else fenced); the upsert ran and wrote the batch's
+    planned count (the import queries skip rows with an invalid payload, a missing parent fails
+    their foreign key); the completion updated the batch (else fenced). An upsert that failed or
+    wrote another count is rolled back, and `invalid_staging_rows` then names the invalid rows
+    (a data error), or else the upsert's own error is raised, or else the count mismatch (a data
+    error). Any failed check or error rolls everything back."""
+    if not conn.autocommit:
+        raise ValueError("_import_and_complete needs a connection in autocommit mode")
     record_type_id = int(claimed["record_type_id"])
     ids = [int(x) for x in claimed["chunk_ids_json"]]
-    derived_ids = {int(d.get("recordTypeId", -13)) for d in spec.get("derivedTypes", [])}
-    if record_type_id in derived_ids:
-        query, params = (
-            "import_transaction_lines",
-            {"needs_name": False, "parent_table": "transactions", "by_parent": True},
-        )
-    elif record_type_id == CUSTOMER_RECORD_TYPE_ID:
-        query, params = (
-            "import_customers",
-            {"needs_name": True, "parent_table": "", "by_parent": False},
-        )
-    else:
-        query, params = (
-            "import_transactions",
-            {"needs_name": False, "parent_table": "customers", "by_parent": False},
-        )
+    query, params = import_statement(spec, record_type_id)
     base = {
         "job_id": item.job_id,
         "record_type_id": record_type_id,
         "ids": ids,
         "parent_record_type_id": claimed.get("parent_record_type_id"),
     }
-    with conn.transaction():
-        conn.execute(Q("completion_durable"))
-        lock = conn.execute(
-            Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
-        ).fetchone()
-        if (
-            lock is None
-            or lock["status"] != "processing"
-            or lock["dispatch_seq"] != item.dispatch_seq
-        ):
-            raise _Fenced(f"batch {item.batch_id} was requeued while this worker ran")
-        bad = [
-            r
-            for r in conn.execute(Q("invalid_staging_rows"), {**base, **params}).fetchall()
-            if r["problem"]
-        ]
-        if bad:
-            shown = "; ".join(f"record {r['record_id']}: {r['problem']}" for r in bad[:5])
-            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
-            raise BatchDataError(f"{len(bad)} invalid staging row(s): {shown}{more}")
-        written = conn.execute(Q(query), base).rowcount
-        done = conn.execute(Q("batch_complete"), {**key, "rows_written": written}).fetchone()
-        if done is None:
-            raise _Fenced(f"batch {item.batch_id} completion was fenced out")
-        if written != done["record_count"]:
-            # rolls this transaction back (nothing written, not completed); a data error
-            raise BatchDataError(
-                _count_mismatch(
-                    conn, item, record_type_id, ids, written, done, record_type_id in derived_ids
-                )
+    written = -1
+    with conn.pipeline() as pipe:
+        try:
+            conn.execute("BEGIN")
+            conn.execute(Q("completion_durable"))
+            lock_cur = conn.execute(
+                Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
             )
-        conn.execute(
-            Q("notify_tenant_batch_completed"),
-            {"channel": channel_for(item.tenant), "payload": completion_payload(item)},
+            import_cur = conn.execute(Q(query), base)
+            error = _sync(pipe)
+            lock = _result(lock_cur, error).fetchone()
+            if (
+                lock is None
+                or lock["status"] != "processing"
+                or lock["dispatch_seq"] != item.dispatch_seq
+            ):
+                raise _Fenced(f"batch {item.batch_id} was requeued while this worker ran")
+            if error is None:
+                written = import_cur.rowcount
+            if error is None and written == lock["record_count"]:
+                done_cur = conn.execute(Q("batch_complete"), {**key, "rows_written": written})
+                conn.execute(
+                    Q("notify_tenant_batch_completed"),
+                    {"channel": channel_for(item.tenant), "payload": completion_payload(item)},
+                )
+                pipe.sync()
+                if done_cur.fetchone() is None:
+                    raise _Fenced(f"batch {item.batch_id} completion was fenced out")
+                conn.execute("COMMIT")
+                pipe.sync()
+                return
+            _rollback(conn, pipe)
+        except BaseException:
+            _rollback(conn, pipe)
+            raise
+    # Not committed: the upsert failed, or wrote other than the planned count. Say why.
+    bad = conn.execute(Q("invalid_staging_rows"), {**base, **params}).fetchall()
+    if bad:
+        shown = "; ".join(f"record {r['record_id']}: {r['problem']}" for r in bad[:5])
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise BatchDataError(f"{len(bad)} invalid staging row(s): {shown}{more}")
+    if error is not None:
+        raise error
+    raise BatchDataError(
+        _count_mismatch(
+            conn,
+            item,
+            record_type_id,
+            ids,
+            written,
+            lock,
+            query == "import_transaction_lines",
         )
+    )
+
+
+def _sync(pipe: psycopg.Pipeline) -> psycopg.Error | None:
+    """Send what is queued and read every result; the first error, if any (the statements
+    after it were not run, their cursors have no result)."""
+    try:
+        pipe.sync()
+    except psycopg.Error as exc:
+        return exc
+    return None
+
+
+def _result(cur: psycopg.Cursor[Any], error: psycopg.Error | None) -> psycopg.Cursor[Any]:
+    if cur.pgresult is None or cur.pgresult.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+        raise error or psycopg.InterfaceError("a pipelined statement has no result")
+    return cur
+
+
+def _rollback(conn: psycopg.Connection[Any], pipe: psycopg.Pipeline) -> None:
+    """Roll back the completion transaction (nothing it wrote stays); a connection that broke
+    is left to the caller, which records nothing on it (the error being raised says why)."""
+    if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    try:
+        conn.execute("ROLLBACK")
+        pipe.sync()
+    except psycopg.Error:
+        pass
 
 
 def _count_mismatch(
