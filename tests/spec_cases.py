@@ -194,6 +194,7 @@ def _bounds() -> list[Case]:
     num("completionThreshold", 1, 100)
     num("parallelism", 1, 1000)
     num("retries", 0, 100)
+    num("priority", 1, 100)
     num("staleAfterSeconds", 5, 86_400)
     num("claimTimeoutSeconds", 5, 86_400)
     num("worker.activeDeadlineSeconds", 1, 604_800)

@@ -86,6 +86,7 @@ FIELD_CASES = {
     ("ImportSpec", "completionThreshold"): "completionThreshold=",
     ("ImportSpec", "parallelism"): "parallelism=",
     ("ImportSpec", "retries"): "retries=",
+    ("ImportSpec", "priority"): "priority=",
     ("ImportSpec", "staleAfterSeconds"): "staleAfterSeconds=",
     ("ImportSpec", "claimTimeoutSeconds"): "claimTimeoutSeconds=",
     ("RecordType", "name"): "recordTypes.0.name=",
