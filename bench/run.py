@@ -552,11 +552,13 @@ def issue16_lines(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 )
             )
         d = p.get("demo") or {}
-        if "importwaves" in d and "dbos" in d:
+        if "importwaves" in d and "dbos_shortest" in d:
             rows.append(
                 (
-                    f"peers demo import ({d['lines']:,} lines): importwaves / DBOS queues",
-                    f"{d['importwaves']['wall_s']:.1f} / {d['dbos']['wall_s']:.1f} s",
+                    f"peers demo import ({d['lines']:,} lines): importwaves / DBOS queues "
+                    "(polling 0.001 s; 1 s)",
+                    f"{d['importwaves']['wall_s']:.1f} / {d['dbos_shortest']['wall_s']:.1f} s; "
+                    f"{d['dbos_default']['wall_s']:.1f} s",
                     "-",
                     "-",
                 )
