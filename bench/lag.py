@@ -7,8 +7,8 @@ the real listener (`on_worker_exited_ok`: it checks that the worker recorded its
 then runs the coordinator), as the local runner and the operator do. The lag of
 one import is
 
-    first derived dispatch (launcher.launch() called with the first TransactionLine batch, i.e.
-    after the coordinator's dispatch transaction COMMITTED)
+    first derived dispatch (launcher.on_dispatched() called with the first TransactionLine
+    batch, i.e. after the coordinator's dispatch transaction COMMITTED)
   - return of the last parent batch's worker (after its completion transaction COMMITTED)
 
 on one clock (time.perf_counter in this process). The database's own view,
@@ -37,7 +37,7 @@ from typing import Any
 from bench.common import BQ, tenant_conn
 from importwaves.datagen import generate, reference_spec
 from importwaves.engine.app import Engine
-from importwaves.launch.base import BatchDispatch, LaunchFailure
+from importwaves.launch.base import BatchDispatch, NoWorkers
 from importwaves.spec import ImportSpec
 from importwaves.worker import EXIT_OK, WorkItem, run_batch
 
@@ -90,14 +90,21 @@ class JobTrace:
         return min(self.derived_launches) - max(self.parent_returns)
 
 
-class ThreadLauncher:
+class ThreadLauncher(NoWorkers):
     """Runs every dispatched batch with the real reference worker in a thread pool, records
     when parents return and when derived batches are dispatched, and (listener mode) hands each
-    exit to the engine's listener."""
+    exit to the engine's listener. (Sees each run's dispatched batches as the engine's
+    recording launcher does: `on_dispatched`, after the dispatch transaction committed.)"""
 
     def __init__(
-        self, dsn: str, pool: ThreadPoolExecutor, traces: dict[str, JobTrace], notify: bool
+        self,
+        dsn: str,
+        pool: ThreadPoolExecutor,
+        traces: dict[str, JobTrace],
+        notify: bool,
+        tenant: str = "",
     ) -> None:
+        self.tenant = tenant
         self.dsn = dsn
         self.pool = pool
         self.traces = traces
@@ -105,9 +112,8 @@ class ThreadLauncher:
         self.engine: Engine | None = None
         self._lock = threading.Lock()
 
-    def launch(
-        self, tenant: str, job_id: str, spec: ImportSpec, batches: Sequence[BatchDispatch]
-    ) -> list[LaunchFailure]:
+    def on_dispatched(self, job_id: str, batches: Sequence[BatchDispatch]) -> None:
+        tenant = self.tenant
         now = time.perf_counter()
         trace = self.traces[job_id]
         with self._lock:
@@ -115,7 +121,6 @@ class ThreadLauncher:
             trace.inflight += len(batches)
         for b in batches:
             self.pool.submit(self._run, tenant, b)
-        return []
 
     def _run(self, tenant: str, b: BatchDispatch) -> None:
         trace = self.traces[b.job_id]
@@ -174,7 +179,7 @@ def run_listener_path(
     """Run the imports one after another through the listener path; one row per import."""
     traces = {j: JobTrace(j) for j in job_ids}
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="worker")
-    launcher = ThreadLauncher(dsn, pool, traces, notify=True)
+    launcher = ThreadLauncher(dsn, pool, traces, notify=True, tenant=tenant)
     engine = Engine(dsn, tenant, redis_url=redis_url, launcher=launcher, pool_size=8)
     launcher.engine = engine
     try:
@@ -204,7 +209,7 @@ def run_timer_only(
     traces = {j: JobTrace(j) for j in job_ids}
     rng = random.Random(seed)  # noqa: S311 - start jitter, not cryptography
     pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="worker")
-    launcher = ThreadLauncher(dsn, pool, traces, notify=False)
+    launcher = ThreadLauncher(dsn, pool, traces, notify=False, tenant=tenant)
     engine = Engine(dsn, tenant, redis_url=redis_url, launcher=launcher, pool_size=16)
     launcher.engine = engine
 

@@ -33,7 +33,12 @@ from importwaves.engine.workers import (
     plan_workers,
 )
 from importwaves.flags import DEFAULT_TTL, Flags
-from importwaves.launch.base import BatchDispatch, DispatchObserver, RecordingLauncher
+from importwaves.launch.base import (
+    BatchDispatch,
+    DispatchObserver,
+    NoWorkers,
+    RecordingLauncher,
+)
 from importwaves.launch.port import LaunchProblem, LaunchTarget, WorkerGroup, WorkerLauncher
 from importwaves.log import event
 from importwaves.spec import ImportSpec
@@ -278,6 +283,10 @@ class Engine:
         """After the commit of a run that dispatched: workers for them at once."""
         if isinstance(self.launcher, DispatchObserver):
             self.launcher.on_dispatched(job_id, batches)
+        if type(self.launcher).ensure is NoWorkers.ensure:
+            # a launcher that starts nothing (the host runs its workers itself): nothing to
+            # sync on the hot path; its host's timer may still call sync_workers
+            return self._host_dispatch(job_id, spec, batches)
         target = self._targets.get(job_id)
         if target is not None:
             # The hot path (a completion -> the next dispatch): with all its workers alive the
