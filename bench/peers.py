@@ -177,13 +177,23 @@ def fair_spec(tenant: str) -> ImportSpec:
     )
 
 
-def _batches(dsn: str, tenant: str, job_id: str) -> int:
+def _batches(dsn: str, tenant: str, job_id: str) -> dict[str, Any]:
+    """Completed batches, and per batch (means, ms): dispatch -> worker start, start -> done."""
     with tenant_conn(dsn, tenant) as conn:
         row = conn.execute(
-            "SELECT count(*) AS n FROM wave_batches WHERE job_id = %s AND status = 'completed'",
+            "SELECT count(*) AS n, "
+            "1000 * avg(extract(epoch FROM started_at - dispatched_at)) AS wait_ms, "
+            "1000 * avg(extract(epoch FROM completed_at - started_at)) AS run_ms "
+            "FROM wave_batches WHERE job_id = %s AND status = 'completed'",
             (job_id,),
         ).fetchone()
-    return int(row["n"]) if row else 0  # type: ignore[call-overload]
+    if not row:
+        return {"batches": 0}
+    return {
+        "batches": int(row["n"]),  # type: ignore[call-overload]
+        "mean_dispatch_to_start_ms": round(float(row["wait_ms"] or 0), 1),  # type: ignore[call-overload]
+        "mean_start_to_done_ms": round(float(row["run_ms"] or 0), 1),  # type: ignore[call-overload]
+    }
 
 
 def _run_import(
@@ -202,7 +212,7 @@ def _run_import(
             out["status"] = stats.status
     except BaseException as exc:  # reported by the caller
         out["error"] = f"{type(exc).__name__}: {exc}"
-    out["batches"] = _batches(dsn, tenant, job_id)
+    out.update(_batches(dsn, tenant, job_id))
 
 
 def fairness(dsn: str, small_orders: int, budget: int = 8) -> dict[str, Any]:
