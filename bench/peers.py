@@ -190,9 +190,9 @@ def _batches(dsn: str, tenant: str, job_id: str) -> dict[str, Any]:
     if not row:
         return {"batches": 0}
     return {
-        "batches": int(row["n"]),  # type: ignore[call-overload]
-        "mean_dispatch_to_start_ms": round(float(row["wait_ms"] or 0), 1),  # type: ignore[call-overload]
-        "mean_start_to_done_ms": round(float(row["run_ms"] or 0), 1),  # type: ignore[call-overload]
+        "batches": int(row["n"]),
+        "mean_dispatch_to_start_ms": round(float(row["wait_ms"] or 0), 1),
+        "mean_start_to_done_ms": round(float(row["run_ms"] or 0), 1),
     }
 
 

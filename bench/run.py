@@ -1,6 +1,6 @@
 """`make bench`: issue 7's benchmark suite on real servers. Measures and prints; asserts nothing.
 
-    python -m bench.run [--quick] [--rows 1,2,3,4] [--out bench/results.json]
+    python -m bench.run [--quick] [--rows 1,2,3,4,5,peers,fairness] [--out bench/results.json]
 
 Row 1  derived dispatch lag: importwaves (listener path) vs a timer-only reconcile vs a Celery
        chord on the same Redis (Celery in its own virtualenv, bench/.venv-celery)
@@ -684,7 +684,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sample sizes (a smoke run)")
-    ap.add_argument("--rows", default="1,2,3,4,5")
+    ap.add_argument("--rows", default="1,2,3,4,5,peers,fairness")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     ap.add_argument("--keep", action="store_true", help="keep the servers' work directory")
     args = ap.parse_args(argv)
