@@ -42,7 +42,7 @@ from importwaves.verify import verify_import
 REPO = BENCH_DIR.parent
 PEER_REQS = {
     "dbos": "dbos==3.4.0",
-    "pgqueuer": "pgqueuer==1.6.0 psycopg[binary]>=3.2",
+    "pgqueuer": "pgqueuer==1.6.0 psycopg[binary]>=3.2 asyncpg>=0.30",
 }
 DEMO_QUERIES = (
     "invalid_staging_rows",

@@ -22,13 +22,13 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import psycopg
-from pgqueuer import Job, PsycopgDriver, QueueManager
+from pgqueuer import AsyncpgDriver, Job, PsycopgDriver, QueueManager
 from pgqueuer.queries import Queries
 
 PARENTS = 20
-SETTINGS = {
-    "driver": "psycopg (AsyncConnection, autocommit)",
+SETTINGS: dict[str, Any] = {
     "batch_size": 10,
     "dequeue_timeout_s": 30.0,
     "max_concurrent_tasks": None,
@@ -44,20 +44,49 @@ class FanIns:
         self.done: dict[int, asyncio.Event] = {}
 
 
-async def run(dsn: str, n: int, warmup: int) -> dict[str, Any]:
+async def run(dsn: str, n: int, warmup: int, driver: str) -> dict[str, Any]:
+    """driver: "psycopg" (AsyncConnection, autocommit, as PgQueuer requires) or "asyncpg"."""
     admin = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     await admin.execute("DROP TABLE IF EXISTS bench_pgq_fanin")
     await admin.execute("CREATE TABLE bench_pgq_fanin (k int PRIMARY KEY, remaining int NOT NULL)")
     queries = Queries(PsycopgDriver(admin))
     if not await queries.has_table("pgqueuer"):
         await queries.install()
-    worker_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    qm = QueueManager(Queries(PsycopgDriver(worker_conn)))
+    use_asyncpg = driver == "asyncpg"
+    worker_conn: Any = await (
+        asyncpg.connect(dsn)
+        if use_asyncpg
+        else psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    )
+    qm = QueueManager(
+        Queries(AsyncpgDriver(worker_conn) if use_asyncpg else PsycopgDriver(worker_conn))
+    )
     # parents' own connections (a small pool: one per concurrently running parent)
-    pool: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
+    pool: asyncio.Queue[Any] = asyncio.Queue()
     for _ in range(SETTINGS["batch_size"]):
-        pool.put_nowait(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
+        pool.put_nowait(
+            await (
+                asyncpg.connect(dsn)
+                if use_asyncpg
+                else psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            )
+        )
     st = FanIns()
+
+    async def decrement(conn: Any, k: int) -> bool:
+        if use_asyncpg:
+            left = await conn.fetchval(
+                "UPDATE bench_pgq_fanin SET remaining = remaining - 1 WHERE k = $1 "
+                "RETURNING remaining",
+                k,
+            )
+            return bool(left == 0)
+        cur = await conn.execute(
+            "UPDATE bench_pgq_fanin SET remaining = remaining - 1 WHERE k = %s RETURNING remaining",
+            (k,),
+        )
+        row = await cur.fetchone()
+        return row is not None and row[0] == 0
 
     @qm.entrypoint("parent")
     async def parent(job: Job) -> None:
@@ -65,15 +94,10 @@ async def run(dsn: str, n: int, warmup: int) -> dict[str, Any]:
         conn = await pool.get()
         try:
             async with conn.transaction():
-                cur = await conn.execute(
-                    "UPDATE bench_pgq_fanin SET remaining = remaining - 1 WHERE k = %s "
-                    "RETURNING remaining",
-                    (k,),
-                )
-                row = await cur.fetchone()
-                last = row is not None and row[0] == 0
+                last = await decrement(conn, k)
                 if last:
-                    await Queries(PsycopgDriver(conn)).enqueue(
+                    drv = AsyncpgDriver(conn) if use_asyncpg else PsycopgDriver(conn)
+                    await Queries(drv).enqueue(
                         ["derived"] * PARENTS,
                         [f"{k}".encode()] * PARENTS,
                         [0] * PARENTS,
@@ -115,7 +139,7 @@ async def run(dsn: str, n: int, warmup: int) -> dict[str, Any]:
             await (pool.get_nowait()).close()
         await worker_conn.close()
         await admin.close()
-    return {"lags_s": lags, "settings": SETTINGS}
+    return {"lags_s": lags, "settings": {**SETTINGS, "driver": driver}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dsn", required=True)
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--driver", choices=["psycopg", "asyncpg"], default="psycopg")
     args = ap.parse_args(argv)
-    out = asyncio.run(run(args.dsn, args.n, args.warmup))
+    out = asyncio.run(run(args.dsn, args.n, args.warmup, args.driver))
     json.dump(out, sys.stdout)
     return 0
 

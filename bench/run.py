@@ -315,7 +315,12 @@ def row_peers(
     say(f"peers: staging {len(iw_jobs)} small imports")
     lag.stage_jobs(s.dsn, tenant, iw_jobs)
     iw_rows: list[dict[str, Any]] = []
-    got: dict[str, list[float]] = {"dbos_default": [], "dbos_shortest": [], "pgqueuer": []}
+    got: dict[str, list[float]] = {
+        "dbos_default": [],
+        "dbos_shortest": [],
+        "pgqueuer": [],
+        "pgqueuer_asyncpg": [],
+    }
     resumes: dict[str, list[float]] = {"dbos_default": [], "dbos_shortest": []}
     settings: dict[str, Any] = {}
     lag.run_listener_path(s.dsn, tenant, s.redis.url, iw_jobs[:3])  # warm-up
@@ -343,14 +348,15 @@ def row_peers(
             got[key] += out["lags_s"]
             resumes[key] += out["resume_lags_s"]
             settings[key] = out["settings"]
-        say(f"peers: round {r + 1}/{rounds}: {per_round} PgQueuer fan-ins")
-        out = peers.run_peer(
-            "pgqueuer",
-            [f"--dsn={s.dsn}", f"--n={per_round}", "--warmup=3"],
-            s.workdir / "pgqueuer.log",
-        )
-        got["pgqueuer"] += out["lags_s"]
-        settings["pgqueuer"] = {**out["settings"], "version": "1.6.0"}
+        for key, driver in (("pgqueuer", "psycopg"), ("pgqueuer_asyncpg", "asyncpg")):
+            say(f"peers: round {r + 1}/{rounds}: {per_round} PgQueuer fan-ins ({driver})")
+            out = peers.run_peer(
+                "pgqueuer",
+                [f"--dsn={s.dsn}", f"--n={per_round}", "--warmup=3", f"--driver={driver}"],
+                s.workdir / f"{key}.log",
+            )
+            got[key] += out["lags_s"]
+            settings[key] = {**out["settings"], "version": "1.6.0"}
     res: dict[str, Any] = {
         "fan_in": "20 parent tasks, then 20 derived tasks, one fan-in at a time",
         "importwaves": summary_ms([r["wall_lag_s"] for r in iw_rows]),
@@ -530,7 +536,7 @@ def issue16_lines(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(
                     all(
                         iw["p50_ms"] <= p[k]["p50_ms"] and iw["p99_ms"] <= p[k]["p99_ms"]
-                        for k in ("dbos_default", "dbos_shortest", "pgqueuer")
+                        for k in ("dbos_default", "dbos_shortest", "pgqueuer", "pgqueuer_asyncpg")
                     )
                 ),
             )
@@ -538,7 +544,8 @@ def issue16_lines(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for key, label in (
             ("dbos_default", "DBOS {v} queues, polling 1 s (default)"),
             ("dbos_shortest", "DBOS {v} queues, polling 0.001 s (shortest)"),
-            ("pgqueuer", "PgQueuer {v}"),
+            ("pgqueuer", "PgQueuer {v}, psycopg driver"),
+            ("pgqueuer_asyncpg", "PgQueuer {v}, asyncpg driver"),
         ):
             x = p[key]
             v = p["settings"].get(key, {}).get("version", "?")
