@@ -1,12 +1,16 @@
 """`make bench`: issue 7's benchmark suite on real servers. Measures and prints; asserts nothing.
 
-    python -m bench.run [--quick] [--rows 1,2,3,4] [--out bench/results.json]
+    python -m bench.run [--quick] [--rows 1,2,3,4,5,peers,fairness] [--out bench/results.json]
 
 Row 1  derived dispatch lag: importwaves (listener path) vs a timer-only reconcile vs a Celery
        chord on the same Redis (Celery in its own virtualenv, bench/.venv-celery)
 Row 2  completion throughput vs pgbench running the engine's own completion SQL
 Row 3  reconcile cost and statements per completion event at 1k / 10k / 100k batches
 Row 4  planning 1M staging records: time and memory
+Row peers    (issue 16) the row 1 fan-in lag beside DBOS Transact queues (default and shortest
+             polling) and PgQueuer, each in its own virtualenv (bench/.venv-dbos, .venv-pgqueuer);
+             the 100,004-line demo import through importwaves and through DBOS queues
+Row fairness (issue 16) a 100x backlog and a small tenant under one shared budget of 8
 Row 5  the operator on the real test cluster (bench/k8s.py): API objects per 10,000 batches and
        peak live Jobs, operator RSS with 100 ImportJobs in flight, derived dispatch lag through
        the API server (NOTIFY path, Job-event path, timer alone)
@@ -37,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import bigimport, lag, scaling, throughput
+from bench import bigimport, lag, peers, scaling, throughput
 from bench.common import BENCH_DIR, Servers, engine_logs_to, new_tenant, start_servers, summary_ms
 
 REPO = BENCH_DIR.parent
@@ -375,6 +379,87 @@ def import_lines(n: int, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+# -- issue 16: peers and fairness -------------------------------------------------------------
+DBOS_SHORTEST_POLL = 0.001  # DBOS's documented minimum polling interval
+
+
+def row_peers(
+    s: Servers, samples: int, rounds: int, dbos_default_samples: int, demo_orders: int
+) -> dict[str, Any]:
+    tenant = new_tenant(s.dsn, "bench_peers")
+    per_round = -(-samples // rounds)
+    dbos_default_per_round = -(-dbos_default_samples // rounds)
+    iw_jobs = [f"iw-{i:04d}" for i in range(per_round * rounds + 3)]
+    say(f"peers: staging {len(iw_jobs)} small imports")
+    lag.stage_jobs(s.dsn, tenant, iw_jobs)
+    iw_rows: list[dict[str, Any]] = []
+    got: dict[str, list[float]] = {
+        "dbos_default": [],
+        "dbos_shortest": [],
+        "pgqueuer": [],
+        "pgqueuer_asyncpg": [],
+    }
+    resumes: dict[str, list[float]] = {"dbos_default": [], "dbos_shortest": []}
+    settings: dict[str, Any] = {}
+    lag.run_listener_path(s.dsn, tenant, s.redis.url, iw_jobs[:3])  # warm-up
+    for r in range(rounds):
+        chunk = iw_jobs[3 + r * per_round : 3 + (r + 1) * per_round]
+        say(f"peers: round {r + 1}/{rounds}: {len(chunk)} importwaves imports")
+        iw_rows += lag.run_listener_path(s.dsn, tenant, s.redis.url, chunk)
+        for key, poll, n in (
+            ("dbos_default", 1.0, dbos_default_per_round),
+            ("dbos_shortest", DBOS_SHORTEST_POLL, per_round),
+        ):
+            say(f"peers: round {r + 1}/{rounds}: {n} DBOS fan-ins, polling {poll:g} s")
+            out = peers.run_peer(
+                "dbos",
+                [
+                    "fanin",
+                    f"--dsn={s.dsn}",
+                    f"--label={key}",
+                    f"--poll={poll}",
+                    f"--n={n}",
+                    "--warmup=2",
+                ],
+                s.workdir / f"{key}.log",
+            )
+            got[key] += out["lags_s"]
+            resumes[key] += out["resume_lags_s"]
+            settings[key] = out["settings"]
+        for key, driver in (("pgqueuer", "psycopg"), ("pgqueuer_asyncpg", "asyncpg")):
+            say(f"peers: round {r + 1}/{rounds}: {per_round} PgQueuer fan-ins ({driver})")
+            out = peers.run_peer(
+                "pgqueuer",
+                [f"--dsn={s.dsn}", f"--n={per_round}", "--warmup=3", f"--driver={driver}"],
+                s.workdir / f"{key}.log",
+            )
+            got[key] += out["lags_s"]
+            settings[key] = {**out["settings"], "version": "1.6.0"}
+    res: dict[str, Any] = {
+        "fan_in": "20 parent tasks, then 20 derived tasks, one fan-in at a time",
+        "importwaves": summary_ms([r["wall_lag_s"] for r in iw_rows]),
+        **{k: summary_ms(v) for k, v in got.items()},
+        "dbos_parent_workflow_resumed": {k: summary_ms(v) for k, v in resumes.items()},
+        "settings": settings,
+    }
+    iw = res["importwaves"]
+    res["ratio_importwaves_over"] = {
+        k: {
+            "p50": round(iw["p50_ms"] / res[k]["p50_ms"], 3),
+            "p99": round(iw["p99_ms"] / res[k]["p99_ms"], 3),
+        }
+        for k in got
+    }
+    try:
+        res["demo"] = peers.demo_side_by_side(
+            s.dsn, s.redis.url, s.workdir, demo_orders, DBOS_SHORTEST_POLL
+        )
+    except Exception as exc:  # keep the lag figures
+        say(f"peers: demo not measured: {type(exc).__name__}: {exc}")
+        res["demo"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    return res
+
+
 # -- report -----------------------------------------------------------------------------------
 def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "MISSED")
@@ -555,11 +640,86 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(made["jobs"] <= r8["waves"] and made["pods"] <= r8["waves"] * 4),
             ),
         ]
+    rows += issue16_lines(res)
     r5 = res.get("row5")
     if r5 is not None and r5.get("measured") is False:
         rows.append(("5 Kubernetes", "not measured: " + str(r5.get("error"))[:70], "-", "-"))
     elif r5 is not None:
         rows += row5_lines(r5)
+    return rows
+
+
+def issue16_lines(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    p = res.get("peers")
+    if p:
+        iw = p["importwaves"]
+        rows.append(
+            (
+                f"peers fan-in lag, importwaves (n={iw['n']}) p50 / p99",
+                f"{iw['p50_ms']:.1f} / {iw['p99_ms']:.1f} ms",
+                "<= each peer's",
+                _verdict(
+                    all(
+                        iw["p50_ms"] <= p[k]["p50_ms"] and iw["p99_ms"] <= p[k]["p99_ms"]
+                        for k in ("dbos_default", "dbos_shortest", "pgqueuer", "pgqueuer_asyncpg")
+                    )
+                ),
+            )
+        )
+        for key, label in (
+            ("dbos_default", "DBOS {v} queues, polling 1 s (default)"),
+            ("dbos_shortest", "DBOS {v} queues, polling 0.001 s (shortest)"),
+            ("pgqueuer", "PgQueuer {v}, psycopg driver"),
+            ("pgqueuer_asyncpg", "PgQueuer {v}, asyncpg driver"),
+        ):
+            x = p[key]
+            v = p["settings"].get(key, {}).get("version", "?")
+            ratio = p["ratio_importwaves_over"][key]
+            rows.append(
+                (
+                    f"peers fan-in lag, {label.format(v=v)} (n={x['n']}) p50 / p99",
+                    f"{x['p50_ms']:.1f} / {x['p99_ms']:.1f} ms",
+                    f"importwaves/it {ratio['p50']:.2f}x, {ratio['p99']:.2f}x",
+                    "-",
+                )
+            )
+        d = p.get("demo") or {}
+        if "importwaves" in d and "dbos_shortest" in d:
+            rows.append(
+                (
+                    f"peers demo import ({d['lines']:,} lines): importwaves / DBOS queues "
+                    "(polling 0.001 s; 1 s)",
+                    f"{d['importwaves']['wall_s']:.1f} / {d['dbos_shortest']['wall_s']:.1f} s; "
+                    f"{d['dbos_default']['wall_s']:.1f} s",
+                    "-",
+                    "-",
+                )
+            )
+        elif d:
+            rows.append(("peers demo import", "error: " + str(d.get("error"))[:60], "-", "-"))
+    f = res.get("fairness")
+    if f:
+        r = f["runs"]
+        rows.append(
+            (
+                f"fairness small tenant, shared / solo (budget {f['budget']})",
+                f"{r['small_shared']['seconds']:.2f} / {r['small_solo']['seconds']:.2f} s = "
+                f"{f['small_slowdown']:.2f}x",
+                "<= 1.5x",
+                _verdict(f["small_slowdown"] <= 1.5),
+            )
+        )
+        t = f["throughput_batches_per_s"]
+        rows.append(
+            (
+                "fairness big tenant (100x) throughput, shared / solo",
+                f"{t['big_shared']:.1f} / {t['big_solo']:.1f} batches/s = "
+                f"{f['big_throughput_ratio']:.2f}",
+                "-",
+                "-",
+            )
+        )
     return rows
 
 
@@ -666,7 +826,7 @@ def _guarded(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sample sizes (a smoke run)")
-    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8,peers,fairness")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     ap.add_argument("--keep", action="store_true", help="keep the servers' work directory")
     args = ap.parse_args(argv)
@@ -700,6 +860,16 @@ def main(argv: list[str] | None = None) -> int:
             res["row3"] = row3(s, [1000, 10_000] if q else [1000, 10_000, 100_000], 10 if q else 40)
         if "4" in rows:
             res["row4"] = row4(s, 200_000 if q else 1_000_000)
+        if "peers" in rows:
+            res["peers"] = row_peers(
+                s,
+                samples=20 if q else 100,
+                rounds=2 if q else 4,
+                dbos_default_samples=10 if q else 40,
+                demo_orders=20_000,
+            )
+        if "fairness" in rows:
+            res["fairness"] = peers.fairness(s.dsn, small_orders=100 if q else 200)
         if "5" in rows:
             res["row5"] = kubernetes_row(s, q)
         size = bigimport.SIZES["quick" if q else "full"]
