@@ -15,6 +15,7 @@ Idle connections above `min_size` (0) are closed after `max_idle` seconds.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -131,6 +132,12 @@ class SharedPools:
             del self._pools[key]
         shared.pool.close()
 
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's pools without closing them (their sockets
+        are the parent's; closing them here would end the parent's sessions)."""
+        self._lock = threading.Lock()
+        self._pools = {}
+
     def count(self) -> int:
         with self._lock:
             return len(self._pools)
@@ -159,3 +166,4 @@ def _open(dsn: str, max_size: int, timeout: float, opts: ConnOptions) -> Connect
 
 #: The process-wide registry every Engine borrows from.
 POOLS = SharedPools()
+os.register_at_fork(after_in_child=POOLS._after_fork)
