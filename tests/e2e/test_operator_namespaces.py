@@ -103,3 +103,30 @@ def test_same_import_id_in_two_namespaces_launches_each_in_its_own(
 def _env(job: dict[str, Any]) -> dict[str, Any]:
     container = job["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_two_operators_watching_different_namespaces_keep_to_their_own(
+    k8s_cluster: Cluster,
+    namespace: str,
+    other_namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    """Sharding beyond one operator (issue 16): two releases, each watching its own namespaces
+    (`watchNamespaces`), run side by side; each reconciles and launches only its own
+    ImportJobs, and neither touches (or even names) the other's."""
+    sides = []
+    for ns in (namespace, other_namespace):
+        t = tenant_db(f"shard_{uuid.uuid4().hex[:8]}")
+        t.generate(f"{ns}.shard", orders=60)
+        create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+        sides.append((ns, t, operator(ns)))
+    for ns, t, _ in sides:
+        apply(k8s_cluster, importjob("shard", ns, t.name, **small_spec(hold=0.0)))
+    for ns, t, op in sides:
+        harness(ns, [op], [t]).wait("shard", lambda s: is_true(s, "Completed"), "Completed", 120)
+    for (ns, _, op), (theirs, _, _) in zip(sides, reversed(sides), strict=True):
+        submitted = {r.get("job_id") for r in op.log_events("job_submitted")}
+        assert submitted == {f"{ns}.shard"}, submitted
+        assert theirs not in op.log(), f"the operator of {ns} mentions {theirs}"
