@@ -30,8 +30,10 @@ lost its database (the engine counts the batch it held as a failed attempt once 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -345,6 +347,9 @@ def run_command(
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
+            # its own process group: a fenced-out command is stopped with its children (a shell's
+            # `sleep` would otherwise hold stderr open, and this worker with it)
+            start_new_session=True,
         )
     except OSError as exc:
         return None, redact.scrub(f"{type(exc).__name__}: {exc}", s.dsn)
@@ -355,7 +360,8 @@ def run_command(
             break
         except subprocess.TimeoutExpired:
             if fenced is not None and fenced.is_set():
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
     tail = (err or "").strip()[-MAX_TAIL:]
     return proc.returncode, redact.scrub(tail, s.dsn)
 

@@ -301,7 +301,7 @@ def test_a_hung_custom_command_is_stopped_once_its_dispatch_moves_on(
         "import os, sys, time\n"
         f"open({str(started)!r} + os.environ['IMPORTWAVES_DISPATCH_SEQ'], 'w').close()\n"
         "if os.environ['IMPORTWAVES_DISPATCH_SEQ'] == '1':\n"
-        "    time.sleep(300)\n"
+        "    os.system('sleep 300')  # a child holding stderr open, as a shell's sleep does\n"
         "sys.exit(3)\n"
     )
     w = PooledWorker(
