@@ -193,7 +193,7 @@ def test_a_malformed_password_appears_nowhere(
     h.wait_for(
         lambda: (
             [e for e in h.events("leaky") if e.get("reason") == "InvalidDSN"]
-            and op.log().count("failed temporarily") >= 2
+            and len(op.log_events("importjob_blocked_retry")) >= 2
         ),
         "a Warning Event about the DSN and a retry",
     )
