@@ -171,6 +171,7 @@ def test_examples_run_to_completion(
             "PROGRESS",
             "ACTIVE",
             "FAILED",
+            "WAITING",
             "AGE",
         ], out
         assert out[1].split()[:6] == [name, "True", "Completed", "100%", "0", "0"], out

@@ -139,13 +139,14 @@ def test_status_fields_and_printer_columns_are_served(
         wide = k8s_cluster.kubectl("-n", namespace, "get", "importjob", "shown", "-o", "wide")
         header, row = wide.stdout.splitlines()[:2]
         print(f"\n{wide.stdout}")
-        assert header.split()[:8] == [
+        assert header.split()[:9] == [
             "NAME",
             "READY",
             "STATUS",
             "PROGRESS",
             "ACTIVE",
             "FAILED",
+            "WAITING",
             "AGE",
             "MESSAGE",
         ]

@@ -191,6 +191,9 @@ class GuardRules(RuleBasedStateMachine):
         generate(self.conn, self.job, orders=orders, customers=max(1, orders // 3))
         self.spec = reference_spec(
             self.tenant,
+            # no retry back-off: the model's liveness check counts nudges, not seconds (the
+            # back-off has its own tests: tests/integration/test_retry_backoff.py)
+            retryBackoff={"baseSeconds": 0, "capSeconds": 0},
             recordTypes=[
                 {"name": "Customer", "recordTypeId": CUSTOMER, "batchSize": customer_size},
                 {
@@ -292,7 +295,12 @@ class GuardRules(RuleBasedStateMachine):
                 with connect(self.dsn, self.tenant, autocommit=True) as conn:
                     conn.execute(
                         Q("batch_fail"),
-                        {**key, "max_attempts": self.spec.max_attempts, "error": "model failure"},
+                        {
+                            **key,
+                            "max_attempts": self.spec.max_attempts,
+                            **self.spec.backoff_params,
+                            "error": "model failure",
+                        },
                     )
                 self._fault("worker_failed")
                 self._deliver("failed", b.batch_id, b.dispatch_seq, "model failure")
