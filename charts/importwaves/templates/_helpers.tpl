@@ -139,11 +139,12 @@ Argument: dict "root" (the chart context) "resource" (clusterkopfpeerings | kopf
 - apiGroups: ["kopf.dev"]
   resources: [{{ .resource | quote }}]
   verbs: ["list", "watch"]
-# framework: kopf peering, the keep-alive written into this operator's own peering object.
+# framework: kopf peering, the keep-alive written into this operator's own peering object; and
+# the startup check that this object exists (k8s/peering.py reads it: absent, run standalone).
 - apiGroups: ["kopf.dev"]
   resources: [{{ .resource | quote }}]
   resourceNames: [{{ .root.Values.peering.name | quote }}]
-  verbs: ["patch"]
+  verbs: ["get", "patch"]
 {{- end }}
 {{- end }}
 

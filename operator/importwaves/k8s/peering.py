@@ -66,10 +66,14 @@ def missing_peering(name: str, namespaces: Sequence[str]) -> list[str]:
                     PEERING_GROUP, PEERING_VERSION, ns, "kopfpeerings", name
                 )
             except ApiException as exc:
+                if exc.status == 403:
+                    continue  # may not read it: cannot tell, so keep kopf's peering on
                 if exc.status != 404:
                     raise
                 missing.append(ns)
     except ApiException as exc:
+        if exc.status == 403:
+            return []  # may not read it: cannot tell, so keep kopf's peering on
         if exc.status != 404:
             raise
         return ["cluster"]
