@@ -83,6 +83,12 @@ def assert_imported(t: Tenant, job_id: str, spec: dict[str, Any], data: Any) -> 
     assert v.ok, v.failures()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="open (issue 12, pooled workers): after an operator kill mid derived wave, derived "
+    "batches made no progress for 120 s in 2 of 2 full runs on main 43d6e86..6725a1c; not yet "
+    "diagnosed (the wave's work-queue Job after a restart is the suspect)",
+)
 def test_operator_killed_as_derived_jobs_appear(
     k8s_cluster: Cluster,
     namespace: str,

@@ -118,7 +118,7 @@ def _namespaced_rules(peering_kind: str, peering_name: str) -> set[Any]:
         | _expand("", ["secrets"], ["get"])
         | _expand("", ["events"], ["create"])
         | _expand("kopf.dev", [peering_kind], ["list", "watch"])
-        | _expand("kopf.dev", [peering_kind], ["patch"], name=peering_name)
+        | _expand("kopf.dev", [peering_kind], ["get", "patch"], name=peering_name)
     )
 
 

@@ -150,8 +150,11 @@ def test_unclaimed_dispatch_is_requeued_and_its_worker_fenced_out(
     with h.explained():
         assert not overlapping_jobs(jobs), overlapping_jobs(jobs)
         [batch] = t.batches(job_id)
-        # The lost dispatch counted an attempt, the second one the other.
-        assert (batch["status"], batch["dispatch_seq"], batch["attempts"]) == ("completed", 2, 2)
+        # The lost dispatch counted an attempt; the import completed under a newer dispatch (on
+        # a loaded machine the new dispatch's pod may also miss the 5 s claim timeout once
+        # more): every dispatch counted exactly one attempt.
+        assert batch["status"] == "completed" and batch["dispatch_seq"] >= 2, batch
+        assert batch["attempts"] == batch["dispatch_seq"], batch
         assert t.target_counts(job_id)["customers"] == data.customers
         assert st["summary"] == "Completed"
         assert "RecoveryAction" in h.event_reasons(name)
