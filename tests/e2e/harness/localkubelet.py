@@ -753,28 +753,7 @@ class _PodRunner(threading.Thread):
             finished = _now()
             if self._killed.is_set():
                 return
-            reason = "Completed" if rc == 0 else "Error"
-            message = self._fallback_message(rc, log_path) or None
-            if self._deleting.is_set():
-                self._patch_terminal(rc, reason, failed=rc != 0, started=started, message=message)
-                return
-            restart = self.restart_policy == "Always" or (
-                self.restart_policy == "OnFailure" and rc != 0
-            )
-            if not restart:
-                self._patch_terminal(rc, reason, failed=rc != 0, started=started, message=message)
-                return
-            self.last_state = {
-                "terminated": {
-                    "exitCode": rc,
-                    "reason": reason,
-                    "startedAt": started,
-                    "finishedAt": finished,
-                }
-            }
-            self.restart_count += 1
-            self._sleep(min(10.0, 0.5 * 2 ** (self.restart_count - 1)))
-            if self._stopping():
+            if not self._restart_after(rc, started, finished, self._fallback_message(rc, log_path)):
                 return
 
     def _run_container(self, env: dict[str, str], workdir: Path) -> None:
@@ -833,28 +812,34 @@ class _PodRunner(threading.Thread):
             finished = _now()
             if self._killed.is_set():
                 return
-            reason = "Completed" if rc == 0 else "Error"
-            restart = self.restart_policy == "Always" or (
-                self.restart_policy == "OnFailure" and rc != 0
+            if not self._restart_after(rc, started, finished, message):
+                return
+
+    def _restart_after(self, rc: int, started: str, finished: str, message: str) -> bool:
+        """A container ended with `rc`: record its end and return False, or (restartPolicy says
+        so and the pod is not being deleted) keep it as lastState, wait the restart back-off
+        and return True to start it again (False when the pod stopped meanwhile)."""
+        reason = "Completed" if rc == 0 else "Error"
+        restart = self.restart_policy == "Always" or (
+            self.restart_policy == "OnFailure" and rc != 0
+        )
+        if self._deleting.is_set() or not restart:
+            self._patch_terminal(
+                rc, reason, failed=rc != 0, started=started, message=message or None
             )
-            if self._deleting.is_set() or not restart:
-                self._patch_terminal(
-                    rc, reason, failed=rc != 0, started=started, message=message or None
-                )
-                return
-            self.last_state = {
-                "terminated": {
-                    "exitCode": rc,
-                    "reason": reason,
-                    "startedAt": started,
-                    "finishedAt": finished,
-                    **({"message": message} if message else {}),
-                }
+            return False
+        self.last_state = {
+            "terminated": {
+                "exitCode": rc,
+                "reason": reason,
+                "startedAt": started,
+                "finishedAt": finished,
+                **({"message": message} if message else {}),
             }
-            self.restart_count += 1
-            self._sleep(min(10.0, 0.5 * 2 ** (self.restart_count - 1)))
-            if self._stopping():
-                return
+        }
+        self.restart_count += 1
+        self._sleep(min(10.0, 0.5 * 2 ** (self.restart_count - 1)))
+        return not self._stopping()
 
     def _fallback_message(self, rc: int, log_path: Path) -> str:
         """Process mode has no terminationMessagePath file: with FallbackToLogsOnError, a failed
