@@ -173,7 +173,7 @@ class PooledWorker:
             if job["status"] in DONE_STATUSES:
                 return f"job {job['status']}"
             spec: dict[str, Any] = job["spec"]
-            beat.every = max(0.5, min(10.0, float(spec.get("staleAfterSeconds", 300)) / 5))
+            beat.every = beat_interval(spec)
             ran = self._custom(conn, beat, spec) if s.command else self._reference(conn, beat, spec)
             if ran:
                 idle_since = time.monotonic()
@@ -250,7 +250,6 @@ class PooledWorker:
         # The beat touches the batch once the command claimed it (it may not heartbeat) and
         # watches its fencing token: a command still running when its dispatch was requeued
         # (a hang before its claim, a stale heartbeat) is stopped, as a fenced-out worker.
-        beat.every = beat_interval(spec)
         fenced = threading.Event()
         beat.hold(key, on_fenced=fenced.set)
         try:
