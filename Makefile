@@ -32,8 +32,12 @@ demo: venv
 	$(BIN)/importwaves demo $(DEMO_ARGS)
 
 lint: venv
-	$(BIN)/ruff check operator tests model
-	$(BIN)/ruff format --check operator tests model
+	$(BIN)/ruff check operator tests model bench
+	$(BIN)/ruff format --check operator tests model bench
+	@! grep -rnE --exclude-dir='.venv*' --exclude-dir=.git --exclude-dir=__pycache__ \
+		'^(<<<<<<<|>>>>>>>) |^=======$$' operator tests model bench charts crds examples hack mk \
+		README.md Makefile Dockerfile pyproject.toml \
+		|| { echo "lint: merge-conflict markers left in the files above" >&2; exit 1; }
 
 typecheck: venv
 	$(BIN)/mypy
