@@ -73,6 +73,9 @@ class JobView:
     finished_at: datetime | None = None
     #: batches ready to dispatch but held back by the operator-wide budget (issue 16)
     held: int = 0
+    #: "<batch id>: <error>" of the batches waiting for a retry after a failed attempt (the
+    #: newest first, a few): the Progressing message says why they are not done yet
+    retrying: tuple[str, ...] = ()
 
 
 def _f(description: str, **extra: Any) -> Any:
@@ -638,7 +641,23 @@ def _progressing_message(
     awaiting: int,
     progress: str,
 ) -> str:
-    """Never empty: what runs now (the wave, by record type), or why nothing does."""
+    """Never empty: what runs now (the wave, by record type), or why nothing does; while it
+    runs, the batches waiting for a retry and the error of their failed attempt."""
+    text = _progressing_base(view, main, derived_phase, derived_pending, awaiting, progress)
+    if view.snapshot.status == JobStatus.RUNNING and view.retrying:
+        text += (" Retrying after a failed attempt: " + "; ".join(view.retrying))[:600]
+        text = _sentence(text)
+    return text
+
+
+def _progressing_base(
+    view: JobView,
+    main: list[WaveState],
+    derived_phase: bool,
+    derived_pending: int,
+    awaiting: int,
+    progress: str,
+) -> str:
     snap = view.snapshot
     status = snap.status
     if status == JobStatus.COMPLETED:
