@@ -31,11 +31,11 @@ from pydantic import ValidationError
 from importwaves import redact
 from importwaves.db import migrate
 from importwaves.db.queries import Q
+from importwaves.engine import failures
 from importwaves.engine.app import Engine
 from importwaves.engine.budget import Budget
 from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.coordinator import RunResult
-from importwaves.engine import failures
 from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job
 from importwaves.engine.jobs import SpecChangeRefused

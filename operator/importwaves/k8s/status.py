@@ -78,6 +78,10 @@ class JobView:
     retrying: tuple[str, ...] = ()
 
 
+#: The MESSAGE of an ImportJob no operator has written a status for yet (the CRD's default).
+PENDING_MESSAGE = "Waiting for the operator's first reconcile of this ImportJob."
+
+
 def _f(description: str, **extra: Any) -> Any:
     return Field(default=None, description=description, json_schema_extra=extra or None)
 
@@ -126,10 +130,13 @@ class ImportJobStatus(BaseModel):
     summary: str | None = _f(
         "One word (the STATUS column): Pending, Running (main waves run), DerivedPending (only "
         "derived work left), Completed, Failed, Suspended, Invalid, Blocked (database or Secret "
-        "problem) or Cancelled."
+        "problem) or Cancelled.",
+        # the API server's default until the operator's first status write (crd.py)
+        default="Pending",
     )
     message: str | None = _f(
-        "The message of the condition the summary comes from (the MESSAGE column)."
+        "The message of the condition the summary comes from (the MESSAGE column).",
+        default=PENDING_MESSAGE,
     )
     progress: str | None = _f(
         "Rows imported of the rows to import, in percent rounded down (the PROGRESS column); "

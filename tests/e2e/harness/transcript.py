@@ -286,6 +286,11 @@ class Transcript:
         if described:
             out += ["", "# Events as `kubectl describe importjob` showed them (first seen at)"]
             out += [f"{at:6.1f}s  {line}" for at, line in described]
+        with self._lock:
+            watched = list(self.watch_lines)
+        if watched:
+            out += ["", f"# kubectl -n {self.namespace} get importjobs -o wide -w  (as received)"]
+            out += [f"{at:6.1f}s  {line}" for at, line in watched]
         if describes:
             at, text = describes[-1]
             out += ["", f"# kubectl describe importjob {self.name}  (at {at:.1f}s)", text.rstrip()]
