@@ -107,6 +107,7 @@ def test_kubectl_transcript_of_an_import_with_a_failed_attempt_a_refused_patch_a
 
     rec = Transcript(k8s_cluster, ns, name).start()
     refused = ""
+    kept: object = None
     try:
         with k8s_cluster.api_client() as api:
             objects = watch_importjobs(api, ns)
@@ -133,6 +134,7 @@ def test_kubectl_transcript_of_an_import_with_a_failed_attempt_a_refused_patch_a
                     check=False,
                 )
                 refused = r.stderr
+                kept = (h.get(name) or {}).get("spec", {}).get("recordTypes")
                 # the retry imports it; delete mid-run (batches out), then apply the file again
                 h.wait_for(
                     lambda: (b := batch(FAILING)) and b["status"] == "completed" and out(),
@@ -183,6 +185,10 @@ def test_kubectl_transcript_of_an_import_with_a_failed_attempt_a_refused_patch_a
             known = [k for k in ranks if k is not None]
             assert known == sorted(known), f"STATUS went back: {statuses}"
         assert "Running" in [r["STATUS"] for r in first], statuses
+        # the re-applied ImportJob has batches out again within seconds (the bound of
+        # test_operator_status.py's delete-then-reapply test)
+        resumed = next((r.at for r in second if r["ACTIVE"] not in ("", "0")), None)
+        assert resumed is not None and resumed - reapplied_at < 10, (resumed, reapplied_at)
         assert [r["STATUS"] for r in second][-1] == "Completed", statuses
         # the -w stream says the same. Its lines are timed by arrival (a loaded machine delays
         # them), so its two objects are told apart by the stream itself: each begins with the
@@ -255,6 +261,7 @@ def test_kubectl_transcript_of_an_import_with_a_failed_attempt_a_refused_patch_a
 
         # -- the refused patch: one clear line, and nothing changed --------------------------
         assert "recordTypes is immutable" in refused, refused
+        assert kept == spec["recordTypes"], kept
         assert not any("Invalid" in r["STATUS"] for r in rows)
 
         # -- events: the failed attempt named with its stderr; one ImportCompleted -----------
