@@ -135,13 +135,17 @@ def test_printer_columns() -> None:
 
 def test_status_schema_is_generated_from_the_status_model() -> None:
     from importwaves.k8s.crd import structural
-    from importwaves.k8s.status import ImportJobStatus
+    from importwaves.k8s.status import PENDING_MESSAGE, ImportJobStatus
 
     status = root_schema()["properties"]["status"]
     generated = structural(ImportJobStatus.model_json_schema(mode="serialization"))
     assert status["properties"] == generated["properties"]
     assert set(status["properties"]) == set(ImportJobStatus.model_fields)
     assert status["properties"]["startTime"]["format"] == "date-time"
+    # before the operator's first write the API server shows STATUS Pending and a MESSAGE
+    assert status["default"] == {}
+    assert status["properties"]["summary"]["default"] == "Pending"
+    assert status["properties"]["message"]["default"] == PENDING_MESSAGE
     cond = status["properties"]["conditions"]
     assert cond["x-kubernetes-list-type"] == "map"
     assert cond["x-kubernetes-list-map-keys"] == ["type"]

@@ -22,7 +22,12 @@ from importwaves.engine.model import (
     WaveState,
 )
 from importwaves.k8s.crd import ImportJobSpec
-from importwaves.k8s.operator import ImportJobOperator, _run_events, batch_failed_message
+from importwaves.k8s.operator import (
+    ImportJobOperator,
+    _run_events,
+    batch_failed_message,
+    batch_retry_message,
+)
 from importwaves.launch.base import BatchDispatch
 from importwaves.settings import Settings
 from spec_cases import base_crd_spec
@@ -170,9 +175,14 @@ def test_batch_failed_event_once_per_failed_attempt(monkeypatch: Any) -> None:
     ij = owner_spec()
     failed = [FailedBatch("b1", ij.recordTypes[0].recordTypeId, 1, 2, "boom")]
 
+    retrying: list[FailedBatch] = []
+
     class Engine:
         def failed_batches(self, job_id: str, limit: int) -> list[FailedBatch]:
             return list(failed)
+
+        def retrying_batches(self, job_id: str, limit: int) -> list[FailedBatch]:
+            return list(retrying)
 
     first = op._failure_events(Engine(), ij, "j")  # type: ignore[arg-type]
     assert [(e.type, e.reason) for e in first] == [("Warning", "BatchFailed")]
@@ -180,7 +190,24 @@ def test_batch_failed_event_once_per_failed_attempt(monkeypatch: Any) -> None:
     failed[0] = FailedBatch("b1", ij.recordTypes[0].recordTypeId, 1, 4, "boom again")  # retried
     again = op._failure_events(Engine(), ij, "j")  # type: ignore[arg-type]
     assert [e.message.endswith("boom again") for e in again] == [True]
+    # an attempt that failed with attempts left (waiting for its retry): reported once too
+    retrying.append(FailedBatch("b2", ij.recordTypes[0].recordTypeId, 1, 1, "boom: upstream"))
+    retry = op._failure_events(Engine(), ij, "j")  # type: ignore[arg-type]
+    assert [(e.type, e.reason) for e in retry] == [("Warning", "BatchFailed")]
+    assert "attempt 1 of" in retry[0].message and retry[0].message.endswith("boom: upstream")
+    assert op._failure_events(Engine(), ij, "j") == []  # type: ignore[arg-type]
     op.close()
+
+
+def test_batch_retry_event_names_the_attempt_and_the_error() -> None:
+    ij = owner_spec()
+    rt = ij.recordTypes[0]
+    f = FailedBatch("x-000001", rt.recordTypeId, 1, 1, "worker command exited 1: boom")
+    assert batch_retry_message(f, ij) == (
+        f"batch x-000001 ({rt.name}, wave 1) attempt 1 of {ij.retries + 1} failed, retried "
+        "after its back-off: worker command exited 1: boom"
+    )
+    assert len(batch_retry_message(FailedBatch("b", 1, 1, 1, "x" * 5000), ij)) == 1000
 
 
 def guard_run(job_id: str) -> RunResult:

@@ -226,6 +226,31 @@ def test_failed_message_names_the_failed_batches_and_their_errors() -> None:
     assert len(long_msg["message"]) < 2000
 
 
+def test_a_batch_waiting_for_its_retry_shows_its_error_in_progressing_and_the_message() -> None:
+    """A failed attempt with attempts left: Failed stays False (nothing is out of attempts),
+    and Progressing (the MESSAGE column while Running) says which batch retries and why."""
+    err = "SalesOrder-000001: worker command exited 1: boom: cannot reach upstream API"
+    s = snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_EMPTY)
+    v = JobView("j1", s, Outcome.IN_PROGRESS, "", retrying=(err,))
+    st = compute_status(None, generation=1, now=T0, view=v, problem=None)
+    prog = cond(st, "Progressing")
+    assert prog["status"] == "True"
+    assert prog["message"].startswith("Wave 2 (SalesOrder): 1/4 batch(es) completed")
+    assert prog["message"].endswith(f"Retrying after a failed attempt: {err}.")
+    assert st["summary"] == "Running" and st["message"] == prog["message"]
+    assert cond(st, "Failed")["status"] == "False"
+    # a retrying batch's error is not shown once the import stopped running
+    done = snap(CUSTOMERS_DONE, ORDERS_DONE, LINES_EMPTY, status=JobStatus.SUSPENDED)
+    sv = JobView("j1", done, Outcome.SUSPENDED, "", retrying=(err,))
+    suspended = compute_status(None, generation=1, now=T0, view=sv, problem=None)
+    assert "Retrying" not in cond(suspended, "Progressing")["message"]
+    huge = JobView("j1", s, Outcome.IN_PROGRESS, "", retrying=("x" * 5000,) * 2)
+    long_msg = cond(
+        compute_status(None, generation=1, now=T0, view=huge, problem=None), "Progressing"
+    )
+    assert len(long_msg["message"]) < 800  # the retrying part is cut at 600 characters
+
+
 def test_failed_batch_while_still_running_is_reported_not_summarized() -> None:
     orders = wave(2, -30, "SalesOrder", completed=2, failed=1, processing=1)
     st = status_for(snap(CUSTOMERS_DONE, orders, LINES_EMPTY))

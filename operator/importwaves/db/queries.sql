@@ -554,6 +554,15 @@ SELECT batch_id, record_type_id, wave_number, attempts, last_error FROM wave_bat
 WHERE job_id = %(job_id)s AND status = 'failed'
 ORDER BY updated_at DESC, id DESC LIMIT %(limit)s;
 
+-- name: batches_retrying_recent
+-- Warning Events and the Progressing message: batches back to pending after a failed attempt
+-- (batch_fail set their back-off), waiting for their retry, with the attempt's error; newest
+-- first. A batch released by a deleted ImportJob (retry_after cleared) is not one.
+SELECT batch_id, record_type_id, wave_number, attempts, last_error FROM wave_batches
+WHERE job_id = %(job_id)s AND status = 'pending' AND retry_after IS NOT NULL
+  AND attempts > 0 AND last_error IS NOT NULL
+ORDER BY updated_at DESC, id DESC LIMIT %(limit)s;
+
 -- name: derived_backlog
 -- Derived records' batches not yet completed, across running jobs (the backlog gauge).
 SELECT count(*) AS n FROM wave_batches b JOIN import_jobs j USING (job_id)

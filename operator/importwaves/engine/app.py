@@ -438,6 +438,11 @@ class Engine:
         with self.pool.connection() as conn:
             return failures.failed_batches(conn, job_id, limit)
 
+    def retrying_batches(self, job_id: str, limit: int = 20) -> list[FailedBatch]:
+        """The job's batches waiting for a retry after a failed attempt (newest first)."""
+        with self.pool.connection() as conn:
+            return failures.retrying_batches(conn, job_id, limit)
+
 
 def _stale(row: dict[str, Any], source: tuple[str, int] | None) -> bool:
     """A submit from an older generation of the same ImportJob than the last one submitted."""

@@ -1,6 +1,6 @@
-"""Batches that failed for good, as data for the hosts' reports (the operator's BatchFailed
-Event names the batch, its record type and wave, and the recorded error: a failed worker's
-termination message or a custom command's stderr tail)."""
+"""Batches that failed for good, or failed an attempt and wait for their retry, as data for the
+hosts' reports (the operator's BatchFailed Event names the batch, its record type and wave, and
+the recorded error: a failed worker's termination message or a custom command's stderr tail)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,17 @@ class FailedBatch:
 
 def failed_batches(conn: Conn, job_id: str, limit: int = 20) -> list[FailedBatch]:
     """The job's failed batches, the most recently failed first."""
-    rows = conn.execute(Q("batches_failed_recent"), {"job_id": job_id, "limit": limit}).fetchall()
+    return _batches(conn, "batches_failed_recent", job_id, limit)
+
+
+def retrying_batches(conn: Conn, job_id: str, limit: int = 20) -> list[FailedBatch]:
+    """The job's batches back to pending after a failed attempt (waiting for their retry),
+    the most recently failed first; `attempts` counts the attempts made so far."""
+    return _batches(conn, "batches_retrying_recent", job_id, limit)
+
+
+def _batches(conn: Conn, query: str, job_id: str, limit: int) -> list[FailedBatch]:
+    rows = conn.execute(Q(query), {"job_id": job_id, "limit": limit}).fetchall()
     return [
         FailedBatch(
             str(r["batch_id"]),

@@ -284,6 +284,11 @@ def status_schema() -> dict[str, Any]:
     schema["description"] = "Observed state, computed from the tenant database and the spec."
     # kept: statuses written by earlier operator versions may hold fields no longer modelled
     schema["x-kubernetes-preserve-unknown-fields"] = True
+    # Before the operator's first status write, the API server's defaulting (applied when the
+    # object is read) shows STATUS Pending and a MESSAGE saying what it waits for, instead of
+    # empty columns; the operator's first write replaces both.
+    # (summary's and message's defaults are in the model)
+    schema["default"] = {}
     return schema
 
 

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from importwaves import redact
 from importwaves.db import migrate
 from importwaves.db.queries import Q
+from importwaves.engine import failures
 from importwaves.engine.app import Engine
 from importwaves.engine.budget import Budget
 from importwaves.engine.capacity import CapacityKeeper
@@ -322,6 +323,11 @@ class ImportJobOperator:
                 if any(w.failed for w in snap.waves)
                 else []
             )
+            retrying = (
+                failures.retrying_batches(conn, job_id, limit=2)
+                if job["status"] == "running" and any(w.pending for w in snap.waves)
+                else []
+            )
         outcome = {
             "completed": Outcome.COMPLETED,
             "failed": Outcome.FAILED,
@@ -342,6 +348,7 @@ class ImportJobOperator:
             finished_at=job.get("completed_at")
             or (job.get("updated_at") if job["status"] == "failed" else None),
             held=self.capacity.held(job_id) if self.capacity is not None else 0,
+            retrying=tuple(f"{r.batch_id}: {r.error or 'no error recorded'}" for r in retrying),
         )
 
     # -- workers ---------------------------------------------------------------------------------
@@ -360,8 +367,14 @@ class ImportJobOperator:
         return events + self._events_for(result, None)
 
     def _failure_events(self, engine: Engine, ij: ImportJobSpec, job_id: str) -> list[KubeEvent]:
+        """A Warning BatchFailed Event for each failed attempt this process has not reported
+        yet: a batch out of attempts, or one waiting for its retry (its back-off)."""
         out = []
-        for f in engine.failed_batches(job_id, limit=MAX_FAILURE_EVENTS):
+        found = [(f, False) for f in engine.failed_batches(job_id, limit=MAX_FAILURE_EVENTS)]
+        found += [(f, True) for f in engine.retrying_batches(job_id, limit=MAX_FAILURE_EVENTS)]
+        for f, retried in found:
+            # one Event per failed attempt: a batch's n-th failed attempt is reported once,
+            # whether it is seen waiting for its retry or (its last) failed for good
             key = f"{job_id}\0{f.batch_id}\0{f.attempts}"
             with self._recorded_lock:
                 if key in self._failures_posted:
@@ -369,7 +382,8 @@ class ImportJobOperator:
                 self._failures_posted[key] = None
                 while len(self._failures_posted) > REMEMBERED:
                     self._failures_posted.popitem(last=False)
-            out.append(KubeEvent("Warning", "BatchFailed", batch_failed_message(f, ij)))
+            message = batch_retry_message(f, ij) if retried else batch_failed_message(f, ij)
+            out.append(KubeEvent("Warning", "BatchFailed", message))
         return out
 
     def on_worker_job(self, job: dict[str, Any]) -> tuple[dict[str, Any], list[KubeEvent]] | None:
@@ -817,6 +831,16 @@ def record_type_name(ij: ImportSpec, record_type_id: int) -> str:
     names = {r.recordTypeId: r.name for r in ij.recordTypes}
     names.update({d.recordTypeId: d.name for d in ij.derivedTypes})
     return names.get(record_type_id, f"record type {record_type_id}")
+
+
+def batch_retry_message(f: FailedBatch, ij: ImportSpec) -> str:
+    """The BatchFailed Event's message for a failed attempt that will be retried: the batch,
+    its record type and wave, which attempt of how many, and the attempt's recorded error."""
+    head = (
+        f"batch {f.batch_id} ({record_type_name(ij, f.record_type_id)}, wave {f.wave_number}) "
+        f"attempt {f.attempts} of {ij.retries + 1} failed, retried after its back-off: "
+    )
+    return (head + (f.error or "no error recorded"))[:1000]
 
 
 def batch_failed_message(f: FailedBatch, ij: ImportSpec) -> str:

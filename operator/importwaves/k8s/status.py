@@ -73,6 +73,13 @@ class JobView:
     finished_at: datetime | None = None
     #: batches ready to dispatch but held back by the operator-wide budget (issue 16)
     held: int = 0
+    #: "<batch id>: <error>" of the batches waiting for a retry after a failed attempt (the
+    #: newest first, a few): the Progressing message says why they are not done yet
+    retrying: tuple[str, ...] = ()
+
+
+#: The MESSAGE of an ImportJob no operator has written a status for yet (the CRD's default).
+PENDING_MESSAGE = "Waiting for the operator's first reconcile of this ImportJob."
 
 
 def _f(description: str, **extra: Any) -> Any:
@@ -123,10 +130,13 @@ class ImportJobStatus(BaseModel):
     summary: str | None = _f(
         "One word (the STATUS column): Pending, Running (main waves run), DerivedPending (only "
         "derived work left), Completed, Failed, Suspended, Invalid, Blocked (database or Secret "
-        "problem) or Cancelled."
+        "problem) or Cancelled.",
+        # the API server's default until the operator's first status write (crd.py)
+        default="Pending",
     )
     message: str | None = _f(
-        "The message of the condition the summary comes from (the MESSAGE column)."
+        "The message of the condition the summary comes from (the MESSAGE column).",
+        default=PENDING_MESSAGE,
     )
     progress: str | None = _f(
         "Rows imported of the rows to import, in percent rounded down (the PROGRESS column); "
@@ -638,7 +648,23 @@ def _progressing_message(
     awaiting: int,
     progress: str,
 ) -> str:
-    """Never empty: what runs now (the wave, by record type), or why nothing does."""
+    """Never empty: what runs now (the wave, by record type), or why nothing does; while it
+    runs, the batches waiting for a retry and the error of their failed attempt."""
+    text = _progressing_base(view, main, derived_phase, derived_pending, awaiting, progress)
+    if view.snapshot.status == JobStatus.RUNNING and view.retrying:
+        text += (" Retrying after a failed attempt: " + "; ".join(view.retrying))[:600]
+        text = _sentence(text)
+    return text
+
+
+def _progressing_base(
+    view: JobView,
+    main: list[WaveState],
+    derived_phase: bool,
+    derived_pending: int,
+    awaiting: int,
+    progress: str,
+) -> str:
     snap = view.snapshot
     status = snap.status
     if status == JobStatus.COMPLETED:
