@@ -73,6 +73,9 @@ class JobView:
     finished_at: datetime | None = None
     #: batches ready to dispatch but held back by the operator-wide budget (issue 16)
     held: int = 0
+    #: the newest launch problem recorded on a batch still to run ("launch failed: worker pod
+    #: ... cannot start: <reason>: <message>"), '' when none
+    launch_error: str = ""
 
 
 def _f(description: str, **extra: Any) -> Any:
@@ -542,7 +545,15 @@ def _from_view(
         Cond.PROGRESSING,
         running,
         (
-            ("WaitingForCapacity" if view.held else "DerivedRunning" if dp else "WavesRunning")
+            (
+                "LaunchFailing"
+                if view.launch_error
+                else "WaitingForCapacity"
+                if view.held
+                else "DerivedRunning"
+                if dp
+                else "WavesRunning"
+            )
             if running
             else _STOPPED[status]
         ),
@@ -638,7 +649,22 @@ def _progressing_message(
     awaiting: int,
     progress: str,
 ) -> str:
-    """Never empty: what runs now (the wave, by record type), or why nothing does."""
+    """Never empty: what runs now (the wave, by record type), or why nothing does; while
+    running, the newest launch problem a batch still waits out."""
+    text = _progress_text(view, main, derived_phase, derived_pending, awaiting, progress)
+    if view.launch_error and view.snapshot.status == JobStatus.RUNNING:
+        text += " Workers cannot be started: " + _sentence(view.launch_error[:1000])
+    return text
+
+
+def _progress_text(
+    view: JobView,
+    main: list[WaveState],
+    derived_phase: bool,
+    derived_pending: int,
+    awaiting: int,
+    progress: str,
+) -> str:
     snap = view.snapshot
     status = snap.status
     if status == JobStatus.COMPLETED:
