@@ -340,9 +340,10 @@ def _why(worker_id: str, ended: dict[str, WorkerSeen]) -> str:
 def plan_problems(
     problems: Sequence[LaunchProblem], held: Sequence[HeldBatch], *, per_wave: bool
 ) -> ProblemPlan:
-    """One launch-failure policy: a permanent problem fails the attempt of the group's
-    dispatched batches no worker reserved ("launch failed: ..."); a transient one is retried by
-    the next sync (the batches stay dispatched; recovery requeues one nobody claims in time)."""
+    """One launch-failure policy: a permanent problem (a refused Job, a group whose workers
+    cannot start) fails the attempt of the group's dispatched batches no worker reserved
+    ("launch failed: ..."); a transient one is retried by the next sync (the batches stay
+    dispatched; recovery's claim-timeout decision, `plan_unclaimed`, applies to them)."""
     fail: list[FailLaunch] = []
     retry: list[LaunchProblem] = []
     for p in problems:
