@@ -653,7 +653,8 @@ def _progressing_message(
     running, the newest launch problem a batch still waits out."""
     text = _progress_text(view, main, derived_phase, derived_pending, awaiting, progress)
     if view.launch_error and view.snapshot.status == JobStatus.RUNNING:
-        text += " Workers cannot be started: " + _sentence(view.launch_error[:1000])
+        problem = view.launch_error[:1000].removeprefix("launch failed: ").rstrip(".")
+        text += f" Workers cannot be started, batches wait to run again: {problem}."
     return text
 
 
