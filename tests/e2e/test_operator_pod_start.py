@@ -165,7 +165,14 @@ def test_worker_pods_slower_than_the_claim_timeout_cost_no_attempt(
         assert {b["attempts"] for b in rows} == {1}, [
             (b["batch_id"], b["attempts"], b["last_error"]) for b in rows if b["attempts"] != 1
         ]
-        # the operator did look at them while the pods started (and let them wait)
+        # the pods were slower than the claim timeout: batches were claimed later than that
+        waits = t.query(
+            "SELECT extract(epoch FROM started_at - dispatched_at)::float AS s "
+            "FROM wave_batches WHERE job_id = %s",
+            (job_id,),
+        )
+        assert max(w["s"] for w in waits) > 5, waits
+        # the operator's sweeps (every second) let them wait: none released or counted
         waited = op.log_events("unclaimed_batch_released") + op.log_events("stuck_batch_requeued")
         assert not waited, waited
         assert t.target_counts(job_id)["transaction_lines"] == data.lines, data

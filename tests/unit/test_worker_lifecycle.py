@@ -397,13 +397,27 @@ def unclaimed(
 LATE = CLAIM + 1
 
 
-def test_only_overdue_unreserved_dispatches_are_decided() -> None:
+def test_only_overdue_dispatches_are_decided() -> None:
     batches = [
         held("young", quiet=CLAIM - 1),
-        held("reserved", worker="w-1", quiet=600),
         held("claimed", "processing", worker="w-1", quiet=600),
     ]
     assert unclaimed(batches, Observation((running("w-1", wave=1),))) == []
+    # measured from the dispatch, not from the last heartbeat, when the row says
+    late = HeldBatch("late", 1, "Customer", "dispatched", 1, None, 1.0, CLAIM + 1)
+    assert unclaimed([late], Observation(())) == [("late", "release")]
+
+
+def test_a_reservation_its_command_does_not_claim_counts_once_its_worker_ran_that_long() -> None:
+    """A pooled worker reserved the batch for its custom command (it heartbeats it), and the
+    command has not claimed it within the claim timeout."""
+    reserved = HeldBatch("r", 1, "Customer", "dispatched", 2, "w-1", 0.5, CLAIM + 1)
+    assert unclaimed([reserved], Observation((running("w-1", wave=1),))) == [("r", "count")]
+    fresh = Observation((running("w-1", wave=1, for_s=CLAIM - 1),))
+    assert unclaimed([reserved], fresh) == [("r", "wait")]
+    # its worker gone: the sync's lost batch (plan_workers), not a claim timeout
+    assert unclaimed([reserved], Observation((ended("w-1", 1, wave=1),))) == []
+    assert unclaimed([reserved], Observation(())) == []
 
 
 def test_a_group_still_starting_costs_no_attempt() -> None:

@@ -24,10 +24,11 @@ SELECT job_id, status, spec, launch_target FROM import_jobs WHERE job_id = %(job
 -- name: batches_held
 -- The worker sync: batches handed to workers (dispatched or processing), whose worker holds
 -- them, and how long since their last sign of life by the database's clock (heartbeat, claim
--- or dispatch).
+-- or dispatch), and since its dispatch.
 SELECT batch_id, wave_number, record_type_id, status, dispatch_seq, attempts, worker_id,
        extract(epoch FROM clock_timestamp()
-               - coalesce(heartbeat_at, started_at, dispatched_at))::double precision AS quiet
+               - coalesce(heartbeat_at, started_at, dispatched_at))::double precision AS quiet,
+       extract(epoch FROM clock_timestamp() - dispatched_at)::double precision AS since_dispatch
 FROM wave_batches
 WHERE job_id = %(job_id)s AND status IN ('dispatched', 'processing')
 ORDER BY id;
@@ -403,7 +404,8 @@ RETURNING b.batch_id, b.status, b.attempts;
 -- engine/workers.py plan_unclaimed decided: with count, the lost launch costs an attempt (failed
 -- when it was its last: a launcher that keeps losing them ends in `failed` with this message
 -- instead of looping); without, it is released (its group had no live worker). Only the same
--- dispatch, still unclaimed; a locked row is in a worker's hands (claiming) and is skipped (see
+-- dispatch, still unclaimed (and still reserved by the same pooled worker, if it was: its
+-- custom command did not claim it in time); a locked row is in a worker's hands (claiming) and is skipped (see
 -- batches_demote_stale_processing).
 UPDATE wave_batches b
 SET attempts = b.attempts + CASE WHEN %(count)s THEN 1 ELSE 0 END,
@@ -414,7 +416,7 @@ SET attempts = b.attempts + CASE WHEN %(count)s THEN 1 ELSE 0 END,
 WHERE b.id IN (
     SELECT id FROM wave_batches
     WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
-      AND status = 'dispatched' AND worker_id IS NULL
+      AND status = 'dispatched' AND worker_id IS NOT DISTINCT FROM %(worker_id)s
     FOR UPDATE SKIP LOCKED
 )
 RETURNING b.batch_id, b.status, b.attempts;

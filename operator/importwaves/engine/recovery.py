@@ -193,6 +193,7 @@ class Recovery:
                     "job_id": job_id,
                     "batch_id": v.batch.batch_id,
                     "dispatch_seq": v.batch.dispatch_seq,
+                    "worker_id": v.batch.worker_id,
                     "count": count,
                     "max_attempts": spec.max_attempts,
                     "error": v.why,

@@ -86,6 +86,8 @@ class HeldBatch:
     worker_id: str | None
     #: seconds since its last sign of life (heartbeat, claim, dispatch), by the database clock
     quiet: float
+    #: seconds since its dispatch, by the database clock (None: take `quiet`)
+    since_dispatch: float | None = None
 
 
 def held_batch(row: Mapping[str, Any], names: Mapping[int, str]) -> HeldBatch:
@@ -99,6 +101,7 @@ def held_batch(row: Mapping[str, Any], names: Mapping[int, str]) -> HeldBatch:
         int(row["dispatch_seq"]),
         row["worker_id"],
         float(row["quiet"] or 0.0),
+        None if row.get("since_dispatch") is None else float(row["since_dispatch"]),
     )
 
 
@@ -251,12 +254,16 @@ def plan_unclaimed(
     claim_timeout: float,
     pull_grace: float = DEFAULT_PULL_GRACE,
 ) -> tuple[Unclaimed, ...]:
-    """The claim-timeout decision for every batch of `held` that is dispatched, reserved by no
-    worker and quiet (unclaimed) for longer than `claim_timeout` (see the module docstring for
-    what counts an attempt). `held`: all the job's dispatched and processing batches (a running
+    """The claim-timeout decision for every batch of `held` that is dispatched (unclaimed) for
+    longer than `claim_timeout` (see the module docstring for what counts an attempt; a batch a
+    pooled worker reserved for its custom command counts once that worker has run the whole
+    claim timeout). `held`: all the job's dispatched and processing batches (a running
     worker that holds a processing batch is busy)."""
     overdue = [
-        b for b in held if b.status == "dispatched" and not b.worker_id and b.quiet > claim_timeout
+        b
+        for b in held
+        if b.status == "dispatched"
+        and (b.quiet if b.since_dispatch is None else b.since_dispatch) > claim_timeout
     ]
     if not overdue:
         return ()
@@ -268,6 +275,25 @@ def plan_unclaimed(
     busy = {b.worker_id for b in held if b.worker_id}  # claimed, or reserved for a command
     out: list[Unclaimed] = []
     for b in overdue:
+        if b.worker_id:
+            # reserved by a pooled worker for its custom command, which has not claimed it: it
+            # counts once that worker has run the whole claim timeout (it is not starting); a
+            # reserving worker that ended is the sync's lost batch (plan_workers)
+            owner = next((w for w in seen.workers if w.worker_id == b.worker_id), None)
+            if owner is None or not owner.alive:
+                continue
+            if owner.running_for is not None and owner.running_for < claim_timeout:
+                out.append(Unclaimed(b, "wait", f"{late}: worker {owner.worker_id} is starting"))
+                continue
+            out.append(
+                Unclaimed(
+                    b,
+                    "count",
+                    f"{late}: worker {owner.worker_id} reserved it for its command, which did "
+                    "not claim it",
+                )
+            )
+            continue
         key = b.wave_number if per_wave else None
         mine = [w for w in seen.workers if not per_wave or w.wave_number == key]
         what = f"wave {b.wave_number}" if per_wave else "the job"
