@@ -184,9 +184,9 @@ class KubernetesLauncher:
         wave, the newest one that failed or ran a batch whose last attempt failed (a pod in
         `keep`), while it finished less than `keep_failed_seconds` ago: `kubectl logs` on its
         pods shows why. Kubernetes deletes it after that (ttlSecondsAfterFinished) if no
-        later sync does. An active Job is deleted only when every one of its pods is in
-        `worker_ids` (pods that cannot start, whose launch problem the engine has recorded):
-        the wave's next Job is made from the ImportJob's current pod settings."""
+        later sync does. An active Job is deleted only when its pods are all in `worker_ids` and
+        one of them is waiting and cannot start (its launch problem recorded by the engine): the
+        wave's next Job is made from the ImportJob's current pod settings."""
         if target.kind != "kubernetes":
             return
         try:
@@ -202,13 +202,14 @@ class KubernetesLauncher:
         recorded, kept_pods = set(worker_ids), set(keep)
         pending: set[str] = set()  # Jobs with a pod the engine has not recorded the end of
         diagnose: set[str] = set()  # Jobs with a pod that ran a failed attempt
-        populated: set[str] = set()  # Jobs with at least one pod
+        stuck: set[str] = set()  # active Jobs with a pod that cannot start, recorded as such
         for pod in pods.items:
             body = self._dict(pod)
             w = read_worker_pod(body, job_id)
             if w is None:
                 continue
-            populated.add(pod_job_name(body))
+            if w.alive and not w.started and w.worker_id in recorded:
+                stuck.add(pod_job_name(body))
             if w.worker_id not in recorded or (w.alive and w.started):
                 pending.add(pod_job_name(body))
             if w.worker_id in kept_pods:
@@ -217,8 +218,8 @@ class KubernetesLauncher:
         for j in jobs:
             if j.name in pending or self._kept(j, failed):
                 continue
-            if not j.finished and j.name not in populated:
-                continue  # an active Job whose pods are still to come
+            if not j.finished and j.name not in stuck:
+                continue  # active: its pods run, or will, or its end is still to be marked
             try:
                 self.batch.delete_namespaced_job(
                     j.name, target.namespace, propagation_policy="Background"
