@@ -69,11 +69,9 @@ def test_database_problems_are_conditions_and_clear_once_fixed(
         conn.execute("ALTER TABLE staging_records ADD COLUMN parent_record_type_id integer")
     wrong = f"postgresql://nobody@127.0.0.1:{pg.port}/postgres"
     create_secret(k8s_cluster, ns, "tenant-db", wrong)
-    # claimTimeoutSeconds: the wave's pooled worker pods may take longer than the spec's 5 s
-    # staleAfterSeconds to start on a loaded machine (an unclaimed dispatch counts an attempt)
-    body = importjob(
-        name, ns, t.name, **{**chaos_spec(hold=0.0, derived_size=500), "claimTimeoutSeconds": 90}
-    )
+    # the defaults: the claim timeout is staleAfterSeconds (5 s); pods slower to start than that
+    # cost no attempt (engine/workers.py plan_unclaimed)
+    body = importjob(name, ns, t.name, **chaos_spec(hold=0.0, derived_size=500))
     op = operator(ns)
     h = harness(ns, [op], [t])
     try:
@@ -152,11 +150,11 @@ def test_database_stopped_mid_import_and_started_again(
     data = t.generate(job_id, orders=500)
     create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
     # Pooled workers that lost their database exit 1; the Job controller starts their
-    # replacements after its pod back-off (10 s, 20 s, ...). A dispatch that no worker claims
-    # within the claim timeout counts an attempt (the engine's rule), so with chaos_spec's 5 s
-    # the wave's batches ran out of attempts before the replacements came: the claim timeout
-    # here outlasts the back-off (see the issue 12 notes: an open question for the engine).
-    body = importjob(name, ns, t.name, **{**chaos_spec(hold=0.3), "claimTimeoutSeconds": 90})
+    # replacements after its pod back-off (10 s, 20 s, ...). A dispatch nobody claims within
+    # chaos_spec's 5 s claim timeout while its wave has no live worker is released without
+    # costing an attempt, and waits without one while the replacements start (engine/workers.py
+    # plan_unclaimed): the defaults outlast the outage.
+    body = importjob(name, ns, t.name, **chaos_spec(hold=0.3))
     op = operator(ns)
     h = harness(ns, [op], [t])
 

@@ -343,14 +343,6 @@ def _conditions(cluster: Cluster, ns: str, name: str) -> dict[str, dict[str, Any
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issues 12/13): with pooled workers a worker pod refused by runAsNonRoot never "
-    "starts (it waits in CreateContainerConfigError), and the engine does not yet turn a pod's "
-    "waiting reason into a launch problem, so the as-root ImportJob does not report the "
-    "refusal; the chart install, the import and `helm test` in containers pass (fresh clone at "
-    "409ad71)",
-)
 def test_chart_in_containers(
     k8s_cluster: Cluster,
     container_kubelet: LocalKubelet,

@@ -97,3 +97,36 @@ def test_ensure_observe_discard_on_the_real_cluster(
         assert launcher.ensure(t, "t1", [group]) == []
         assert [j.index for j in _jobs(launcher, t)] == [3]
         print(f"\nwave Jobs: {first.name}, then -2, -3; ended pods seen: {len(ids)}")
+
+
+def test_a_pod_that_cannot_start_is_seen_waiting_and_its_active_job_discarded(
+    k8s_cluster: Cluster, local_kubelet: LocalKubelet, target: LaunchTarget
+) -> None:
+    """observe reports a pod that waits (InvalidImageName) as alive, not started, with the
+    kubelet's reason and message, its Job as a launch in progress; discard deletes that active
+    Job only once the pod is named as recorded."""
+    from dataclasses import replace
+
+    t = replace(target, worker={"image": "Not An Image"})
+    group = WorkerGroup(JOB_ID, 1, "Customer", 1)
+    with k8s_cluster.api_client() as api:
+        launcher = KubernetesLauncher(api)
+        assert launcher.ensure(t, "t1", [group]) == []
+        [job] = _jobs(launcher, t)
+
+        def waiting() -> Any:
+            seen = launcher.observe(t, "t1", JOB_ID)
+            stuck = [w for w in seen.workers if w.waiting == "InvalidImageName"]
+            return (seen, stuck[0]) if stuck else None
+
+        seen, w = wait_for(waiting, 60, what="the pod waiting in InvalidImageName")
+        assert seen.complete and w.alive and not w.started and w.launch == job.name
+        assert 'couldn\'t parse image name "Not An Image"' in w.waiting_message
+        assert w.age is not None and 0 <= w.age < 120
+        assert [(x.wave_number, x.name) for x in seen.launches] == [(1, job.name)]
+        launcher.discard(t, "t1", JOB_ID, [])  # not recorded: the active Job stays
+        assert [j.name for j in _jobs(launcher, t)] == [job.name]
+        launcher.discard(t, "t1", JOB_ID, [w.worker_id])
+        wait_for(lambda: not _jobs(launcher, t), 30, what="the stuck Job deleted")
+        assert launcher.ensure(t, "t1", [group]) == []
+        assert [j.index for j in _jobs(launcher, t)] == [2]

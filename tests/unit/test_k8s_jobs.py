@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -353,3 +354,72 @@ def test_ended_pods_without_a_message() -> None:
     evicted["status"].update(reason="DeadlineExceeded", message="Pod was active too long")
     w = read_worker_pod(evicted, GROUP.job_id)
     assert w is not None and w.message == "DeadlineExceeded: Pod was active too long"
+
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def test_a_pending_pod_is_alive_not_started_with_the_kubelets_reason_and_its_age() -> None:
+    p = pod(
+        "Pending",
+        waiting={
+            "reason": "CreateContainerConfigError",
+            "message": "container has runAsNonRoot and image will run as root",
+        },
+    )
+    p["metadata"]["creationTimestamp"] = "2026-01-01T11:59:30Z"
+    p["metadata"]["labels"]["batch.kubernetes.io/job-name"] = "demo-import-salesorder-w2-1"
+    w = read_worker_pod(p, GROUP.job_id, NOW)
+    assert w is not None and w.alive and not w.started
+    assert (w.waiting, w.waiting_message, w.age, w.launch) == (
+        "CreateContainerConfigError",
+        "container has runAsNonRoot and image will run as root",
+        30.0,
+        "demo-import-salesorder-w2-1",
+    )
+
+
+def test_an_unscheduled_pod_waits_with_the_schedulers_reason_and_secrets_are_scrubbed() -> None:
+    p = pod("Pending")
+    p["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3"}
+    ]
+    w = read_worker_pod(p, GROUP.job_id, NOW)
+    assert w is not None and (w.started, w.waiting, w.waiting_message) == (
+        False,
+        "Unschedulable",
+        "0/3",
+    )
+    leak = pod("Pending", waiting={"reason": "ErrImagePull", "message": "postgresql://u:pw9x@h/d"})
+    w = read_worker_pod(leak, GROUP.job_id, NOW)
+    assert w is not None and "pw9x" not in w.waiting_message
+
+
+def test_a_running_pod_says_how_long_it_has_run() -> None:
+    w = read_worker_pod(
+        pod("Running", running={"startedAt": "2026-01-01T11:58:00Z"}), GROUP.job_id, NOW
+    )
+    assert w is not None and w.started and w.running_for == 120.0
+
+
+def test_a_pod_that_ended_without_running_says_so() -> None:
+    p = pod(
+        "Failed",
+        terminated={
+            "exitCode": 128,
+            "reason": "CreateContainerConfigError",
+            "message": "container has runAsNonRoot and image will run as root",
+        },
+    )
+    w = read_worker_pod(p, GROUP.job_id, NOW)
+    assert w is not None and not w.alive and not w.started
+    assert w.waiting == "CreateContainerConfigError"
+    assert w.message == (
+        "CreateContainerConfigError: container has runAsNonRoot and image will run as root"
+    )
+    ran = read_worker_pod(
+        pod("Failed", terminated={"exitCode": 1, "reason": "Error", "message": "boom"}),
+        GROUP.job_id,
+        NOW,
+    )
+    assert ran is not None and ran.started and ran.waiting == ""

@@ -674,3 +674,30 @@ def test_held_by_the_budget_says_waiting_for_capacity() -> None:
     free = compute_status(None, generation=3, now=T1, view=replace(held, held=0), problem=None)
     assert free["heldBatches"] == 0
     assert cond(free, "Progressing")["reason"] == "WavesRunning"
+
+
+def test_a_launch_problem_a_batch_waits_out_says_launch_failing() -> None:
+    """Workers that cannot start (issues 12/13): while the failed attempt's batches wait to run
+    again, Progressing says LaunchFailing with the recorded problem (pod, reason, message)."""
+    from dataclasses import replace
+
+    error = (
+        "launch failed: worker pod ij-customer-w1-1-abcde cannot start: "
+        "CreateContainerConfigError: container has runAsNonRoot and image will run as root"
+    )
+    running = view(snap(CUSTOMERS_DONE, ORDERS_RUNNING, LINES_EMPTY))
+    st = compute_status(
+        None, generation=3, now=T1, view=replace(running, launch_error=error), problem=None
+    )
+    assert st["summary"] == "Running"
+    p = cond(st, "Progressing")
+    assert (p["status"], p["reason"]) == ("True", "LaunchFailing")
+    assert p["message"].endswith(
+        " Workers cannot be started, batches wait to run again: worker pod "
+        "ij-customer-w1-1-abcde cannot start: CreateContainerConfigError: container has "
+        "runAsNonRoot and image will run as root."
+    ), p["message"]
+    assert st["message"] == p["message"]
+    fine = compute_status(None, generation=3, now=T1, view=running, problem=None)
+    assert cond(fine, "Progressing")["reason"] == "WavesRunning"
+    assert "cannot be started" not in cond(fine, "Progressing")["message"]

@@ -12,9 +12,17 @@ from importwaves.engine.workers import (
     HeldBatch,
     WorkerPlan,
     plan_problems,
+    plan_unclaimed,
     plan_workers,
+    start_problem,
 )
-from importwaves.launch.port import LaunchProblem, Observation, WorkerGroup, WorkerSeen
+from importwaves.launch.port import (
+    LaunchProblem,
+    LaunchSeen,
+    Observation,
+    WorkerGroup,
+    WorkerSeen,
+)
 
 GRACE = 5.0
 
@@ -36,8 +44,10 @@ def alive(worker_id: str, wave: int | None = None) -> WorkerSeen:
     return WorkerSeen(worker_id, "job", wave, True)
 
 
-def ended(worker_id: str, code: int | None = 1, message: str = "") -> WorkerSeen:
-    return WorkerSeen(worker_id, "job", None, False, code, message)
+def ended(
+    worker_id: str, code: int | None = 1, message: str = "", wave: int | None = None
+) -> WorkerSeen:
+    return WorkerSeen(worker_id, "job", wave, False, code, message)
 
 
 def plan(
@@ -209,3 +219,267 @@ def test_transient_problem_is_retried_and_fails_nothing() -> None:
 def test_no_problem_no_action() -> None:
     out = plan_problems([], [held("a")], per_wave=False)
     assert out.fail == () and out.retry == ()
+
+
+# -- workers that cannot start (start_problem) ----------------------------------------------------
+def pending(
+    worker_id: str,
+    reason: str,
+    message: str = "",
+    *,
+    wave: int | None = None,
+    age: float | None = 1.0,
+    launch: str = "",
+) -> WorkerSeen:
+    return WorkerSeen(
+        worker_id,
+        "job",
+        wave,
+        True,
+        started=False,
+        waiting=reason,
+        waiting_message=message,
+        age=age,
+        launch=launch,
+    )
+
+
+def running(
+    worker_id: str, *, wave: int | None = None, for_s: float | None = 600.0, launch: str = ""
+) -> WorkerSeen:
+    return WorkerSeen(worker_id, "job", wave, True, running_for=for_s, launch=launch)
+
+
+PULL = 120.0
+
+
+@pytest.mark.parametrize(
+    ("reason", "age", "problem"),
+    [
+        # will not resolve by itself: a problem at once
+        ("CreateContainerConfigError", 0.5, True),
+        ("InvalidImageName", 0.5, True),
+        ("ErrImageNeverPull", 0.5, True),
+        # a failing pull: a problem only after the pull grace
+        ("ErrImagePull", PULL - 1, False),
+        ("ErrImagePull", PULL, True),
+        ("ImagePullBackOff", 30, False),
+        ("ImagePullBackOff", PULL + 5, True),
+        ("ImagePullBackOff", None, False),  # age unknown: still starting
+        ("CreateContainerError", PULL + 1, True),
+        ("RunContainerError", 10, False),
+        # starting: never a problem, however long
+        ("ContainerCreating", 10_000, False),
+        ("PodInitializing", 10_000, False),
+        ("Unschedulable", 10_000, False),
+        ("", 10_000, False),
+        ("SomethingNew", 10_000, False),
+    ],
+)
+def test_the_table_of_waiting_reasons(reason: str, age: float | None, problem: bool) -> None:
+    w = pending("pod-a", reason, "the kubelet says why", age=age)
+    got = start_problem(w, pull_grace=PULL)
+    assert (got is not None) == problem, got
+    if got is not None:
+        assert got.startswith(f"worker pod pod-a cannot start: {reason}")
+        assert got.endswith(": the kubelet says why")
+
+
+def test_a_running_or_normally_ended_worker_has_no_start_problem() -> None:
+    assert start_problem(running("pod-a")) is None
+    assert start_problem(ended("pod-b", 1, "boom")) is None
+
+
+def test_an_ended_worker_that_never_ran_is_a_problem_while_its_launch_retries() -> None:
+    never = WorkerSeen(
+        "pod-a",
+        "job",
+        2,
+        False,
+        128,
+        "CreateContainerConfigError: refused",
+        started=False,
+        waiting="CreateContainerConfigError",
+        waiting_message="container has runAsNonRoot and image will run as root",
+    )
+    got = start_problem(never)
+    assert got == (
+        "worker pod pod-a cannot start: CreateContainerConfigError: container has runAsNonRoot "
+        "and image will run as root"
+    )
+    assert start_problem(never, launch_active=False) is None  # its Job ended: history
+
+
+ROOT = "container has runAsNonRoot and image will run as root (pod: w-1, container: worker)"
+
+
+def test_a_group_whose_only_worker_cannot_start_is_a_permanent_problem_and_not_restarted() -> None:
+    batches = [held("a", wave=2, name="SalesOrder"), held("b", wave=2, name="SalesOrder")]
+    seen = Observation(
+        (pending("w-1", "CreateContainerConfigError", ROOT, wave=2, launch="job-w2-1"),),
+        launches=(LaunchSeen(2, 3.0, "job-w2-1"),),
+    )
+    p = plan(batches, seen, per_wave=True)
+    (problem,) = p.problems
+    assert problem.permanent and problem.group.wave_number == 2
+    assert problem.group.record_type_name == "SalesOrder"
+    assert problem.error == f"worker pod w-1 cannot start: CreateContainerConfigError: {ROOT}"
+    assert p.groups == ()  # not started again in this sync
+    assert p.discard == ("w-1",)  # its Job goes: the next one takes the current pod settings
+    # the one launch-failure policy then fails the attempt of the wave's dispatched batches
+    policy = plan_problems(p.problems, batches, per_wave=True)
+    (fail,) = policy.fail
+    assert [b.batch_id for b in fail.batches] == ["a", "b"]
+    assert fail.error == f"launch failed: {problem.error}"
+
+
+def test_a_stuck_worker_beside_running_ones_is_reported_but_fails_nothing() -> None:
+    batches = [held("a", wave=1), held("b", "processing", wave=1, worker="w-2", quiet=1)]
+    seen = Observation(
+        (
+            pending("w-1", "ImagePullBackOff", "pull failed", wave=1, age=PULL + 1),
+            running("w-2", wave=1),
+        )
+    )
+    p = plan(batches, seen, per_wave=True)
+    (problem,) = p.problems
+    assert not problem.permanent and "ImagePullBackOff for 121s" in problem.error
+    assert p.groups == (WorkerGroup("job", 1, "Customer", 2),) and p.discard == ()
+    assert plan_problems(p.problems, batches, per_wave=True).fail == ()
+
+
+def test_a_stuck_worker_beside_a_starting_one_is_not_permanent() -> None:
+    seen = Observation(
+        (pending("w-1", "CreateContainerConfigError", "x"), pending("w-2", "ContainerCreating"))
+    )
+    (problem,) = plan([held("a")], seen).problems
+    assert not problem.permanent
+
+
+def test_an_incomplete_observation_makes_no_start_problem_permanent() -> None:
+    seen = Observation((pending("w-1", "InvalidImageName", "bad"),), complete=False)
+    p = plan([held("a")], seen)
+    assert [x.permanent for x in p.problems] == [False] and p.discard == ()
+
+
+def test_transient_waits_are_no_problem() -> None:
+    seen = Observation(
+        (pending("w-1", "ContainerCreating"), pending("w-2", "ErrImagePull", "x", age=5))
+    )
+    p = plan([held("a"), held("b")], seen)
+    assert p.problems == () and p.groups == (WorkerGroup("job", None, "", 2),)
+
+
+def test_an_ended_never_ran_pod_of_a_finished_job_does_not_block_a_new_launch() -> None:
+    never = WorkerSeen(
+        "old-1", "job", 1, False, 128, "", started=False, waiting="StartError", launch="j-w1-1"
+    )
+    p = plan([held("a", wave=1)], Observation((never,)), per_wave=True)
+    assert p.problems == () and p.groups == (WorkerGroup("job", 1, "Customer", 1),)
+    active = Observation((never,), launches=(LaunchSeen(1, 30.0, "j-w1-1"),))
+    p = plan([held("a", wave=1)], active, per_wave=True)
+    assert [x.permanent for x in p.problems] == [True] and p.groups == ()
+
+
+# -- unclaimed dispatches (plan_unclaimed): what counts an attempt ------------------------------
+CLAIM = 30.0
+
+
+def unclaimed(
+    held_batches: list[HeldBatch], seen: Observation, *, per_wave: bool = True
+) -> list[tuple[str, str]]:
+    return [
+        (u.batch.batch_id, u.action)
+        for u in plan_unclaimed(held_batches, seen, per_wave=per_wave, claim_timeout=CLAIM)
+    ]
+
+
+LATE = CLAIM + 1
+
+
+def test_only_overdue_dispatches_are_decided() -> None:
+    batches = [
+        held("young", quiet=CLAIM - 1),
+        held("claimed", "processing", worker="w-1", quiet=600),
+    ]
+    assert unclaimed(batches, Observation((running("w-1", wave=1),))) == []
+    # measured from the dispatch, not from the last heartbeat, when the row says
+    late = HeldBatch("late", 1, "Customer", "dispatched", 1, None, 1.0, CLAIM + 1)
+    assert unclaimed([late], Observation(())) == [("late", "release")]
+
+
+def test_a_reservation_its_command_does_not_claim_counts_once_its_worker_ran_that_long() -> None:
+    """A pooled worker reserved the batch for its custom command (it heartbeats it), and the
+    command has not claimed it within the claim timeout."""
+    reserved = HeldBatch("r", 1, "Customer", "dispatched", 2, "w-1", 0.5, CLAIM + 1)
+    assert unclaimed([reserved], Observation((running("w-1", wave=1),))) == [("r", "count")]
+    fresh = Observation((running("w-1", wave=1, for_s=CLAIM - 1),))
+    assert unclaimed([reserved], fresh) == [("r", "wait")]
+    # its worker gone: the sync's lost batch (plan_workers), not a claim timeout
+    assert unclaimed([reserved], Observation((ended("w-1", 1, wave=1),))) == []
+    assert unclaimed([reserved], Observation(())) == []
+
+
+def test_a_group_still_starting_costs_no_attempt() -> None:
+    b = [held("a", wave=1, quiet=600)]
+    # a pod pending (ContainerCreating, Unschedulable, a short pull...)
+    assert unclaimed(b, Observation((pending("w-1", "ContainerCreating", wave=1),))) == [
+        ("a", "wait")
+    ]
+    assert unclaimed(b, Observation((pending("w-1", "", wave=1),))) == [("a", "wait")]
+    # a pod that started less than the claim timeout ago
+    assert unclaimed(b, Observation((running("w-1", wave=1, for_s=CLAIM - 1),))) == [("a", "wait")]
+    # no pod seen yet, the Job made less than the claim timeout ago
+    young = Observation((), launches=(LaunchSeen(1, CLAIM - 1, "j-w1-2"),))
+    assert unclaimed(b, young) == [("a", "wait")]
+    (u,) = plan_unclaimed(b, young, per_wave=True, claim_timeout=CLAIM)
+    assert "wave 1 is still starting (launch j-w1-2 was made 29 s ago)" in u.why
+
+
+def test_busy_workers_make_it_wait() -> None:
+    b = [held("a", wave=1, quiet=LATE), held("b", "processing", wave=1, worker="w-1", quiet=1)]
+    assert unclaimed(b, Observation((running("w-1", wave=1),))) == [("a", "wait")]
+
+
+def test_an_idle_worker_that_had_the_whole_claim_timeout_costs_an_attempt() -> None:
+    b = [held("a", wave=1, quiet=LATE)]
+    seen = Observation((running("w-1", wave=1, for_s=CLAIM),))
+    assert unclaimed(b, seen) == [("a", "count")]
+    (u,) = plan_unclaimed(b, seen, per_wave=True, claim_timeout=CLAIM)
+    assert (
+        u.why
+        == "not claimed by a worker within 30 s, though worker w-1 of wave 1 ran idle that long"
+    )
+    # a worker of another wave does not count (per wave); locally every worker is the job's
+    other = Observation((running("w-9", wave=2),))
+    assert unclaimed(b, other) == [("a", "release")]
+    assert unclaimed(b, other, per_wave=False) == [("a", "count")]
+    # an adopted worker (its start unknown) had the whole claim timeout
+    assert unclaimed(b, Observation((running("local:7", for_s=None),)), per_wave=False) == [
+        ("a", "count")
+    ]
+
+
+def test_no_live_worker_and_no_launch_releases_without_an_attempt() -> None:
+    b = [held("a", wave=1, quiet=LATE)]
+    assert unclaimed(b, Observation(())) == [("a", "release")]
+    old = Observation((), launches=(LaunchSeen(1, CLAIM + 5, "j-w1-1"),))  # in back-off
+    seen = Observation((ended("w-1", 1, "could not connect"),), launches=old.launches)
+    (u,) = plan_unclaimed(b, seen, per_wave=False, claim_timeout=CLAIM)
+    assert u.action == "release"
+    assert u.why == (
+        "released: not claimed by a worker within 30 s and no worker of the job is alive; "
+        "last: worker w-1 exited 1: could not connect"
+    )
+
+
+def test_workers_that_cannot_start_leave_it_to_the_launch_problem() -> None:
+    b = [held("a", quiet=LATE)]
+    seen = Observation((pending("w-1", "CreateContainerConfigError", "x"),))
+    assert unclaimed(b, seen, per_wave=False) == [("a", "wait")]
+
+
+def test_an_incomplete_observation_counts_as_the_claim_timeout_alone_says() -> None:
+    b = [held("a", quiet=LATE)]
+    seen = Observation((pending("w-1", "ContainerCreating"),), complete=False)
+    assert unclaimed(b, seen) == [("a", "count")]

@@ -24,10 +24,11 @@ SELECT job_id, status, spec, launch_target FROM import_jobs WHERE job_id = %(job
 -- name: batches_held
 -- The worker sync: batches handed to workers (dispatched or processing), whose worker holds
 -- them, and how long since their last sign of life by the database's clock (heartbeat, claim
--- or dispatch).
+-- or dispatch), and since its dispatch.
 SELECT batch_id, wave_number, record_type_id, status, dispatch_seq, attempts, worker_id,
        extract(epoch FROM clock_timestamp()
-               - coalesce(heartbeat_at, started_at, dispatched_at))::double precision AS quiet
+               - coalesce(heartbeat_at, started_at, dispatched_at))::double precision AS quiet,
+       extract(epoch FROM clock_timestamp() - dispatched_at)::double precision AS since_dispatch
 FROM wave_batches
 WHERE job_id = %(job_id)s AND status IN ('dispatched', 'processing')
 ORDER BY id;
@@ -398,21 +399,24 @@ WHERE b.id IN (
 )
 RETURNING b.batch_id, b.status, b.attempts;
 
--- name: batches_requeue_stuck_dispatched
--- Recovery: dispatched batches no worker claimed within claim_timeout (spec
--- claimTimeoutSeconds, separate from staleAfterSeconds) go back to pending. The
--- lost launch counts an attempt, so a launcher that keeps losing them ends in `failed` (with
--- this message) instead of looping forever. Locked rows are skipped (a worker is claiming
--- them; see batches_demote_stale_processing).
+-- name: batch_unclaimed_requeue
+-- Recovery: a dispatched batch no worker claimed within claim_timeout, back to pending, as
+-- engine/workers.py plan_unclaimed decided: with count, the lost launch costs an attempt (failed
+-- when it was its last: a launcher that keeps losing them ends in `failed` with this message
+-- instead of looping); without, it is released (its group had no live worker). Only the same
+-- dispatch, still unclaimed (and still reserved by the same pooled worker, if it was: its
+-- custom command did not claim it in time); a locked row is in a worker's hands (claiming) and is skipped (see
+-- batches_demote_stale_processing).
 UPDATE wave_batches b
-SET attempts = b.attempts + 1,
-    status = CASE WHEN b.attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
-    last_error = 'not claimed by a worker within ' || %(claim_timeout)s || ' s',
+SET attempts = b.attempts + CASE WHEN %(count)s THEN 1 ELSE 0 END,
+    status = CASE WHEN %(count)s AND b.attempts + 1 >= %(max_attempts)s
+                  THEN 'failed' ELSE 'pending' END,
+    last_error = %(error)s,
     updated_at = clock_timestamp()
 WHERE b.id IN (
     SELECT id FROM wave_batches
-    WHERE job_id = %(job_id)s AND status = 'dispatched'
-      AND dispatched_at < clock_timestamp() - make_interval(secs => %(claim_timeout)s)
+    WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
+      AND status = 'dispatched' AND worker_id IS NOT DISTINCT FROM %(worker_id)s
     FOR UPDATE SKIP LOCKED
 )
 RETURNING b.batch_id, b.status, b.attempts;
@@ -547,6 +551,14 @@ WHERE job_id = %(job_id)s AND status = 'failed' ORDER BY id LIMIT %(limit)s;
 SELECT DISTINCT worker_id FROM wave_batches
 WHERE job_id = %(job_id)s AND worker_id = ANY(%(worker_ids)s)
   AND status IN ('pending', 'failed') AND last_error IS NOT NULL;
+
+-- name: batch_launch_error_latest
+-- Status view: the newest launch problem recorded on a batch still waiting to run (its last
+-- attempt failed because its workers could not be started), for the Progressing condition.
+SELECT last_error FROM wave_batches
+WHERE job_id = %(job_id)s AND status IN ('pending', 'dispatched')
+  AND last_error LIKE 'launch failed:%%'
+ORDER BY updated_at DESC, id DESC LIMIT 1;
 
 -- name: batches_failed_recent
 -- BatchFailed Events: failed batches with record type, wave and last error, newest first.

@@ -31,8 +31,9 @@ from importwaves.engine.model import JobStatus
 from importwaves.engine.recovery import Recovery, RecoveryReport
 from importwaves.engine.workers import (
     DEFAULT_GRACE,
-    HeldBatch,
+    DEFAULT_PULL_GRACE,
     LostBatch,
+    held_batch,
     plan_problems,
     plan_workers,
 )
@@ -101,9 +102,17 @@ class Engine:
         self.bus = EventBus()
         self.launcher: WorkerLauncher = launcher if launcher is not None else RecordingLauncher()
         self.worker_grace = default_worker_grace() if worker_grace is None else worker_grace
+        #: seconds a worker may fail its image pull before that is a launch problem
+        #: (IMPORTWAVES_IMAGE_PULL_GRACE_SECONDS, default 120)
+        self.pull_grace = float(
+            os.environ.get("IMPORTWAVES_IMAGE_PULL_GRACE_SECONDS") or DEFAULT_PULL_GRACE
+        )
         #: the host's own per-batch launching (the operator's one-Job-per-batch mode), called
         #: after the worker sync of every run that dispatched
         self.on_dispatch: Any = None
+        #: the host's report of launch problems (the operator posts them as Warning Events on
+        #: the ImportJob): called with (job_id, target, problems) by every sync that has some
+        self.on_launch_problems: Any = None
         self.coordinator = Coordinator(tenant, self.pool, self.flags, self.bus)
         self.coordinator.on_dispatched = self._dispatched
         #: the batch slots shared with every other import of this process (issue 16)
@@ -278,9 +287,17 @@ class Engine:
         return self.listener.on_completions(job_id, batch_ids)
 
     def sweep(self, job_id: str, cause: str = "sweep") -> RecoveryReport:
-        """Recovery: stale claims and unclaimed dispatches back to pending, missing derived
-        batches created, then a progression check."""
-        return self.recovery.reconcile(job_id, cause=cause)
+        """Recovery: stale claims back to pending, unclaimed dispatches counted, released or
+        left to wait as their workers (the launcher's observation) say (engine/workers.py
+        plan_unclaimed), missing derived batches created, then a progression check."""
+        target = self._targets.get(job_id) or self.launch_target(job_id)
+        seen = self.launcher.observe(target, self.tenant, job_id)
+        return self.recovery.reconcile(
+            job_id,
+            cause=cause,
+            seen=seen,
+            per_wave=bool(getattr(self.launcher, "per_wave", False)),
+        )
 
     def retry_failed(self, job_id: str) -> RecoveryReport:
         return self.recovery.retry_failed(job_id)
@@ -307,18 +324,7 @@ class Engine:
         names = {rt.recordTypeId: rt.name for rt in spec.recordTypes} | {
             d.recordTypeId: d.name for d in spec.derivedTypes
         }
-        held = [
-            HeldBatch(
-                r["batch_id"],
-                int(r["wave_number"]),
-                names.get(int(r["record_type_id"]), str(r["record_type_id"])),
-                r["status"],
-                int(r["dispatch_seq"]),
-                r["worker_id"],
-                float(r["quiet"] or 0.0),
-            )
-            for r in rows
-        ]
+        held = [held_batch(r, names) for r in rows]
         per_wave = bool(getattr(self.launcher, "per_wave", False))
         plan = plan_workers(
             job_id,
@@ -328,6 +334,7 @@ class Engine:
             seen,
             per_wave=per_wave,
             grace=self.worker_grace,
+            pull_grace=self.pull_grace,
         )
         out.job_status = job["status"]
         out.live = sum(1 for w in seen.workers if w.alive)
@@ -358,9 +365,12 @@ class Engine:
             self.launcher.discard(target, self.tenant, job_id, plan.discard, keep=keep)
             out.discarded = list(plan.discard)
         out.groups = list(plan.groups)
+        out.problems = list(plan.problems)
         if plan.groups:
-            out.problems = self.launcher.ensure(target, self.tenant, plan.groups)
+            out.problems += self.launcher.ensure(target, self.tenant, plan.groups)
         policy = plan_problems(out.problems, held, per_wave=per_wave)
+        if out.problems and self.on_launch_problems is not None:
+            self.on_launch_problems(job_id, target, list(out.problems))
         for p in policy.retry:
             event(
                 log,
@@ -371,7 +381,14 @@ class Engine:
                 error=p.error,
             )
         for f in policy.fail:
-            event(log, "launch_failed", logging.WARNING, job_id=job_id, error=f.error)
+            event(
+                log,
+                "launch_failed",
+                logging.WARNING,
+                job_id=job_id,
+                error=f.error,
+                batches=len(f.batches),
+            )
             for b in f.batches:
                 if self.listener.fail_attempt(job_id, b.batch_id, b.dispatch_seq, f.error):
                     out.launch_failed += 1

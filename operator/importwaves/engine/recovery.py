@@ -1,10 +1,11 @@
 """Recovery (the seed's `waves:reconcile`) and retry of failed batches.
 
 `reconcile` demotes stale `processing` batches (heartbeat older than staleAfterSeconds), requeues
-dispatched batches no worker claimed, creates the derived batches of completed parent batches
-that still lack them (a listener that died after its worker's commit), refreshes the monitoring
-flag and forces a progression check, and reports every action it took. The periodic sweep runs
-the same code.
+or releases dispatched batches no worker claimed within the claim timeout (or leaves them to
+wait while their workers start: engine/workers.py `plan_unclaimed` decides), creates the
+derived batches of completed parent batches that still lack them (a listener that died after its
+worker's commit), refreshes the monitoring flag and forces a progression check, and reports
+every action it took. The periodic sweep runs the same code.
 
 The derived batches it creates are created outside a coordinator run, so no run has decided on
 them yet: recovery is the producer of `DerivedWavesCreated(decided=False)`, whose handler
@@ -17,6 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 from importwaves import metrics
+from importwaves.db.connect import Conn
 from importwaves.db.pools import TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine import derived
@@ -24,8 +26,11 @@ from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import JobStatus
+from importwaves.engine.workers import held_batch, plan_unclaimed
 from importwaves.flags import Flags
+from importwaves.launch.port import Observation
 from importwaves.log import event
+from importwaves.spec import ImportSpec
 
 log = logging.getLogger("importwaves.recovery")
 
@@ -36,6 +41,10 @@ class RecoveryReport:
     actions: list[str] = field(default_factory=list)
     demoted: int = 0
     requeued: int = 0
+    #: unclaimed dispatches back to pending without costing an attempt (no live worker)
+    released: int = 0
+    #: unclaimed dispatches past the claim timeout left to wait (their workers are starting)
+    waiting: int = 0
     failed: int = 0
     #: derived batches created for completed parent batches that lacked them
     derived_created: int = 0
@@ -57,7 +66,17 @@ class Recovery:
         self.bus = bus
         self.coordinator = coordinator
 
-    def reconcile(self, job_id: str, *, cause: str = "reconcile") -> RecoveryReport:
+    def reconcile(
+        self,
+        job_id: str,
+        *,
+        cause: str = "reconcile",
+        seen: Observation | None = None,
+        per_wave: bool = False,
+    ) -> RecoveryReport:
+        """`seen`: the launcher's observation of the job's workers, for the claim-timeout
+        decision (engine/workers.py plan_unclaimed); None knows nothing of them (the claim
+        timeout alone decides)."""
         report = RecoveryReport(job_id)
         with self.pool.connection() as conn, conn.transaction():
             loaded = load_job(conn, job_id, lock=True)
@@ -65,6 +84,9 @@ class Recovery:
                 report.actions.append(f"no job {job_id!r} in tenant {self.tenant!r}")
                 return report
             job, spec = loaded
+            names = {rt.recordTypeId: rt.name for rt in spec.recordTypes} | {
+                d.recordTypeId: d.name for d in spec.derivedTypes
+            }
             params = {
                 "job_id": job_id,
                 "stale_after": spec.staleAfterSeconds,
@@ -94,29 +116,7 @@ class Recovery:
                         f"{r['attempts']}/{spec.max_attempts})",
                         cause,
                     )
-            for r in conn.execute(Q("batches_requeue_stuck_dispatched"), params).fetchall():
-                lost = (
-                    f"not claimed within {spec.claim_timeout}s; attempt "
-                    f"{r['attempts']}/{spec.max_attempts}"
-                )
-                if r["status"] == "failed":
-                    report.failed += 1
-                    self._act(
-                        report,
-                        "stuck_batch_failed",
-                        r["batch_id"],
-                        f"failed batch {r['batch_id']}: {lost}, no attempts left",
-                        cause,
-                    )
-                else:
-                    report.requeued += 1
-                    self._act(
-                        report,
-                        "stuck_batch_requeued",
-                        r["batch_id"],
-                        f"requeued batch {r['batch_id']} dispatched -> pending ({lost})",
-                        cause,
-                    )
+            self._unclaimed(conn, report, job_id, spec, seen, per_wave, names, cause)
             # Completed parent batches still without their derived batches, under the same lock.
             created = derived.create_for_completed_parents(conn, job_id, spec)
             status = job["status"]
@@ -141,7 +141,7 @@ class Recovery:
                     decided=False,
                 )
             )
-        stuck = report.demoted + report.requeued + report.failed
+        stuck = report.demoted + report.requeued + report.released + report.failed
         if stuck:
             metrics.STUCK_DETECTED.labels(self.tenant, "stale").inc(stuck)
         if status == JobStatus.RUNNING.value:
@@ -161,6 +161,76 @@ class Recovery:
         if cause == "reconcile":
             report.actions.append(f"progression check: {result.outcome.value} ({result.reason})")
         return report
+
+    def _unclaimed(
+        self,
+        conn: Conn,
+        report: RecoveryReport,
+        job_id: str,
+        spec: ImportSpec,
+        seen: Observation | None,
+        per_wave: bool,
+        names: dict[int, str],
+        cause: str,
+    ) -> None:
+        """Dispatches nobody claimed within the claim timeout: counted, released or left to
+        wait, as plan_unclaimed decides from the batches and the workers."""
+        held = [held_batch(r, names) for r in conn.execute(Q("batches_held"), {"job_id": job_id})]
+        verdicts = plan_unclaimed(
+            held,
+            seen if seen is not None else Observation((), complete=False),
+            per_wave=per_wave,
+            claim_timeout=spec.claim_timeout,
+        )
+        for v in verdicts:
+            if v.action == "wait":
+                report.waiting += 1
+                continue
+            count = v.action == "count"
+            row = conn.execute(
+                Q("batch_unclaimed_requeue"),
+                {
+                    "job_id": job_id,
+                    "batch_id": v.batch.batch_id,
+                    "dispatch_seq": v.batch.dispatch_seq,
+                    "worker_id": v.batch.worker_id,
+                    "count": count,
+                    "max_attempts": spec.max_attempts,
+                    "error": v.why,
+                },
+            ).fetchone()
+            if row is None:
+                continue  # claimed meanwhile, or in a worker's hands right now
+            bid = row["batch_id"]
+            if row["status"] == "failed":
+                report.failed += 1
+                self._act(
+                    report,
+                    "stuck_batch_failed",
+                    bid,
+                    f"failed batch {bid}: {v.why}; attempt {row['attempts']}/{spec.max_attempts}, "
+                    "no attempts left",
+                    cause,
+                )
+            elif count:
+                report.requeued += 1
+                self._act(
+                    report,
+                    "stuck_batch_requeued",
+                    bid,
+                    f"requeued batch {bid} dispatched -> pending ({v.why}; attempt "
+                    f"{row['attempts']}/{spec.max_attempts})",
+                    cause,
+                )
+            else:
+                report.released += 1
+                self._act(
+                    report,
+                    "unclaimed_batch_released",
+                    bid,
+                    f"released batch {bid} dispatched -> pending, no attempt counted ({v.why})",
+                    cause,
+                )
 
     def retry_failed(self, job_id: str) -> RecoveryReport:
         """Requeue the failed batches of a job (completed ones are kept) and resume it."""

@@ -55,7 +55,7 @@ from importwaves.k8s.status import (
     status_patch,
 )
 from importwaves.launch.kubernetes import KubernetesLauncher
-from importwaves.launch.port import LaunchTarget
+from importwaves.launch.port import LaunchProblem, LaunchTarget
 from importwaves.log import event
 from importwaves.settings import Settings
 from importwaves.spec import ImportSpec, format_validation_error
@@ -215,7 +215,9 @@ class ImportJobOperator:
             events += self._sync(engine, ij, job_id)
             sweep = engine.sweep(job_id, cause=cause)
             events += _recovery_events(
-                sweep.actions if sweep.demoted or sweep.requeued or sweep.failed else []
+                sweep.actions
+                if sweep.demoted or sweep.requeued or sweep.released or sweep.failed
+                else []
             )
             if sweep.result is not None:
                 events += self._events_for(sweep.result, old.get("summary"))
@@ -328,6 +330,11 @@ class ImportJobOperator:
                 if job["status"] == "running" and any(w.pending for w in snap.waves)
                 else []
             )
+            launch = (
+                conn.execute(Q("batch_launch_error_latest"), {"job_id": job_id}).fetchone()
+                if job["status"] == "running"
+                else None
+            )
         outcome = {
             "completed": Outcome.COMPLETED,
             "failed": Outcome.FAILED,
@@ -349,6 +356,7 @@ class ImportJobOperator:
             or (job.get("updated_at") if job["status"] == "failed" else None),
             held=self.capacity.held(job_id) if self.capacity is not None else 0,
             retrying=tuple(f"{r.batch_id}: {r.error or 'no error recorded'}" for r in retrying),
+            launch_error=str(launch["last_error"]) if launch else "",
         )
 
     # -- workers ---------------------------------------------------------------------------------
@@ -358,6 +366,25 @@ class ImportJobOperator:
         failed for good since this process last looked."""
         engine.sync_workers(job_id)
         return self._failure_events(engine, ij, job_id)
+
+    def _launch_problems(
+        self, job_id: str, target: LaunchTarget, problems: list[LaunchProblem]
+    ) -> None:
+        """Launch problems of a worker sync (whichever path ran it) as Warning Events on the
+        ImportJob: LaunchFailed when the group's batches' attempt failed for it (permanent),
+        LaunchProblem when it is retried (or other workers of the group run)."""
+        if target.kind != "kubernetes":
+            return
+        events = [
+            KubeEvent(
+                "Warning",
+                "LaunchFailed" if p.permanent else "LaunchProblem",
+                launch_problem_message(p)[:1000],
+            )
+            for p in problems
+        ]
+        with contextlib.suppress(ApiException):
+            self.post_events(target, events)
 
     def _nudged(self, engine: Engine, ij: ImportJobSpec, job_id: str) -> list[KubeEvent]:
         """A worker Job's prompt: the worker sync, then a coordinator check (a lost worker's
@@ -585,6 +612,7 @@ class ImportJobOperator:
             opts=opts,
             capacity=self.capacity,
         )
+        engine.on_launch_problems = self._launch_problems
         # Completions arrive by NOTIFY the moment they commit (engine/notify.py), through one
         # LISTEN connection per database; Job events and the timer stay the backstops.
         try:
@@ -825,6 +853,19 @@ def launch_target(namespace: str, name: str, uid: str, ij: ImportJobSpec) -> Lau
         secret_key=ij.database.key,
         worker=ij.worker.model_dump(mode="json"),
     )
+
+
+def launch_problem_message(p: LaunchProblem) -> str:
+    """A launch problem's Event message: the wave and record type, then the problem (a refused
+    Job's API answer, or the pod, the kubelet's reason and message: no secret, redacted)."""
+    g = p.group
+    where = (
+        f"wave {g.wave_number}" + (f" ({g.record_type_name})" if g.record_type_name else "")
+        if g.wave_number is not None
+        else "workers"
+    )
+    then = "its dispatched batches' attempt failed" if p.permanent else "retrying"
+    return f"{where}: {p.error}; {then}"
 
 
 def record_type_name(ij: ImportSpec, record_type_id: int) -> str:

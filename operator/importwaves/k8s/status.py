@@ -76,6 +76,9 @@ class JobView:
     #: "<batch id>: <error>" of the batches waiting for a retry after a failed attempt (the
     #: newest first, a few): the Progressing message says why they are not done yet
     retrying: tuple[str, ...] = ()
+    #: the newest launch problem recorded on a batch still to run ("launch failed: worker pod
+    #: ... cannot start: <reason>: <message>"), '' when none
+    launch_error: str = ""
 
 
 #: The MESSAGE of an ImportJob no operator has written a status for yet (the CRD's default).
@@ -552,7 +555,15 @@ def _from_view(
         Cond.PROGRESSING,
         running,
         (
-            ("WaitingForCapacity" if view.held else "DerivedRunning" if dp else "WavesRunning")
+            (
+                "LaunchFailing"
+                if view.launch_error
+                else "WaitingForCapacity"
+                if view.held
+                else "DerivedRunning"
+                if dp
+                else "WavesRunning"
+            )
             if running
             else _STOPPED[status]
         ),
@@ -649,15 +660,19 @@ def _progressing_message(
     progress: str,
 ) -> str:
     """Never empty: what runs now (the wave, by record type), or why nothing does; while it
-    runs, the batches waiting for a retry and the error of their failed attempt."""
-    text = _progressing_base(view, main, derived_phase, derived_pending, awaiting, progress)
+    runs, the newest launch problem a batch still waits out, and the batches waiting for a
+    retry with the error of their failed attempt."""
+    text = _progress_text(view, main, derived_phase, derived_pending, awaiting, progress)
+    if view.snapshot.status == JobStatus.RUNNING and view.launch_error:
+        problem = view.launch_error[:1000].removeprefix("launch failed: ").rstrip(".")
+        text += f" Workers cannot be started, batches wait to run again: {problem}."
     if view.snapshot.status == JobStatus.RUNNING and view.retrying:
         text += (" Retrying after a failed attempt: " + "; ".join(view.retrying))[:600]
         text = _sentence(text)
     return text
 
 
-def _progressing_base(
+def _progress_text(
     view: JobView,
     main: list[WaveState],
     derived_phase: bool,

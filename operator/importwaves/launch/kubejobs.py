@@ -21,7 +21,9 @@ crashed worker does not end its wave's pool and a crash loop (a broken image or 
 the Job instead of running forever; the engine starts the next Job of the wave if work remains.
 Replacements come after the Job controller's pod back-off (10 s, 20 s, ... up to 6 min): while
 it lasts the wave has no live worker, and a dispatch nobody claims within the import's claim
-timeout counts an attempt (the engine's rule; an open question for pooled workers).
+timeout is released without costing an attempt (the engine's rule, engine/workers.py
+`plan_unclaimed`); a pod that cannot start (its waiting reason will not resolve by itself) is a
+launch problem (`start_problem`).
 
 `activeDeadlineSeconds` (spec.worker, else the operator's default) now bounds a wave's whole
 pool, not one batch: a wave running longer has its pods ended and its next Job started, the
@@ -34,6 +36,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from importwaves import redact
@@ -274,6 +277,8 @@ class WaveJob:
     failed: bool
     #: when it finished (the Complete/Failed condition's lastTransitionTime), "" while active
     finished_at: str = ""
+    #: when it was created (metadata.creationTimestamp), "" when unknown
+    created_at: str = ""
 
 
 def _int(raw: Any) -> int | None:
@@ -316,14 +321,51 @@ def read_wave_job(job: dict[str, Any], owner_uid: str) -> WaveJob | None:
         finished="Complete" in conds or "Failed" in conds,
         failed="Failed" in conds,
         finished_at=str(end.get("lastTransitionTime") or ""),
+        created_at=str(meta.get("creationTimestamp") or ""),
     )
 
 
-def read_worker_pod(pod: dict[str, Any], job_id: str) -> WorkerSeen | None:
+#: Terminated reasons of a container that never ran (its start failed): the pod ended without
+#: its worker process (a real kubelet reports StartError; the e2e local kubelet in container mode
+#: ends a pod it cannot honour with the reason it would have waited with).
+NEVER_RAN = frozenset(
+    {
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "StartError",
+        "ContainerCannotRun",
+        "RunContainerError",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "ErrImagePull",
+        "ImagePullBackOff",
+    }
+)
+
+
+def _time(raw: Any) -> datetime | None:
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _since(raw: Any, now: datetime) -> float | None:
+    at = _time(raw)
+    return None if at is None else max(0.0, (now - at).total_seconds())
+
+
+def read_worker_pod(
+    pod: dict[str, Any], job_id: str, now: datetime | None = None
+) -> WorkerSeen | None:
     """A worker pod of job `job_id` as the engine sees it (None if it is not one): alive until
     it reached Succeeded or Failed; then its exit code and its termination message (with
     FallbackToLogsOnError: the tail of its log when it failed without writing one), or the
-    kubelet's reason when the container never ran."""
+    kubelet's reason when the container never ran. While alive and not running yet (Pending),
+    `started` is False with the kubelet's waiting reason and message (or the scheduler's, when
+    it is not scheduled); `age` and `running_for` are measured against `now` (default: now)."""
     meta = pod.get("metadata") or {}
     ann, labels = meta.get("annotations") or {}, meta.get("labels") or {}
     if not isinstance(ann, dict) or not isinstance(labels, dict) or ann.get(ANN_JOB_ID) != job_id:
@@ -331,14 +373,54 @@ def read_worker_pod(pod: dict[str, Any], job_id: str) -> WorkerSeen | None:
     name = str(meta.get("name") or "")
     if not name:
         return None
+    now = now or datetime.now(UTC)
     wave = _int(labels.get(LABEL_WAVE))
+    age = _since(meta.get("creationTimestamp"), now)
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
+    statuses = [cs for cs in status.get("containerStatuses") or [] if isinstance(cs, dict)]
+    first = (statuses[0].get("state") or {}) if statuses else {}
     if phase not in ("Succeeded", "Failed"):
-        return WorkerSeen(name, job_id, wave, alive=True)
+        running = first.get("running")
+        if isinstance(running, dict) or first.get("terminated"):
+            return WorkerSeen(
+                name,
+                job_id,
+                wave,
+                alive=True,
+                age=age,
+                running_for=_since((running or {}).get("startedAt"), now),
+                launch=pod_job_name(pod),
+            )
+        wait = first.get("waiting") or {}
+        reason, text = str(wait.get("reason") or ""), str(wait.get("message") or "")
+        if not wait:  # not scheduled yet, or no container status yet
+            sched = next(
+                (
+                    c
+                    for c in status.get("conditions") or []
+                    if isinstance(c, dict) and c.get("type") == "PodScheduled"
+                ),
+                {},
+            )
+            if sched.get("status") == "False":
+                reason, text = str(sched.get("reason") or ""), str(sched.get("message") or "")
+        return WorkerSeen(
+            name,
+            job_id,
+            wave,
+            alive=True,
+            started=False,
+            waiting=reason,
+            waiting_message=_tail(redact.scrub(text), MAX_POD_MESSAGE),
+            age=age,
+            launch=pod_job_name(pod),
+        )
     exit_code: int | None = None
     message = ""
-    for cs in status.get("containerStatuses") or []:
+    never_ran = ""
+    never_text = ""
+    for cs in statuses:
         state = cs.get("state") or {}
         term = state.get("terminated") or {}
         wait = state.get("waiting") or {}
@@ -346,11 +428,16 @@ def read_worker_pod(pod: dict[str, Any], job_id: str) -> WorkerSeen | None:
             exit_code = _int(term.get("exitCode"))
             text = str(term.get("message") or "").strip()
             reason = str(term.get("reason") or "")
-            if text:
+            if reason in NEVER_RAN:
+                never_ran, never_text = reason, text
+                message = ": ".join(p for p in (reason, text) if p)
+            elif text:
                 message = text
             elif reason and reason not in ("Completed", "Error"):
                 message = reason
         elif wait:
+            never_ran = str(wait.get("reason") or "") or "ContainerCreating"
+            never_text = str(wait.get("message") or "")
             message = ": ".join(
                 p for p in (str(wait.get("reason") or ""), str(wait.get("message") or "")) if p
             )
@@ -369,6 +456,11 @@ def read_worker_pod(pod: dict[str, Any], job_id: str) -> WorkerSeen | None:
         alive=False,
         exit_code=exit_code,
         message=_tail(redact.scrub(message), MAX_POD_MESSAGE),
+        started=not never_ran,
+        waiting=never_ran,
+        waiting_message=_tail(redact.scrub(never_text), MAX_POD_MESSAGE),
+        age=age,
+        launch=pod_job_name(pod),
     )
 
 

@@ -35,6 +35,7 @@ from importwaves.launch.kubejobs import (
 )
 from importwaves.launch.port import (
     LaunchProblem,
+    LaunchSeen,
     LaunchTarget,
     Observation,
     WorkerGroup,
@@ -155,12 +156,21 @@ class KubernetesLauncher:
         except API_ERRORS as exc:
             self._transient("observe_failed", target, exc)
             return Observation((), complete=False)
+        now = datetime.now(UTC)
         seen: list[WorkerSeen] = []
         for pod in pods.items:
-            w = read_worker_pod(self._dict(pod), job_id)
+            w = read_worker_pod(self._dict(pod), job_id, now)
             if w is not None:
                 seen.append(w)
-        return Observation(tuple(seen), complete=True)
+        try:
+            jobs = [j for j in self._jobs(target) if j.job_id == job_id and not j.finished]
+        except API_ERRORS as exc:
+            self._transient("observe_failed", target, exc)
+            return Observation(tuple(seen), complete=False)
+        launches = tuple(
+            LaunchSeen(j.wave, _age(j.created_at, now), j.name) for j in jobs if j.created_at
+        )
+        return Observation(tuple(seen), complete=True, launches=launches)
 
     def discard(
         self,
@@ -174,11 +184,13 @@ class KubernetesLauncher:
         wave, the newest one that failed or ran a batch whose last attempt failed (a pod in
         `keep`), while it finished less than `keep_failed_seconds` ago: `kubectl logs` on its
         pods shows why. Kubernetes deletes it after that (ttlSecondsAfterFinished) if no
-        later sync does."""
+        later sync does. An active Job is deleted only when its pods are all in `worker_ids` and
+        one of them is waiting and cannot start (its launch problem recorded by the engine): the
+        wave's next Job is made from the ImportJob's current pod settings."""
         if target.kind != "kubernetes":
             return
         try:
-            jobs = [j for j in self._jobs(target) if j.job_id == job_id and j.finished]
+            jobs = [j for j in self._jobs(target) if j.job_id == job_id]
             if not jobs:
                 return
             pods = self.core.list_namespaced_pod(
@@ -190,19 +202,24 @@ class KubernetesLauncher:
         recorded, kept_pods = set(worker_ids), set(keep)
         pending: set[str] = set()  # Jobs with a pod the engine has not recorded the end of
         diagnose: set[str] = set()  # Jobs with a pod that ran a failed attempt
+        stuck: set[str] = set()  # active Jobs with a pod that cannot start, recorded as such
         for pod in pods.items:
             body = self._dict(pod)
             w = read_worker_pod(body, job_id)
             if w is None:
                 continue
-            if w.alive or w.worker_id not in recorded:
+            if w.alive and not w.started and w.worker_id in recorded:
+                stuck.add(pod_job_name(body))
+            if w.worker_id not in recorded or (w.alive and w.started):
                 pending.add(pod_job_name(body))
             if w.worker_id in kept_pods:
                 diagnose.add(pod_job_name(body))
-        failed = [j for j in jobs if j.failed or j.name in diagnose]
+        failed = [j for j in jobs if j.finished and (j.failed or j.name in diagnose)]
         for j in jobs:
             if j.name in pending or self._kept(j, failed):
                 continue
+            if not j.finished and j.name not in stuck:
+                continue  # active: its pods run, or will, or its end is still to be marked
             try:
                 self.batch.delete_namespaced_job(
                     j.name, target.namespace, propagation_policy="Background"
@@ -218,6 +235,7 @@ class KubernetesLauncher:
                 namespace=target.namespace,
                 job=j.name,
                 failed=j.failed,
+                finished=j.finished,
             )
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -282,6 +300,14 @@ class KubernetesLauncher:
             status=getattr(exc, "status", None),
             error=str(getattr(exc, "reason", None) or type(exc).__name__),
         )
+
+
+def _age(stamp: str, now: datetime) -> float:
+    try:
+        made = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return float("inf")  # unknown: never young
+    return max(0.0, (now - made).total_seconds())
 
 
 def _api_message(exc: ApiException) -> str:

@@ -4,8 +4,11 @@
 (settings in their env: the worker contract's IMPORTWAVES_DSN/TENANT/JOB_ID, and
 IMPORTWAVES_WORKER_COMMAND when a custom worker command runs per batch) until each group has its
 size of live workers; a worker claims under `local:<pid>`. `observe` reports live and ended
-processes (exit code, the tail of their output, redacted); `discard` forgets ended ones. It
-decides nothing.
+processes (exit code, the tail of their output, redacted) and how long each has run (a process
+starts at once: a local worker is never "starting", so an unclaimed dispatch waits only for a
+worker started less than the claim timeout ago or for busy ones; engine/workers.py
+`plan_unclaimed`, the same rule as on Kubernetes); `discard` forgets ended ones. It decides
+nothing.
 
 A runner that was killed leaves its workers running (they finish their batch, and exit when the
 job needs nothing more or after their idle timeout): the first `observe` of a job in a new
@@ -23,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +65,8 @@ class _Worker:
     message: str = ""
     ended: bool = False
     argv: list[str] = field(default_factory=list)
+    #: time.monotonic() when this launcher started it (None: adopted, its start unknown)
+    started_at: float | None = None
 
 
 class LocalLauncher:
@@ -125,7 +131,15 @@ class LocalLauncher:
                 continue
             self._poll(w)
             seen.append(
-                WorkerSeen(w.worker_id, job_id, w.wave_number, not w.ended, w.exit_code, w.message)
+                WorkerSeen(
+                    w.worker_id,
+                    job_id,
+                    w.wave_number,
+                    not w.ended,
+                    w.exit_code,
+                    w.message,
+                    running_for=None if w.started_at is None else time.monotonic() - w.started_at,
+                )
             )
         return Observation(tuple(seen))
 
@@ -209,7 +223,15 @@ class LocalLauncher:
             raise
         wid = f"local:{proc.pid}"
         self._workers[wid] = _Worker(
-            wid, tenant, g.job_id, g.wave_number, proc.pid, proc, out, argv=argv
+            wid,
+            tenant,
+            g.job_id,
+            g.wave_number,
+            proc.pid,
+            proc,
+            out,
+            argv=argv,
+            started_at=time.monotonic(),
         )
         self.started += 1
         event(

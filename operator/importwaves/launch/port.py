@@ -78,14 +78,43 @@ class WorkerSeen:
     #: output), redacted; empty while it runs
     exit_code: int | None = None
     message: str = ""
+    #: False while its process has not started (a pod still Pending: scheduling, image pull,
+    #: sandbox), and for an ended one whose process never ran (its start failed)
+    started: bool = True
+    #: why it has not started: the kubelet's waiting reason and message (ContainerCreating,
+    #: CreateContainerConfigError, ImagePullBackOff, ...), or the reason its start failed;
+    #: empty once it runs (redacted)
+    waiting: str = ""
+    waiting_message: str = ""
+    #: seconds since it was created (a pod's age), None when unknown
+    age: float | None = None
+    #: seconds since its process started, None when unknown (an adopted local worker) or not
+    #: started
+    running_for: float | None = None
+    #: the launch it belongs to (Kubernetes: its Job's name; "" for a local process)
+    launch: str = ""
+
+
+@dataclass(frozen=True)
+class LaunchSeen:
+    """A launch still in progress: a group started by the launcher that has not ended (on
+    Kubernetes, an active wave Job), and how long ago it was made."""
+
+    wave_number: int | None
+    age: float
+    #: its name (Kubernetes: the Job's name), matched by WorkerSeen.launch
+    name: str = ""
 
 
 @dataclass(frozen=True)
 class Observation:
     workers: tuple[WorkerSeen, ...]
     #: False when the launcher could not see everything (an API error): the engine then
-    #: declares no worker gone
+    #: declares no worker gone, and treats an unclaimed dispatch as if it knew nothing of its
+    #: workers (engine/workers.py plan_unclaimed)
     complete: bool = True
+    #: launches in progress (Kubernetes: the active wave Jobs); a local launcher has none
+    launches: tuple[LaunchSeen, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ container's `command` + `args` as a local subprocess:
   resourceFieldRef); `$(VAR)` in command/args is expanded too;
 * a missing non-optional Secret/ConfigMap keeps the pod Pending with
   `CreateContainerConfigError`, retried every second, as the kubelet does;
+* an image name that is not a valid reference (`valid_image_reference`, Docker's grammar) keeps
+  the pod Pending with `InvalidImageName` and the kubelet's message until it is deleted, as the
+  kubelet does before it looks for the image (both modes; process mode ignores the image
+  otherwise);
 * the working directory is `workingDir` if set, else a fresh per-pod directory
   (`LocalKubelet.pod_dir(ns, name)`), which also holds `<container>.log` (stdout+stderr);
 * it patches pod status Pending -> Running -> Succeeded/Failed with containerStatuses
@@ -86,6 +90,20 @@ START_LATENCY_ENV = "LOCALKUBELET_START_LATENCY"
 #: kubelet's limits, 80 lines and 2048 bytes.
 FALLBACK_LINES, FALLBACK_BYTES = 80, 2048
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+#: Docker's image reference grammar (distribution/reference), as the kubelet parses it: an
+#: optional domain (with port), lowercase path components, an optional tag and digest.
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?/)?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_REF = re.compile(
+    rf"{_DOMAIN}{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+
+def valid_image_reference(image: str) -> bool:
+    """True when `image` parses as an image reference (else the kubelet's InvalidImageName)."""
+    return len(image) <= 255 and _IMAGE_REF.fullmatch(image) is not None
 
 
 def _now() -> str:
@@ -696,6 +714,18 @@ class _PodRunner(threading.Thread):
         if workdir.exists():
             shutil.rmtree(workdir)
         workdir.mkdir(parents=True)
+        image = str(self.container.get("image") or "")
+        if image and not valid_image_reference(image):
+            # the kubelet's first step: the pod stays Pending with this until it is deleted
+            self._patch_waiting(
+                "InvalidImageName",
+                f'Failed to apply default image tag "{image}": couldn\'t parse image name '
+                f'"{image}": invalid reference format',
+            )
+            while not self._stopping():
+                self._sleep(5.0)
+            self._patch_terminal(None, "ContainerCreating", failed=True)
+            return
         # Build the env, waiting for missing Secrets/ConfigMaps like the kubelet does.
         while True:
             try:

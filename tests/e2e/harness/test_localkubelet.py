@@ -286,3 +286,44 @@ def test_start_latency_keeps_a_pod_pending_that_long(
             assert delay < latency + 10, delay
     finally:
         local_kubelet.start_latency = old
+
+
+def test_an_invalid_image_name_keeps_the_pod_pending_until_deleted(
+    k8s_cluster: Cluster, local_kubelet: LocalKubelet, namespace: str
+) -> None:
+    with k8s_cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        pod = {
+            "metadata": {"name": "badimage"},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 5,
+                "containers": [{"name": "main", "image": "Not A Valid Image", "command": ["true"]}],
+            },
+        }
+        core.create_namespaced_pod(namespace, pod)
+
+        def waiting() -> Any:
+            p = core.read_namespaced_pod("badimage", namespace)
+            for cs in p.status.container_statuses or []:
+                if cs.state and cs.state.waiting and cs.state.waiting.reason != "":
+                    return p
+            return None
+
+        p = wait_for(waiting, 30, what="pod badimage waiting")
+        wait = p.status.container_statuses[0].state.waiting
+        assert p.status.phase == "Pending"
+        assert wait.reason == "InvalidImageName"
+        assert wait.message == (
+            'Failed to apply default image tag "Not A Valid Image": couldn\'t parse image name '
+            '"Not A Valid Image": invalid reference format'
+        )
+        assert not (local_kubelet.pod_dir(namespace, "badimage") / "main.log").exists()
+        core.delete_namespaced_pod("badimage", namespace)
+
+        def gone() -> bool:
+            return "badimage" not in [
+                x.metadata.name for x in core.list_namespaced_pod(namespace).items
+            ]
+
+        wait_for(gone, 30, what="pod badimage deleted")
