@@ -58,7 +58,11 @@ class Kube:
     """The e2e cluster (kwokctl, binary runtime) with its local kubelet and the CRDs."""
 
     def __init__(
-        self, workdir: Path, start_latency: float | None = None, kcm_qps: int | None = None
+        self,
+        workdir: Path,
+        start_latency: float | None = None,
+        kcm_qps: int | None = None,
+        pod_env: dict[str, str] | None = None,
     ) -> None:
         import inspect
 
@@ -96,6 +100,8 @@ class Kube:
             extra: dict[str, Any] = {}
             if start_latency is not None and self.start_latency_supported:
                 extra["start_latency"] = start_latency
+            if pod_env:
+                extra["extra_env"] = dict(pod_env)  # every pod's env (the pod's own wins)
             self.kubelet = LocalKubelet(
                 self.cluster.api_client,
                 root_dir=workdir / "localkubelet",
