@@ -593,7 +593,19 @@ def lines(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         return [("many tenants", "not measured: " + str(r.get("error"))[:70], "-", "-")]
     z = r["sizes"]
     head = f"many ({z['imports']:,} ImportJobs, {z['tenants']} tenants, {z['databases']} DBs)"
-    out = []
+    o = r.get("operator_settings") or {}
+    idle = (r.get("worker_env") or {}).get("IMPORTWAVES_WORKER_IDLE_SECONDS", 30)
+    out = [
+        (
+            f"{head} settings",
+            f"budget {o.get('IMPORTWAVES_BUDGET_TOTAL')} (per tenant "
+            f"{o.get('IMPORTWAVES_BUDGET_PER_TENANT')}), poolSize "
+            f"{o.get('IMPORTWAVES_POOL_SIZE')}, timer {o.get('IMPORTWAVES_TIMER_INTERVAL')} s, "
+            f"worker idle {idle} s",
+            "-",
+            "-",
+        )
+    ]
     hwm = max(r.get("vm_hwm_mb") or 0, r.get("rss_peak_sampled_mb") or 0) or None
     if hwm is not None:
         out.append(
