@@ -621,11 +621,14 @@ def lines(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if c:
         pool = int(r["operator_settings"]["IMPORTWAVES_POOL_SIZE"])
         pk = c["peak_per_database"]
-        worst = max((v["total"] for v in pk.values()), default=0)
+        worst = max((v["total"] for db, v in pk.items() if db), default=0)
         out.append(
             (
                 f"{head} operator connections peak per DB (LISTEN + pool + other)",
-                ", ".join(f"{db}: {v['listen']}+{v['pool']}+{v['other']}" for db, v in pk.items()),
+                ", ".join(
+                    f"{db or '(connecting)'}: {v['listen']}+{v['pool']}+{v['other']}"
+                    for db, v in pk.items()
+                ),
                 f"<= 1 + {pool} per DB",
                 "met" if worst <= 1 + pool else "MISSED",
             )
