@@ -57,13 +57,20 @@ def say(msg: str) -> None:
 class Kube:
     """The e2e cluster (kwokctl, binary runtime) with its local kubelet and the CRDs."""
 
-    def __init__(self, workdir: Path, start_latency: float | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        start_latency: float | None = None,
+        kcm_qps: int | None = None,
+        pod_env: dict[str, str] | None = None,
+    ) -> None:
         import inspect
 
         from tests.e2e.harness.cluster import Cluster, testbin_dir
         from tests.e2e.harness.localkubelet import LocalKubelet
 
-        qps = os.environ.get("BENCH_KCM_QPS")
+        qps = str(kcm_qps) if kcm_qps else os.environ.get("BENCH_KCM_QPS")
+        self.kcm_qps = int(qps) if qps else None
         if qps:
 
             class Tuned(Cluster):
@@ -93,6 +100,8 @@ class Kube:
             extra: dict[str, Any] = {}
             if start_latency is not None and self.start_latency_supported:
                 extra["start_latency"] = start_latency
+            if pod_env:
+                extra["extra_env"] = dict(pod_env)  # every pod's env (the pod's own wins)
             self.kubelet = LocalKubelet(
                 self.cluster.api_client,
                 root_dir=workdir / "localkubelet",
@@ -195,11 +204,18 @@ class Operator:
     """`importwaves run --standalone --namespace NS` with its VmRSS sampled every `every` s."""
 
     def __init__(
-        self, kube: Kube, namespace: str, log_path: Path, timer: float, every: float = 0.25
+        self,
+        kube: Kube,
+        namespace: str,
+        log_path: Path,
+        timer: float,
+        every: float = 0.25,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         port = free_port()
         env = {
             **os.environ,
+            **(extra_env or {}),
             "KUBECONFIG": str(kube.cluster.kubeconfig),
             "IMPORTWAVES_TIMER_INTERVAL": str(timer),
             "IMPORTWAVES_METRICS_PORT": "0",

@@ -1,6 +1,6 @@
 """`make bench`: issue 7's benchmark suite on real servers. Measures and prints; asserts nothing.
 
-    python -m bench.run [--quick] [--rows 1,2,3,4,5,peers,fairness] [--out bench/results.json]
+    python -m bench.run [--quick] [--rows 1,2,3,4,5,peers,fairness,many] [--out bench/results.json]
 
 Row 1  derived dispatch lag: importwaves (listener path) vs a timer-only reconcile vs a Celery
        chord on the same Redis (Celery in its own virtualenv, bench/.venv-celery)
@@ -11,6 +11,9 @@ Row peers    (issue 16) the row 1 fan-in lag beside DBOS Transact queues (defaul
              polling) and PgQueuer, each in its own virtualenv (bench/.venv-dbos, .venv-pgqueuer);
              the 100,004-line demo import through importwaves and through DBOS queues
 Row fairness (issue 16) a 100x backlog and a small tenant under one shared budget of 8
+Row many     (issue 16) many tenants on one operator on the test cluster (bench/many.py): 1,000
+             small ImportJobs, 200 tenant schemas, 4 databases; operator RSS, its connections
+             (pg_stat_activity) at peak and at rest, time to all Completed, derived dispatch lag
 Row 5  the operator on the real test cluster (bench/k8s.py): API objects per 10,000 batches and
        peak live Jobs, operator RSS with 100 ImportJobs in flight, derived dispatch lag through
        the API server (NOTIFY path, Job-event path, timer alone)
@@ -305,6 +308,18 @@ def kubernetes_row(s: Servers, quick: bool = False) -> dict[str, Any]:
         return k8s.row(s.dsn, s.workdir, quick)
     except Exception as exc:  # no cluster (e.g. binaries missing): keep rows 1-4
         say(f"row 5 not measured: {type(exc).__name__}: {exc}")
+        return {"measured": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def many_row(s: Servers, quick: bool = False) -> dict[str, Any]:
+    """Issue 16 row 1 on the e2e cluster: see bench/many.py (its own cluster, the run's
+    PostgreSQL server with databases of its own)."""
+    from bench import many
+
+    try:
+        return many.row(s.dsn, s.workdir, quick)
+    except Exception as exc:  # no cluster (e.g. binaries missing): keep the other rows
+        say(f"row many not measured: {type(exc).__name__}: {exc}")
         return {"measured": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
@@ -641,6 +656,10 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ),
         ]
     rows += issue16_lines(res)
+    if res.get("many") is not None:
+        from bench import many
+
+        rows += many.lines(res["many"])
     r5 = res.get("row5")
     if r5 is not None and r5.get("measured") is False:
         rows.append(("5 Kubernetes", "not measured: " + str(r5.get("error"))[:70], "-", "-"))
@@ -826,7 +845,7 @@ def _guarded(what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sample sizes (a smoke run)")
-    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8,peers,fairness")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8,peers,fairness,many")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     ap.add_argument("--keep", action="store_true", help="keep the servers' work directory")
     args = ap.parse_args(argv)
@@ -870,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "fairness" in rows:
             res["fairness"] = peers.fairness(s.dsn, small_orders=100 if q else 200)
+        if "many" in rows:
+            res["many"] = many_row(s, q)
         if "5" in rows:
             res["row5"] = kubernetes_row(s, q)
         size = bigimport.SIZES["quick" if q else "full"]

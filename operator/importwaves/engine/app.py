@@ -405,9 +405,17 @@ class Engine:
         target = self._targets.get(job_id)
         if target is not None:
             # The hot path (a completion -> the next dispatch): with all its workers alive the
-            # job needs no sync; their LISTEN already has this run's dispatch NOTIFY.
+            # job needs no sync; their LISTEN already has this run's dispatch NOTIFY. With one
+            # worker group per wave, only the dispatched waves' workers can claim these
+            # batches: a pooled worker of an earlier wave, idling until its idle timeout,
+            # claims none of them, so it does not count (issue 16, row "many": each wave of
+            # a parallelism-1 import waited ~30 s for the previous wave's worker to exit).
             seen = self.launcher.observe(target, self.tenant, job_id)
-            alive = sum(1 for w in seen.workers if w.alive)
+            waves = {b.wave_number for b in batches}
+            per_wave = bool(getattr(self.launcher, "per_wave", False))
+            alive = sum(
+                1 for w in seen.workers if w.alive and (not per_wave or w.wave_number in waves)
+            )
             if seen.complete and alive >= spec.parallelism:
                 return self._host_dispatch(job_id, spec, batches)
         self.sync_workers(job_id)
