@@ -167,14 +167,25 @@ class PooledWorker:
         s = self.s
         idle_since = time.monotonic()
         while not self._stop.is_set():
-            job = conn.execute(Q("job_get"), {"job_id": s.job_id}).fetchone()
+            if s.command:
+                job = conn.execute(Q("job_get"), {"job_id": s.job_id}).fetchone()
+                claimed = None
+            else:
+                job, claimed = self._look_and_claim(conn)
+            if job is not None and claimed is not None:
+                # claimed while its job was not over (the claim looks at the job's status)
+                spec: dict[str, Any] = job["spec"]
+                beat.every = beat_interval(spec)
+                self._reference(conn, beat, spec, claimed)
+                idle_since = time.monotonic()
+                continue
             if job is None:
                 return "job gone"
             if job["status"] in DONE_STATUSES:
                 return f"job {job['status']}"
-            spec: dict[str, Any] = job["spec"]
+            spec = job["spec"]
             beat.every = beat_interval(spec)
-            ran = self._custom(conn, beat, spec) if s.command else self._reference(conn, beat, spec)
+            ran = self._custom(conn, beat, spec) if s.command else False
             if ran:
                 idle_since = time.monotonic()
                 continue
@@ -201,14 +212,28 @@ class PooledWorker:
             self.waiting.clear()
 
     # -- the reference import, in-process ------------------------------------------------
-    def _reference(self, conn: Conn, beat: _Beat, spec: dict[str, Any]) -> bool:
+    def _look_and_claim(self, conn: Conn) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The job's row and the next batch claimed, in ONE round trip (pipeline mode: on a
+        dispatch prompt, the claim follows the NOTIFY with no other query first). The claim
+        takes a batch only while the job exists and is not over (batch_claim_next looks)."""
         s = self.s
-        claimed = conn.execute(
-            Q("batch_claim_next"),
-            {"job_id": s.job_id, "wave_number": s.wave, "worker_id": s.worker_id},
-        ).fetchone()
-        if claimed is None:
-            return False
+        with conn.pipeline():
+            job_cur = conn.execute(Q("job_get"), {"job_id": s.job_id})
+            claim_cur = conn.execute(
+                Q("batch_claim_next"),
+                {
+                    "job_id": s.job_id,
+                    "wave_number": s.wave,
+                    "worker_id": s.worker_id,
+                    "done_statuses": sorted(DONE_STATUSES),
+                },
+            )
+        return job_cur.fetchone(), claim_cur.fetchone()
+
+    def _reference(
+        self, conn: Conn, beat: _Beat, spec: dict[str, Any], claimed: dict[str, Any]
+    ) -> bool:
+        s = self.s
         item = WorkItem(s.dsn, s.tenant, s.job_id, claimed["batch_id"], claimed["dispatch_seq"])
         key = {"job_id": s.job_id, "batch_id": item.batch_id, "dispatch_seq": item.dispatch_seq}
         self.stats.batches.append(item.batch_id)

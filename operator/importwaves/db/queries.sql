@@ -261,6 +261,8 @@ RETURNING batch_id, wave_number, record_type_id, dispatch_seq, attempts;
 -- A pooled worker claims the next dispatched batch of its job (of one wave when wave_number is
 -- set) that no worker reserved, under that batch's fencing token: dispatched -> processing,
 -- counting the attempt. SKIP LOCKED: two workers never take the same row, and neither waits.
+-- Only while the job exists and its status is none of done_statuses (the worker sends this with
+-- its read of the job row, in one round trip, without waiting for that read's reply).
 UPDATE wave_batches b
 SET status = 'processing', attempts = b.attempts + 1, started_at = clock_timestamp(),
     heartbeat_at = clock_timestamp(), worker_id = %(worker_id)s, updated_at = clock_timestamp()
@@ -270,6 +272,10 @@ WHERE b.id = (
       AND (%(wave_number)s::integer IS NULL OR wave_number = %(wave_number)s::integer)
     ORDER BY id LIMIT 1
     FOR UPDATE SKIP LOCKED
+)
+AND EXISTS (
+    SELECT 1 FROM import_jobs j
+    WHERE j.job_id = %(job_id)s AND NOT j.status = ANY(%(done_statuses)s::text[])
 )
 RETURNING b.batch_id, b.dispatch_seq, b.record_type_id, b.chunk_ids_json, b.attempts,
           (SELECT p.record_type_id FROM wave_batches p
@@ -328,6 +334,29 @@ SELECT set_config('synchronous_commit', 'on', true);
 -- Lock one batch row (a worker holds it while importing, so a concurrent requeue waits).
 SELECT status, dispatch_seq, record_type_id, chunk_ids_json, record_count
 FROM wave_batches WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s FOR UPDATE;
+
+-- name: notify_tenant_if_dispatched
+-- The coordinator's prompt (as notify_tenant), sent in the same round trip as its dispatch
+-- statements, whose replies it has not read: only if the job's status changed or this run
+-- dispatched a batch of one of `waves` (one dispatched since this transaction began: under the
+-- job lock, this run's dispatch).
+SELECT pg_notify(%(channel)s, %(payload)s)
+WHERE %(changed)s OR EXISTS (
+    SELECT 1 FROM wave_batches
+    WHERE job_id = %(job_id)s AND wave_number = ANY(%(waves)s) AND status = 'dispatched'
+      AND dispatched_at >= now()
+);
+
+-- name: relaxed_commit
+-- The coordinator, in a run that records no job status (it dispatched, created derived batches,
+-- counted an exit without completion, or changed nothing): its COMMIT does not wait for the WAL
+-- flush (fsync), most of a commit's time on the path the derived dispatch lag measures. What a
+-- server crash can lose is only such a run's last decisions, never a worker's completion (the
+-- worker's transaction sets synchronous_commit on: completion_durable); the WAL is flushed in
+-- order, so a worker's claim or completion that is durable makes the dispatch it acted on
+-- durable too. A decision lost in a crash is made again by the next run (level-based: the rows
+-- are the truth). A run that changes the job's status (completed, failed, ...) commits durably.
+SELECT set_config('synchronous_commit', 'off', true);
 
 -- name: notify_tenant
 -- A prompt on the tenant's channel (engine/notify.py): batches were dispatched (pooled workers

@@ -147,31 +147,8 @@ class Coordinator:
                 decision, held = self._within_budget(job_id, spec, snap, decision)
                 if decision.job_status == JobStatus.COMPLETED:
                     decision = self._verify_completion(conn, job_id, decision)
-                dispatched = self._dispatch(conn, job, spec, snap, decision)
                 changed = decision.job_status is not None and decision.job_status != snap.status
-                if changed:
-                    assert decision.job_status is not None
-                    conn.execute(
-                        Q("job_set_outcome"),
-                        {
-                            "job_id": job_id,
-                            "status": decision.job_status.value,
-                            "reason": decision.reason,
-                            "code": decision.code,
-                        },
-                    )
-                if dispatched or changed:
-                    # Delivered at this commit: idle pooled workers of the job try to claim (or,
-                    # the job being over, exit). A prompt; the rows are the truth.
-                    conn.execute(
-                        Q("notify_tenant"),
-                        {
-                            "channel": channel_for(self.tenant),
-                            "payload": prompt_payload(
-                                "dispatched" if dispatched else "status", self.tenant, job_id
-                            ),
-                        },
-                    )
+                dispatched = self._dispatch(conn, job, spec, snap, decision, changed)
         if verdict is not None and not verdict.ok:
             if refused:
                 event(
@@ -331,23 +308,94 @@ class Coordinator:
         spec: ImportSpec,
         snap: Snapshot,
         decision: Decision,
+        changed: bool,
     ) -> list[BatchDispatch]:
-        out: list[BatchDispatch] = []
+        """Apply the decision in the run's transaction: its dispatches, the job's status when
+        `changed`, the prompt; the batches dispatched. The commit follows."""
+        # What the decision writes, sent in ONE round trip (pipeline mode): the
+        # dispatches, the job's status, the prompt; then the commit.
+        ready = self._ready(conn, job, spec, snap, decision)
+        with conn.pipeline():
+            sent = self._send_dispatches(conn, snap, decision, ready)
+            if changed:
+                assert decision.job_status is not None
+                conn.execute(
+                    Q("job_set_outcome"),
+                    {
+                        "job_id": snap.job_id,
+                        "status": decision.job_status.value,
+                        "reason": decision.reason,
+                        "code": decision.code,
+                    },
+                )
+            if decision.dispatches or changed:
+                # Delivered at this commit: idle pooled workers of the job try to claim
+                # (or, the job being over, exit). A prompt; the rows are the truth. Sent
+                # only if this run dispatched a batch or changed the job's status (the
+                # statement looks: the dispatches' replies are not read yet).
+                conn.execute(
+                    Q("notify_tenant_if_dispatched"),
+                    {
+                        "channel": channel_for(self.tenant),
+                        "payload": prompt_payload(
+                            "dispatched" if decision.dispatches else "status",
+                            self.tenant,
+                            snap.job_id,
+                        ),
+                        "changed": changed,
+                        "job_id": snap.job_id,
+                        "waves": [d.wave_number for d in decision.dispatches],
+                    },
+                )
+            if not changed:
+                # A run that records no job status need not wait for its commit's WAL
+                # flush (relaxed_commit in queries.sql says what a crash may lose).
+                conn.execute(Q("relaxed_commit"))
+        return self._collect_dispatches(snap, sent)
+
+    def _ready(
+        self,
+        conn: Conn,
+        job: dict[str, Any],
+        spec: ImportSpec,
+        snap: Snapshot,
+        decision: Decision,
+    ) -> dict[int, datetime | None]:
+        """For each wave the decision dispatches for the first time: when it became
+        dispatchable (read before the dispatch statements, which stamp the lag with it)."""
+        return {
+            d.wave_number: self._ready_at(conn, job, spec, snap, snap.wave(d.wave_number))
+            for d in decision.dispatches
+            if snap.wave(d.wave_number).first_dispatched_at is None
+        }
+
+    @staticmethod
+    def _send_dispatches(
+        conn: Conn, snap: Snapshot, decision: Decision, ready: dict[int, datetime | None]
+    ) -> list[tuple[WaveState, bool, Any]]:
+        """Send the decision's dispatch statements (in the caller's pipeline); their cursors."""
+        sent = []
         for d in decision.dispatches:
-            wave = snap.wave(d.wave_number)
             params: dict[str, Any] = {
                 "job_id": snap.job_id,
                 "wave_number": d.wave_number,
                 "limit": d.limit,
             }
-            first = wave.first_dispatched_at is None
+            first = d.wave_number in ready
             if first:
                 # The same statement stamps the wave's first dispatch and its lag (the
                 # database's clock, now, minus when the wave became dispatchable).
-                params["ready_at"] = self._ready_at(conn, job, spec, snap, wave)
-            rows = conn.execute(
-                Q("batches_dispatch_first" if first else "batches_dispatch"), params
-            ).fetchall()
+                params["ready_at"] = ready[d.wave_number]
+            cur = conn.execute(Q("batches_dispatch_first" if first else "batches_dispatch"), params)
+            sent.append((snap.wave(d.wave_number), first, cur))
+        return sent
+
+    def _collect_dispatches(
+        self, snap: Snapshot, sent: list[tuple[WaveState, bool, Any]]
+    ) -> list[BatchDispatch]:
+        out: list[BatchDispatch] = []
+        for wave, first, cur in sent:
+            rows = cur.fetchall()
             out += [BatchDispatch.from_row(snap.job_id, r) for r in rows]
             lag = rows[0]["lag"] if first and rows else None
             if lag is not None:

@@ -11,7 +11,9 @@ Deterministic batch ids make every call idempotent.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from importwaves.db.connect import Conn
 from importwaves.db.queries import Q
@@ -67,6 +69,50 @@ def create_for_completed_parents(
             return out
 
 
+def send_create(conn: Conn, job_id: str, spec: ImportSpec) -> Callable[[], Created] | None:
+    """For a spec with ONE derived type: send (in the caller's pipeline, without waiting for
+    its reply) the statement that creates the derived batches of every completed parent batch
+    that lacks them, up to PARENTS_PER_STATEMENT of them; returns the step that reads the reply.
+    Parent batches beyond that are left to the coordinator run's level-based catch-up (its
+    snapshot counts them). None (nothing sent) for a spec with no or several derived types."""
+    if len(spec.derivedTypes) != 1:
+        return None
+    dt = spec.derivedTypes[0]
+    wave = derived_wave_number(spec, dt.recordTypeId)
+    cur = conn.execute(Q("derived_batches_create"), _params(job_id, spec, dt, wave, None, True))
+
+    def read() -> Created:
+        out = Created()
+        row = cur.fetchone()
+        assert row is not None  # an aggregate: always one row
+        out.parent_batches += _record(row, job_id, dt, wave, out)
+        return out
+
+    return read
+
+
+def _params(
+    job_id: str,
+    spec: ImportSpec,
+    dt: DerivedType,
+    wave: int,
+    parent_batch_ids: list[str] | None,
+    mark: bool,
+    limit: int = PARENTS_PER_STATEMENT,
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "name": dt.name,
+        "wave_number": wave,
+        "record_type_id": dt.recordTypeId,
+        "batch_size": dt.batchSize,
+        "parent_type_ids": spec.parent_ids_of(dt),
+        "parent_batch_ids": parent_batch_ids,
+        "mark_derived": mark,
+        "limit": limit,
+    }
+
+
 def _create(
     conn: Conn,
     job_id: str,
@@ -80,19 +126,15 @@ def _create(
     wave = derived_wave_number(spec, dt.recordTypeId)
     row = conn.execute(
         Q("derived_batches_create"),
-        {
-            "job_id": job_id,
-            "name": dt.name,
-            "wave_number": wave,
-            "record_type_id": dt.recordTypeId,
-            "batch_size": dt.batchSize,
-            "parent_type_ids": spec.parent_ids_of(dt),
-            "parent_batch_ids": parent_batch_ids,
-            "mark_derived": mark,
-            "limit": limit,
-        },
+        _params(job_id, spec, dt, wave, parent_batch_ids, mark, limit),
     ).fetchone()
     assert row is not None  # an aggregate: always one row
+    return _record(row, job_id, dt, wave, out)
+
+
+def _record(row: dict[str, Any], job_id: str, dt: DerivedType, wave: int, out: Created) -> int:
+    """Add what one derived_batches_create reply created to `out` (logged per parent batch);
+    how many parent batches it read."""
     if row["batch_ids"]:
         out.batch_ids += row["batch_ids"]
         out.wave_numbers.add(wave)

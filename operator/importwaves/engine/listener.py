@@ -71,11 +71,10 @@ class BatchCompletedListener:
         the work, committed before it exited; if this dispatch is still dispatched or processing
         it exited without recording one: a failed attempt (fenced by the dispatch sequence, so
         a newer dispatch or a recorded result is never touched)."""
-        if not self.record_exit_without_completion(job_id, batch_id, dispatch_seq):
-            return self._derived_after_parent(job_id, batch_id)
-        return self.coordinator.check_and_trigger_next_wave(
-            job_id, cause="worker_exited_without_completion"
-        )
+        # The check runs inside the coordinator run it ends in (its `prepare`, under the job
+        # lock, in the same transaction, pipelined with the batch's read): one transaction per
+        # exit, not two; on the path the derived dispatch lag measures.
+        return self._derived_after_parent(job_id, batch_id, exited=dispatch_seq)
 
     def record_exit_without_completion(self, job_id: str, batch_id: str, dispatch_seq: int) -> bool:
         """The exit-0 check alone: True when this dispatch had recorded no completion (or
@@ -148,29 +147,62 @@ class BatchCompletedListener:
         instead of one run per notice waiting behind the others."""
         return self._derived_after_parent(job_id, *dict.fromkeys(batch_ids))
 
-    def _derived_after_parent(self, job_id: str, *batch_ids: str) -> RunResult:
+    def _derived_after_parent(
+        self, job_id: str, *batch_ids: str, exited: int | None = None
+    ) -> RunResult:
         """The coordinator run for completions, after their commit. For a parent batch, derived
         batches are created first in that run's transaction (under the job lock), for it and
         for any other completed parent batch still without them; the run then recomputes parent
-        completion from the database and dispatches."""
+        completion from the database and dispatches.
+
+        `exited`: the dispatch sequence of the (one) batch whose worker exited 0: the run first
+        counts a failed attempt if that dispatch recorded no completion (`fail_attempt`'s
+        statement, fenced by the sequence), in the same transaction as the batch's read."""
         parent: str | None = None  # the first batch of a parent record type among them
         completed_parent = False
         #: the batches' statuses, as the run read them (absent: no such batch)
         statuses: dict[str, str] = {}
+        #: the exit check's failed attempt (the batch row after it), if it counted one
+        failed: dict[str, Any] | None = None
 
         def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
-            nonlocal parent, completed_parent
+            nonlocal parent, completed_parent, failed
             parents = spec.derived_parent_type_ids()
-            for batch_id in batch_ids:
-                batch = conn.execute(
-                    Q("batch_get"), {"job_id": job_id, "batch_id": batch_id}
-                ).fetchone()
+            # ONE round trip: the exit check, the batches' reads and (one derived type) the
+            # derived batches of every completed parent batch still without them (level-based,
+            # so sent before the reads say whether one of these batches is such a parent).
+            with conn.pipeline():
+                fail_cur = (
+                    conn.execute(
+                        Q("batch_fail"),
+                        {
+                            "job_id": job_id,
+                            "batch_id": batch_ids[0],
+                            "dispatch_seq": exited,
+                            "max_attempts": spec.max_attempts,
+                            **spec.backoff_params,
+                            "error": EXIT_WITHOUT_COMPLETION,
+                        },
+                    )
+                    if exited is not None
+                    else None
+                )
+                curs = [
+                    conn.execute(Q("batch_get"), {"job_id": job_id, "batch_id": batch_id})
+                    for batch_id in batch_ids
+                ]
+                created = derived.send_create(conn, job_id, spec)
+            failed = fail_cur.fetchone() if fail_cur is not None else None
+            for batch_id, cur in zip(batch_ids, curs, strict=True):
+                batch = cur.fetchone()
                 if batch is None:
                     continue
                 statuses[batch_id] = batch["status"]
                 if batch["record_type_id"] in parents:
                     parent = parent or batch_id
                     completed_parent = completed_parent or batch["status"] == "completed"
+            if created is not None:
+                return created()
             if not completed_parent:
                 return derived.Created()
             return derived.create_for_completed_parents(conn, job_id, spec)
@@ -199,11 +231,23 @@ class BatchCompletedListener:
 
         result = self.coordinator.check_and_trigger_next_wave(
             job_id,
-            cause="batch_completed",
+            cause="worker_exited" if exited is not None else "batch_completed",
             prepare=prepare,
             on_commit=on_commit,
             source="listener",
         )
+        if failed is not None:
+            event(
+                log,
+                "worker_exited_without_completion",
+                logging.WARNING,
+                job_id=job_id,
+                batch_id=batch_ids[0],
+                dispatch_seq=exited,
+                now=failed["status"],
+                attempts=failed["attempts"],
+            )
+            return result
         if not statuses:
             if result.outcome == Outcome.NOT_FOUND:
                 return result
