@@ -3,26 +3,30 @@ fields change a running import, plan-shaping fields are refused, suspend and res
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from helpers import (
     CUSTOMER,
     SALES_ORDER,
     assert_complete,
+    batches,
     drive,
     job_status,
     launched,
     rows_by_type,
-    run_and_notify,
     setup_job,
     small_spec,
     stage,
     tenant_conn,
+    wait_until,
 )
 from importwaves.db.queries import Q
 from importwaves.engine.jobs import SpecChangeRefused
 from importwaves.engine.model import Outcome
 from importwaves.spec import SpecError, parse_spec
+from importwaves.worker import EXIT_FENCED, EXIT_OK, WorkItem, run_batch
 
 pytestmark = pytest.mark.integration
 
@@ -117,18 +121,49 @@ def test_spec_changes_before_and_after_planning(engine, dsn, tenant, redis_url) 
 
 def test_suspend_stops_dispatch_and_resume_completes(engine, dsn, tenant, redis_url) -> None:
     ds, spec = setup_job(engine, "job")
+    suspended = spec.model_copy(update={"suspend": True})
+    resumed = spec.model_copy(update={"suspend": False})
     (b,) = engine.check("job", "start").dispatched
-    assert engine.submit("job", spec.model_copy(update={"suspend": True})) is False
+    assert engine.submit("job", suspended) is False
     res = engine.check("job", "tick")
     assert res.outcome == Outcome.SUSPENDED and res.dispatched == []
     assert job_status(dsn, tenant, "job") == "suspended"
-    # The batch already running finishes; nothing new is dispatched while suspended.
-    _, after = run_and_notify(engine, dsn, tenant, "job", b)
+    # A dispatch no worker took is released (no attempt): nothing counts as running, and the
+    # late worker of that dispatch is fenced out.
+    row = next(r for r in batches(dsn, tenant, "job") if r["batch_id"] == b.batch_id)
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert run_batch(WorkItem(dsn, tenant, "job", b.batch_id, b.dispatch_seq)).exit_code == (
+        EXIT_FENCED
+    )
+
+    assert engine.submit("job", resumed) is False
+    (b2,) = engine.check("job", "tick").dispatched
+    assert b2.batch_id == b.batch_id and job_status(dsn, tenant, "job") == "running"
+    # A batch in a worker's hands when the job is suspended finishes; nothing new is dispatched.
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(
+            run_batch,
+            WorkItem(dsn, tenant, "job", b2.batch_id, b2.dispatch_seq),
+            hold_seconds=1.0,
+        )
+        wait_until(
+            lambda: any(
+                r["batch_id"] == b2.batch_id and r["status"] == "processing"
+                for r in batches(dsn, tenant, "job")
+            ),
+            what="the worker claimed the batch",
+        )
+        assert engine.submit("job", suspended) is False
+        res = engine.check("job", "tick")
+        assert res.outcome == Outcome.SUSPENDED and res.dispatched == []
+        row = next(r for r in batches(dsn, tenant, "job") if r["batch_id"] == b2.batch_id)
+        assert (row["status"], row["dispatch_seq"]) == ("processing", b2.dispatch_seq)
+        assert held.result(30).exit_code == EXIT_OK
+    after = engine.listener.on_worker_exited_ok("job", b2.batch_id, b2.dispatch_seq)
     assert after is not None and after.outcome == Outcome.SUSPENDED
-    assert len(launched(engine)) == 1
+    assert len(launched(engine)) == 2
     assert job_status(dsn, tenant, "job") == "suspended"
 
-    resumed = spec.model_copy(update={"suspend": False})
     assert engine.submit("job", resumed) is False
     res = engine.check("job", "tick")
     assert res.outcome == Outcome.WAVE_TRIGGERED and res.dispatched

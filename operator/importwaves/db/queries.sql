@@ -117,6 +117,22 @@ WHERE b.id IN (
 )
 RETURNING b.batch_id;
 
+-- name: batches_release_unclaimed
+-- A suspended job's dispatched batches that no worker claimed or reserved: back to pending, no
+-- attempt counted (a late worker of that dispatch is fenced: its claim needs `dispatched`, and
+-- the next dispatch takes a new token) (its workers exit on seeing the job suspended, so
+-- nobody would claim them; they count as active until the claim timeout otherwise). Batches in
+-- a worker's hands (processing, or reserved for a custom command) finish by themselves.
+UPDATE wave_batches b
+SET status = 'pending', heartbeat_at = NULL, retry_after = NULL, last_error = %(reason)s,
+    updated_at = clock_timestamp()
+WHERE b.id IN (
+    SELECT id FROM wave_batches
+    WHERE job_id = %(job_id)s AND status = 'dispatched' AND worker_id IS NULL
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING b.batch_id;
+
 -- name: job_set_planned
 -- Mark the job as planned (waves and main batches exist).
 UPDATE import_jobs SET planned_at = clock_timestamp(), updated_at = clock_timestamp()

@@ -315,6 +315,8 @@ class Coordinator:
         # What the decision writes, sent in ONE round trip (pipeline mode): the
         # dispatches, the job's status, the prompt; then the commit.
         ready = self._ready(conn, job, spec, snap, decision)
+        if decision.outcome == Outcome.SUSPENDED and snap.active:
+            self._release_unclaimed(conn, snap.job_id)
         with conn.pipeline():
             sent = self._send_dispatches(conn, snap, decision, ready)
             if changed:
@@ -352,6 +354,23 @@ class Coordinator:
                 # flush (relaxed_commit in queries.sql says what a crash may lose).
                 conn.execute(Q("relaxed_commit"))
         return self._collect_dispatches(snap, sent)
+
+    def _release_unclaimed(self, conn: Conn, job_id: str) -> None:
+        """Suspended: dispatched batches no worker took go back to pending (no attempt), so
+        nothing counts as running once the batches in workers' hands have ended."""
+        rows = conn.execute(
+            Q("batches_release_unclaimed"),
+            {"job_id": job_id, "reason": "released: the job was suspended before a worker took it"},
+        ).fetchall()
+        if rows:
+            event(
+                log,
+                "unclaimed_batches_released",
+                job_id=job_id,
+                tenant=self.tenant,
+                released=len(rows),
+                reason="suspended",
+            )
 
     def _ready(
         self,
