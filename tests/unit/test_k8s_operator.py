@@ -88,6 +88,33 @@ def test_finish_events_once_per_transition() -> None:
     assert finish_events({}, {"summary": "Running"}) == []
 
 
+def test_the_write_that_makes_a_status_invalid_posts_its_warning() -> None:
+    from importwaves.k8s.operator import finish_events
+
+    refused = {
+        "summary": "Invalid",
+        "conditions": [
+            {"type": "Completed", "status": "False", "reason": "InProgress"},
+            {
+                "type": "Invalid",
+                "status": "True",
+                "reason": "SpecChangeRefused",
+                "message": "Spec change refused: uncoveredRows cannot change",
+            },
+        ],
+    }
+    [w] = finish_events({"summary": "Running"}, refused)
+    assert (w.type, w.reason, w.message) == (
+        "Warning",
+        "SpecChangeRefused",
+        "Spec change refused: uncoveredRows cannot change",
+    )
+    # whoever writes the same refusal again (a timer tick, a Job-event refresh): nothing new
+    assert finish_events(refused, refused) == []
+    # a summary of Invalid without an Invalid=True condition posts nothing it cannot explain
+    assert finish_events({"summary": "Running"}, {"summary": "Invalid", "conditions": []}) == []
+
+
 def test_without_a_snapshot_every_dispatch_is_reported() -> None:
     r = RunResult("j", Outcome.WAVE_TRIGGERED, "", [BatchDispatch("j", "b", 2, -2, 1, 1)])
     assert messages(r) == ["dispatched 1 batch(es) of wave 2"]

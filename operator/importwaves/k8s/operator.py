@@ -240,7 +240,12 @@ class ImportJobOperator:
         written = self.write_status(namespace, name, view_of=view_of, problem=problem, extra=extra)
         new = written[1] if written else {}
         self._settle(namespace, name, new.get("summary") if written else "Deleted")
-        if problem is not None and written and written[0].get("summary") != new.get("summary"):
+        if (
+            problem is not None
+            and not problem.is_spec  # the Invalid Warning is posted by the write (finish_events)
+            and written
+            and written[0].get("summary") != new.get("summary")
+        ):
             events.append(KubeEvent("Warning", problem.kind.value, problem.message[:1000]))
         return ReconcileResult(new, events, problem)
 
@@ -809,11 +814,20 @@ def _wave_label(result: RunResult, wave_number: int) -> str:
 
 
 def finish_events(old: dict[str, Any], new: dict[str, Any]) -> list[KubeEvent]:
-    """ImportCompleted / ImportFailed for the status write that made the summary say so (one
-    writer wins each transition: write_status patches under the object's resourceVersion)."""
+    """ImportCompleted / ImportFailed / the Invalid reason (InvalidSpec, SpecChangeRefused) for
+    the status write that made the summary say so (one writer wins each transition:
+    write_status patches under the object's resourceVersion). Any writer can make the Invalid
+    transition (a refused change is recorded in the job row, so a Job-event refresh may write
+    it before the reconcile that refused it), so its Warning belongs to the write, not to the
+    caller."""
     before, after = old.get("summary"), new.get("summary")
-    if before == after or after not in ("Completed", "Failed"):
+    if before == after or after not in ("Completed", "Failed", "Invalid"):
         return []
+    if after == "Invalid":
+        inv = next((c for c in new.get("conditions") or [] if c.get("type") == "Invalid"), None)
+        if inv is None or inv.get("status") != "True":
+            return []
+        return [KubeEvent("Warning", str(inv.get("reason")), str(inv.get("message"))[:1000])]
     if after == "Completed":
         rows = new.get("rowsImported")
         return [
