@@ -68,9 +68,9 @@ OPERATOR_SETTINGS = {
     "IMPORTWAVES_POOL_SIZE": "4",
     "IMPORTWAVES_TIMER_INTERVAL": "10",
 }
-#: Added to every worker pod's env by the local kubelet (spec.worker.env may not set
-#: IMPORTWAVES_*, and the operator has no setting for it): a pooled worker exits after this
-#: many idle seconds (default 30): each
+#: The operator's worker idle setting (`operator.workerIdleSeconds`), which it puts into every
+#: worker pod's env (runs before it had the setting added it through the local kubelet's
+#: extra_env): a pooled worker exits after this many idle seconds (default 30): each
 #: wave of these imports has one batch, and an idle worker is a Python process holding two
 #: connections; 30 s x ~3 batches/s would keep ~90 of them alive for nothing.
 WORKER_ENV = {"IMPORTWAVES_WORKER_IDLE_SECONDS": "3"}
@@ -429,7 +429,7 @@ def run(
         f"many: staged in {staged_s:.1f} s; starting the cluster "
         f"(kube-controller-manager QPS {KCM_QPS})"
     )
-    kube = k8s.Kube(workdir / "k8s-many", start_latency=0, kcm_qps=KCM_QPS, pod_env=WORKER_ENV)
+    kube = k8s.Kube(workdir / "k8s-many", start_latency=0, kcm_qps=KCM_QPS)
     res: dict[str, Any] = {
         "measured": True,
         "sizes": {"imports": imports, "tenants": tenants, "databases": dbs},
@@ -466,7 +466,7 @@ def run(
             ns,
             workdir / "operator-many.log",
             timer=float(OPERATOR_SETTINGS["IMPORTWAVES_TIMER_INTERVAL"]),
-            extra_env={**OPERATOR_SETTINGS, "PGAPPNAME": OPERATOR_APP},
+            extra_env={**OPERATOR_SETTINGS, **WORKER_ENV, "PGAPPNAME": OPERATOR_APP},
         )
         time.sleep(3)
         res["rss_idle_mb"] = op.rss_mb()

@@ -53,10 +53,23 @@ class Settings:
     #: _STATEMENT_TIMEOUT_MS, _LOCK_TIMEOUT_MS, _IDLE_IN_TRANSACTION_TIMEOUT_MS, _KEEPALIVES_IDLE,
     #: _KEEPALIVES_INTERVAL, _KEEPALIVES_COUNT, _TCP_USER_TIMEOUT_MS; defaults in db/options.py).
     conn: ConnOptions = field(default_factory=ConnOptions.from_env)
+
+    def __post_init__(self) -> None:
+        if not self.worker_idle_seconds > 0:  # also NaN
+            raise ValueError(
+                "IMPORTWAVES_WORKER_IDLE_SECONDS must be a number of seconds above 0, got "
+                f"{self.worker_idle_seconds!r}"
+            )
+
     #: activeDeadlineSeconds of worker Jobs when the ImportJob sets no
     #: spec.worker.activeDeadlineSeconds (0 = none).
     worker_active_deadline: int = field(
         default_factory=lambda: int(_env("WORKER_ACTIVE_DEADLINE_SECONDS", "3600"))
+    )
+    #: Seconds a pooled worker pod waits with nothing to claim before it exits 0: given to
+    #: every worker pod as IMPORTWAVES_WORKER_IDLE_SECONDS (spec.worker.env cannot set it).
+    worker_idle_seconds: float = field(
+        default_factory=lambda: float(_env("WORKER_IDLE_SECONDS", "30"))
     )
     #: Seconds the last failed worker Job of a wave is kept for `kubectl logs` (0: not kept).
     keep_failed_job_seconds: int = field(

@@ -236,6 +236,29 @@ def test_schema_redis_url_shape(url: str, ok: bool) -> None:
             jsonschema.validate(_with("redis.url", url), SCHEMA)
 
 
+@pytest.mark.parametrize(
+    ("seconds", "ok"), [(30, True), (2.5, True), (3, True), (0, False), (-1, False), ("30", False)]
+)
+def test_schema_worker_idle_seconds(seconds: Any, ok: bool) -> None:
+    if ok:
+        jsonschema.validate(_with("operator.workerIdleSeconds", seconds), SCHEMA)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(_with("operator.workerIdleSeconds", seconds), SCHEMA)
+
+
+def test_worker_idle_seconds_is_the_operators_setting() -> None:
+    """operator.workerIdleSeconds reaches the operator as the variable its Settings read (and
+    which it puts into every worker pod: tests/unit/test_k8s_jobs.py)."""
+    deployment = (CHART / "templates" / "deployment.yaml").read_text()
+    assert re.search(
+        r"- name: IMPORTWAVES_WORKER_IDLE_SECONDS\n\s+value: "
+        r"\{\{ \.Values\.operator\.workerIdleSeconds \| quote \}\}",
+        deployment,
+    )
+    assert VALUES["operator"]["workerIdleSeconds"] == 30
+
+
 def test_schema_and_template_point_a_credentialed_redis_url_to_existing_secret() -> None:
     assert (
         "redis.existingSecret" in SCHEMA["properties"]["redis"]["properties"]["url"]["description"]

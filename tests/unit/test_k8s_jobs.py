@@ -423,3 +423,57 @@ def test_a_pod_that_ended_without_running_says_so() -> None:
         NOW,
     )
     assert ran is not None and ran.started and ran.waiting == ""
+
+
+# -- the operator's worker idle setting ----------------------------------------------------------
+def test_wave_job_carries_the_operators_worker_idle_seconds() -> None:
+    from importwaves.launch.kubejobs import ENV_IDLE
+    from importwaves.worker_pool import ENV_POOL, PoolSettings
+
+    assert ENV_POOL["idle"] == ENV_IDLE  # the name the pooled worker reads
+    for seconds, text in ((3, "3"), (2.5, "2.5"), (30.0, "30"), (600, "600")):
+        env = env_of(build_wave_job(target(), "demo", GROUP, 1, worker_idle_seconds=seconds))
+        assert env[ENV_IDLE] == text
+        # ... which the pooled worker in the pod reads back as the same number of seconds
+        plain = {k: v for k, v in env.items() if isinstance(v, str)}
+        pod = PoolSettings.from_env({**plain, "IMPORTWAVES_DSN": "postgresql://db/x"})
+        assert pod.idle_seconds == float(seconds)
+    # none given: the worker's own default (30 s)
+    assert ENV_IDLE not in env_of(build_wave_job(target(), "demo", GROUP, 1))
+    # spec.worker.env cannot set it (refused by the CRD and the spec; filtered here too)
+    t = target()
+    worker = {**t.worker, "env": [{"name": ENV_IDLE, "value": "99999"}]}
+    t = LaunchTarget(**{**t.to_json(), "worker": worker})
+    job = build_wave_job(t, "demo", GROUP, 1, worker_idle_seconds=3)
+    names = [e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names.count(ENV_IDLE) == 1 and env_of(job)[ENV_IDLE] == "3"
+
+
+def test_operator_setting_reaches_the_worker_pods_it_creates(monkeypatch: Any) -> None:
+    """IMPORTWAVES_WORKER_IDLE_SECONDS of the operator (the chart's operator.workerIdleSeconds)
+    is in the env of the wave Job its launcher creates; unset, 30 s; not above 0, refused."""
+    from kubernetes import client
+
+    from importwaves.k8s.operator import ImportJobOperator
+    from importwaves.settings import Settings
+
+    monkeypatch.setenv("IMPORTWAVES_WORKER_IDLE_SECONDS", "4")
+    op = ImportJobOperator(Settings(), client.ApiClient())
+    created: list[dict[str, Any]] = []
+    monkeypatch.setattr(op.launcher, "_jobs", lambda target: [])
+    monkeypatch.setattr(
+        op.launcher.batch, "create_namespaced_job", lambda ns, body: created.append(body)
+    )
+    try:
+        assert op.launcher.ensure(target(), "demo", [GROUP]) == []
+    finally:
+        op.close()
+    [job] = created
+    assert env_of(job)["IMPORTWAVES_WORKER_IDLE_SECONDS"] == "4"
+
+    monkeypatch.delenv("IMPORTWAVES_WORKER_IDLE_SECONDS")
+    assert Settings().worker_idle_seconds == 30.0
+    for bad in ("0", "-1", "nan"):
+        monkeypatch.setenv("IMPORTWAVES_WORKER_IDLE_SECONDS", bad)
+        with pytest.raises(ValueError, match="IMPORTWAVES_WORKER_IDLE_SECONDS must be"):
+            Settings()

@@ -12,7 +12,7 @@ from importlib.resources import files
 from typing import Any, LiteralString
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from importwaves.db.connect import set_schema
 
@@ -103,6 +103,22 @@ def up(conn: psycopg.Connection[Any], schema: str, target: int | None = None) ->
             )
             done.append(mig)
     return done
+
+
+def ensure(conn: psycopg.Connection[Any], schema: str) -> list[Migration]:
+    """Bring `schema` to the latest migration; return what was applied. It looks first, without
+    the advisory lock (two reads: the usual case, a tenant already migrated, costs no more);
+    only when something is pending does it run `up` (which checks again under the lock). The
+    connection's autocommit is as it found it afterwards (it must be idle)."""
+    was = conn.autocommit
+    conn.autocommit = True
+    try:
+        if not pending(conn, schema):
+            return []
+        return up(conn, schema)
+    finally:
+        if not conn.closed and conn.info.transaction_status == pq.TransactionStatus.IDLE:
+            conn.autocommit = was
 
 
 def down(conn: psycopg.Connection[Any], schema: str, target: int = 0) -> list[Migration]:

@@ -11,8 +11,11 @@ engine look.
 Many tenants often share one database (one schema each). A `NotifyHub` per database identity
 (host, port, database, user) holds ONE connection that LISTENs on the channel of every tenant
 registered with it and routes each payload to that tenant's handler; `HUBS` is the process's
-registry. Payloads are parsed defensively: one that is not JSON, lacks a field, has the wrong
-type, or names another tenant than its channel is dropped.
+registry. A hub closes its connection `LINGER_S` seconds after its last tenant left (a tenant
+of the same database registering meanwhile reuses it), and a new hub of a database waits for
+the previous one's connection to close: one LISTEN connection per database at any instant.
+Payloads are parsed defensively: one that is not JSON, lacks a field, has the wrong type, or
+names another tenant than its channel is dropped.
 """
 
 from __future__ import annotations
@@ -290,11 +293,27 @@ class NotifyHub:
                 )
 
 
-class Hubs:
-    """The process's hubs, one per database identity."""
+#: Seconds a hub whose last tenant left keeps its connection for the next tenant of its
+#: database (an operator evicts a finished import's engine and creates another tenant's a
+#: moment later: without it, the new hub's connection opened while the old one closed).
+LINGER_S = 5.0
+#: Longest wait for a stopping hub of the same database before starting the next one.
+STOP_WAIT_S = 30.0
 
-    def __init__(self) -> None:
+
+class Hubs:
+    """The process's hubs, one per database identity. A hub whose last tenant left lingers
+    `linger` seconds (the next tenant of its database reuses its connection), then stops; a
+    tenant registering while it stops waits for it, so a database never has two of this
+    process's LISTEN connections at once."""
+
+    def __init__(self, linger: float = LINGER_S) -> None:
+        self.linger = linger
         self._hubs: dict[DatabaseIdentity, NotifyHub] = {}
+        #: hubs being stopped, each set once its connection is closed
+        self._stopping: dict[DatabaseIdentity, threading.Event] = {}
+        #: the linger timer of each hub without tenants
+        self._timers: dict[DatabaseIdentity, threading.Timer] = {}
         self._lock = threading.Lock()
 
     def register(
@@ -307,21 +326,80 @@ class Hubs:
         poll: float = 0.2,
     ) -> Registration:
         identity = database_identity(dsn)
-        with self._lock:
-            hub = self._hubs.get(identity)
-            if hub is None:
-                hub = self._hubs[identity] = NotifyHub(identity, dsn, opts=opts, poll=poll)
-            token = hub.add(tenant, handler, dsn)
-        return Registration(self, hub, tenant, token)
+        while True:
+            with self._lock:
+                stopping = self._stopping.get(identity)
+                if stopping is None:
+                    timer = self._timers.pop(identity, None)
+                    if timer is not None:
+                        timer.cancel()  # a lingering hub: reused
+                    hub = self._hubs.get(identity)
+                    if hub is None:
+                        hub = self._hubs[identity] = NotifyHub(identity, dsn, opts=opts, poll=poll)
+                    token = hub.add(tenant, handler, dsn)
+                    return Registration(self, hub, tenant, token)
+            stopping.wait(STOP_WAIT_S)  # its connection closes first
 
     def _release(self, reg: Registration) -> None:
+        identity = reg.hub.identity
         with self._lock:
             left = reg.hub.remove(reg.tenant, reg.token)
-            if left == 0 and self._hubs.get(reg.hub.identity) is reg.hub:
-                del self._hubs[reg.hub.identity]
-            else:
+            if left or self._hubs.get(identity) is not reg.hub:
                 return
-        reg.hub.stop()
+            if self.linger > 0:
+                old = self._timers.pop(identity, None)
+                if old is not None:
+                    old.cancel()
+                timer = threading.Timer(self.linger, self._expire, args=(reg.hub,))
+                timer.daemon = True
+                timer.name = f"notify-linger-{identity.dbname}"
+                self._timers[identity] = timer
+                timer.start()
+                return
+            done = self._unlist(reg.hub)
+        self._stop(reg.hub, done)
+
+    def _expire(self, hub: NotifyHub) -> None:
+        """A linger timer ran out: stop the hub unless a tenant came back meanwhile."""
+        with self._lock:
+            if (
+                self._timers.get(hub.identity) is not threading.current_thread()
+                or self._hubs.get(hub.identity) is not hub
+                or hub.tenants()
+            ):
+                return
+            del self._timers[hub.identity]
+            done = self._unlist(hub)
+        self._stop(hub, done)
+
+    def _unlist(self, hub: NotifyHub) -> threading.Event:
+        """(under the lock) `hub` leaves the registry and is marked stopping."""
+        del self._hubs[hub.identity]
+        done = self._stopping[hub.identity] = threading.Event()
+        return done
+
+    def _stop(self, hub: NotifyHub, done: threading.Event) -> None:
+        try:
+            hub.stop()
+        finally:
+            with self._lock:
+                if self._stopping.get(hub.identity) is done:
+                    del self._stopping[hub.identity]
+            done.set()
+
+    def stop_idle(self) -> int:
+        """Stop now every hub without tenants (lingering); returns how many."""
+        with self._lock:
+            idle = [h for h in self._hubs.values() if not h.tenants()]
+            stops = []
+            for hub in idle:
+                timer = self._timers.pop(hub.identity, None)
+                if timer is not None:
+                    timer.cancel()
+                stops.append((hub, self._unlist(hub)))
+        for hub, done in stops:
+            self._stop(hub, done)
+        return len(stops)
 
     def count(self) -> int:
         with self._lock:

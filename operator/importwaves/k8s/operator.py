@@ -115,6 +115,7 @@ class ImportJobOperator:
             conn_env=settings.conn.env(),
             active_deadline=settings.worker_active_deadline,
             keep_failed_seconds=settings.keep_failed_job_seconds,
+            worker_idle_seconds=settings.worker_idle_seconds,
         )
         #: the batch slots every ImportJob of this operator shares (issue 16; None: no budget)
         self.capacity: CapacityKeeper | None = (
@@ -153,6 +154,7 @@ class ImportJobOperator:
         for t in closing:
             t.cancel()
             t.function()  # close now
+        HUBS.stop_idle()  # the LISTEN connections its engines left lingering
         self._prompts.shutdown(wait=False, cancel_futures=True)
 
     # -- the ImportJob reconcile ----------------------------------------------------------------
@@ -588,25 +590,9 @@ class ImportJobOperator:
         except ValueError as exc:
             raise ProblemError(Problem(ProblemKind.INVALID_DSN, str(exc))) from None
         opts = self.settings.conn
-        try:
-            with psycopg.connect(dsn, autocommit=True, **opts.kwargs()) as conn:
-                applied = migrate.up(conn, tenant)
-        except psycopg.OperationalError as exc:
-            raise ProblemError(_db_problem(exc, source, dsn)) from None
-        except psycopg.Error as exc:
-            raise ProblemError(
-                Problem(
-                    ProblemKind.MIGRATION_FAILED,
-                    f"migrating tenant {tenant!r} failed: {_sql_error(exc, dsn)}",
-                )
-            ) from None
-        if applied:
-            event(
-                log,
-                "tenant_migrated",
-                tenant=tenant,
-                migrations=[f"{m.version:04d}_{m.name}" for m in applied],
-            )
+        # The engine's handle on its database's shared pool (no connection yet): the migration
+        # runs through it, so the operator holds no connection outside the pools and the LISTEN
+        # hubs (issue 16: one migration connection per new engine, 3-5 at once per database).
         engine = Engine(
             dsn,
             tenant,
@@ -617,6 +603,32 @@ class ImportJobOperator:
             opts=opts,
             capacity=self.capacity,
         )
+        try:
+            # connect_errors: a refused connection is reported as the server said it (the
+            # kind and reason), not as the pool's timeout
+            with engine.pool.connection(connect_errors=True) as conn:
+                applied = migrate.ensure(conn, tenant)
+        except psycopg.OperationalError as exc:
+            engine.close()
+            raise ProblemError(_db_problem(exc, source, dsn)) from None
+        except psycopg.Error as exc:
+            engine.close()
+            raise ProblemError(
+                Problem(
+                    ProblemKind.MIGRATION_FAILED,
+                    f"migrating tenant {tenant!r} failed: {_sql_error(exc, dsn)}",
+                )
+            ) from None
+        except BaseException:
+            engine.close()
+            raise
+        if applied:
+            event(
+                log,
+                "tenant_migrated",
+                tenant=tenant,
+                migrations=[f"{m.version:04d}_{m.name}" for m in applied],
+            )
         engine.on_launch_problems = self._launch_problems
         # Completions arrive by NOTIFY the moment they commit (engine/notify.py), through one
         # LISTEN connection per database; Job events and the timer stay the backstops.

@@ -65,6 +65,8 @@ DEFAULT_COMMAND = ("importwaves", "worker")
 #: env of a worker pod: a custom command (JSON array of command + args)
 ENV_COMMAND = "IMPORTWAVES_WORKER_COMMAND"
 ENV_WORKER_ID = "IMPORTWAVES_WORKER_ID"
+#: env of a worker pod: seconds with nothing to claim before it exits (the operator's setting)
+ENV_IDLE = "IMPORTWAVES_WORKER_IDLE_SECONDS"
 ENV_WAVE = "IMPORTWAVES_WAVE"
 ENV_DSN = "IMPORTWAVES_DSN"
 ENV_TENANT = "IMPORTWAVES_TENANT"
@@ -145,12 +147,15 @@ def build_wave_job(
     conn_env: dict[str, str] | None = None,
     active_deadline: int = 0,
     keep_failed_seconds: int = 3600,
+    worker_idle_seconds: float | None = None,
     python: str = "python",
 ) -> dict[str, Any]:
     """The work-queue Job of one wave (`group.wave_number`), the `index`-th of that wave.
     `conn_env`: the IMPORTWAVES_* connection settings (timeouts, keepalives) of the workers'
     connections; `active_deadline`: activeDeadlineSeconds unless the spec's worker says (0:
-    none); `keep_failed_seconds`: how long a failed Job is kept for `kubectl logs`."""
+    none); `keep_failed_seconds`: how long a failed Job is kept for `kubectl logs`;
+    `worker_idle_seconds`: how long a pooled worker waits with nothing to claim before it exits
+    (the operator's setting; None: the worker's default, 30 s)."""
     if group.wave_number is None:
         raise ValueError("a Kubernetes worker group names its wave (per_wave launcher)")
     worker = dict(target.worker or {})
@@ -180,6 +185,8 @@ def build_wave_job(
     if command is not None:
         env.append({"name": ENV_COMMAND, "value": json.dumps(command)})
     env += [{"name": k, "value": v} for k, v in sorted((conn_env or {}).items())]
+    if worker_idle_seconds is not None:
+        env.append({"name": ENV_IDLE, "value": f"{worker_idle_seconds:g}"})
     # IMPORTWAVES_* names are refused in worker.env (CEL and spec.py); filtered here too
     env += [
         e

@@ -65,6 +65,7 @@ class KubernetesLauncher:
         conn_env: dict[str, str] | None = None,
         active_deadline: int = 0,
         keep_failed_seconds: int = 3600,
+        worker_idle_seconds: float | None = None,
     ) -> None:
         self.api = api
         self.batch = client.BatchV1Api(api)
@@ -75,6 +76,8 @@ class KubernetesLauncher:
         self.active_deadline = active_deadline
         #: the last failed Job of a wave is kept this long, so `kubectl logs` shows why
         self.keep_failed_seconds = keep_failed_seconds
+        #: IMPORTWAVES_WORKER_IDLE_SECONDS of every worker pod (None: the worker's default)
+        self.worker_idle_seconds = worker_idle_seconds
         self._last_index: OrderedDict[tuple[str, int | None], int] = OrderedDict()
         self._index_lock = threading.Lock()
         #: one lock per ImportJob (uid) around ensure's list-then-create: two syncs of the same
@@ -115,6 +118,7 @@ class KubernetesLauncher:
                 conn_env=self.conn_env,
                 active_deadline=self.active_deadline,
                 keep_failed_seconds=self.keep_failed_seconds,
+                worker_idle_seconds=self.worker_idle_seconds,
             )
             try:
                 self.batch.create_namespaced_job(target.namespace, body)  # type: ignore[arg-type]
