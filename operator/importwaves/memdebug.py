@@ -1,15 +1,15 @@
 """Opt-in memory diagnostics of the operator process (a debugging aid, off by default).
 
 `IMPORTWAVES_TRACEMALLOC=<directory>` makes `importwaves run` start `tracemalloc` at the
-operator's startup, after its imports (with `IMPORTWAVES_TRACEMALLOC_FRAMES` frames per
-allocation, default 6) and write a text report into
-that directory every `IMPORTWAVES_TRACEMALLOC_INTERVAL` seconds (default 30): the process's
-VmRSS/VmHWM and thread count, the traced Python memory, glibc's heap figures (`mallinfo2`: bytes
-in use versus free bytes the allocator keeps), the largest allocation sites by line and by
-traceback, the growth since the first report and since the previous one, and the most numerous
-object types (gc). Each report's snapshot is also dumped (`snapshot-NNN.tracemalloc`, loadable
-with `tracemalloc.Snapshot.load`) for comparisons afterwards. Tracing costs CPU and memory
-(roughly 2-3x slower allocations and ~60 bytes per live block): never on in production.
+operator's startup, after its imports (`IMPORTWAVES_TRACEMALLOC_FRAMES` frames per allocation,
+default 6; 0 traces nothing), and every `IMPORTWAVES_TRACEMALLOC_INTERVAL` seconds (default 30)
+append one line to `status.txt` (VmRSS/VmHWM, threads by name, the traced Python memory, glibc's
+`mallinfo2`: bytes in use versus free bytes the allocator keeps) and dump the snapshot
+(`snapshot-NNN.tracemalloc`). The analysis runs offline, not in the operator:
+`python -m importwaves.memdebug DIR [A B]` prints the largest allocation sites of snapshot B
+and its growth since A and since the snapshot before B, by line and by traceback. Tracing costs
+CPU and memory (~60 bytes per live block, slower allocations): never on in production; with
+FRAMES=0 only the status lines are written, at no cost to speak of.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def _loop(out: Path, interval: float) -> None:
         time.sleep(interval)
         try:
             line = status()
-            tracemalloc.take_snapshot().dump(str(out / f"snapshot-{n:03d}.tracemalloc"))
+            if tracemalloc.is_tracing():
+                tracemalloc.take_snapshot().dump(str(out / f"snapshot-{n:03d}.tracemalloc"))
             with (out / "status.txt").open("a") as f:
                 f.write(f"{n:03d} {line}\n")
         except Exception as exc:  # a debugging aid never takes the operator down
@@ -169,7 +170,9 @@ def start_from_env() -> bool:
         return False
     out = Path(where)
     out.mkdir(parents=True, exist_ok=True)
-    tracemalloc.start(int(os.environ.get(ENV_FRAMES) or 6))
+    frames = int(os.environ.get(ENV_FRAMES) or 6)
+    if frames > 0:  # 0: the status lines only (RSS, threads, mallinfo2), no tracing cost
+        tracemalloc.start(frames)
     interval = float(os.environ.get(ENV_INTERVAL) or 30)
     threading.Thread(target=_loop, args=(out, interval), name="tracemalloc", daemon=True).start()
     return True
