@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import linecache
 import os
+import sys
 import threading
 import time
 import tracemalloc
@@ -129,6 +131,7 @@ def status() -> str:
     parts = [
         time.strftime("%Y-%m-%dT%H:%M:%S"),
         f"proc {proc_status()}",
+        f"pymalloc blocks {sys.getallocatedblocks()}, gc objects {len(gc.get_objects())}",
         f"traced {_mb(cur)} (peak {_mb(peak)}, "
         f"tracemalloc's own {_mb(tracemalloc.get_tracemalloc_memory())})",
         "threads "
