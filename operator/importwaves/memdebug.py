@@ -32,22 +32,22 @@ ENV_FRAMES = "IMPORTWAVES_TRACEMALLOC_FRAMES"
 TOP = 25
 
 
+_MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
+
+
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS]
 
 
 def mallinfo() -> dict[str, int] | None:
@@ -62,7 +62,7 @@ def mallinfo() -> dict[str, int] | None:
         return None
     fn.restype = _Mallinfo2
     m = fn()
-    return {f: int(getattr(m, f)) for f, _ in _Mallinfo2._fields_}
+    return {f: int(getattr(m, f)) for f in _MALLINFO2_FIELDS}
 
 
 def proc_status() -> dict[str, str]:
@@ -157,8 +157,10 @@ def _loop(out: Path, interval: float) -> None:
         time.sleep(interval)
         try:
             line = status()
-            if tracemalloc.is_tracing():
-                tracemalloc.take_snapshot().dump(str(out / f"snapshot-{n:03d}.tracemalloc"))
+            if tracemalloc.is_tracing():  # whole files only (the process may end meanwhile)
+                part = out / f"snapshot-{n:03d}.part"
+                tracemalloc.take_snapshot().dump(str(part))
+                part.replace(out / f"snapshot-{n:03d}.tracemalloc")
             with (out / "status.txt").open("a") as f:
                 f.write(f"{n:03d} {line}\n")
         except Exception as exc:  # a debugging aid never takes the operator down
