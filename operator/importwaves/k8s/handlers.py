@@ -13,7 +13,7 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from importwaves import metrics
+from importwaves import memdebug, metrics
 from importwaves.k8s.blocked import BlockedRetry
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
 from importwaves.k8s.events import ObjectRef
@@ -82,6 +82,9 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     _state["operator"] = ImportJobOperator(SETTINGS, client.ApiClient())
     if SETTINGS.metrics_port:
         metrics.serve(SETTINGS.metrics_port)
+    # IMPORTWAVES_TRACEMALLOC=<dir>: opt-in memory reports (importwaves/memdebug.py), started
+    # here, after the imports (tracing them with several frames takes ~25 s)
+    memdebug.start_from_env()
 
 
 @kopf.on.cleanup()

@@ -1,0 +1,95 @@
+"""The capacity keeper's nudges (engine/capacity.py): bounded, and never for a forgotten import.
+
+The many-tenants bench (bench/README.md, row "many") found 43,000 nudges queued on the keeper's
+two threads (~35 MB of futures, still queued after every import had finished): each report
+that freed a slot queued one more coordinator run per waiting import. A nudge is a prompt to
+look again; one queued per import is enough.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from importwaves.engine.budget import Budget
+from importwaves.engine.capacity import CapacityKeeper
+
+WAITING = [f"b{i}" for i in range(10)]
+
+
+class Nudges:
+    """Nudges that record their calls and block until `gate` is set (the keeper's two threads
+    stay busy, so every further nudge queues)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.gate = threading.Event()
+        self._lock = threading.Lock()
+
+    def for_(self, job_id: str):  # type: ignore[no-untyped-def]
+        def nudge() -> None:
+            with self._lock:
+                self.calls[job_id] += 1
+            assert self.gate.wait(30)
+
+        return nudge
+
+    def wait_running(self, n: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(self.calls.values()) < n:
+            assert time.monotonic() < deadline, self.calls
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def nudges() -> Iterator[Nudges]:
+    n = Nudges()
+    yield n
+    n.gate.set()  # never leave the keeper's threads blocked (a failed assertion)
+
+
+def setup(nudges: Nudges) -> CapacityKeeper:
+    """Budget 1: import `a` holds the slot, ten imports of other tenants wait for it."""
+    keeper = CapacityKeeper(Budget(total=1))
+    assert keeper.grant("t-a", "a", active=0, wanted=1, nudge=nudges.for_("a")).granted == 1
+    for j in WAITING:
+        g = keeper.grant(f"t-{j}", j, active=0, wanted=1, nudge=nudges.for_(j))
+        assert (g.granted, g.held) == (0, 1)
+    return keeper
+
+
+def drain(keeper: CapacityKeeper, nudges: Nudges) -> None:
+    nudges.gate.set()
+    keeper._executor.shutdown(wait=True)  # every queued nudge has run
+
+
+def test_freed_slots_queue_at_most_one_nudge_per_waiting_import(nudges: Nudges) -> None:
+    keeper = setup(nudges)
+    for _ in range(200):  # `a`'s batch ends (a slot is free), then `a` takes it again
+        keeper.grant("t-a", "a", active=0, wanted=0)
+        keeper.grant("t-a", "a", active=1, wanted=0)
+    assert keeper._executor._work_queue.qsize() <= len(WAITING)  # type: ignore[attr-defined]
+    assert keeper.queued() <= len(WAITING)
+    drain(keeper, nudges)
+    # two nudges may have been running (blocked) when more came: 2 + one queued per import
+    assert sum(nudges.calls.values()) <= 2 + len(WAITING), nudges.calls
+    assert nudges.calls["a"] == 0
+    assert keeper.queued() == 0
+
+
+def test_a_forgotten_import_is_not_nudged(nudges: Nudges) -> None:
+    keeper = setup(nudges)
+    for _ in range(5):
+        keeper.grant("t-a", "a", active=0, wanted=0)
+        keeper.grant("t-a", "a", active=1, wanted=0)
+    nudges.wait_running(2)  # both of the keeper's threads hold a nudge; the others queue
+    running = dict(nudges.calls)
+    for j in WAITING:
+        keeper.forget(j)  # finished or deleted: its engine may be closed by now
+    drain(keeper, nudges)
+    assert dict(nudges.calls) == running, nudges.calls
+    assert keeper.queued() == 0
