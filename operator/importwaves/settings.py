@@ -54,13 +54,6 @@ class Settings:
     #: _KEEPALIVES_INTERVAL, _KEEPALIVES_COUNT, _TCP_USER_TIMEOUT_MS; defaults in db/options.py).
     conn: ConnOptions = field(default_factory=ConnOptions.from_env)
 
-    def __post_init__(self) -> None:
-        if not self.worker_idle_seconds > 0:  # also NaN
-            raise ValueError(
-                "IMPORTWAVES_WORKER_IDLE_SECONDS must be a number of seconds above 0, got "
-                f"{self.worker_idle_seconds!r}"
-            )
-
     #: activeDeadlineSeconds of worker Jobs when the ImportJob sets no
     #: spec.worker.activeDeadlineSeconds (0 = none).
     worker_active_deadline: int = field(
@@ -75,3 +68,10 @@ class Settings:
     keep_failed_job_seconds: int = field(
         default_factory=lambda: int(_env("KEEP_FAILED_JOB_SECONDS", "3600"))
     )
+
+    def __post_init__(self) -> None:
+        if not self.worker_idle_seconds > 0:  # also NaN
+            raise ValueError(
+                "IMPORTWAVES_WORKER_IDLE_SECONDS must be a number of seconds above 0, got "
+                f"{self.worker_idle_seconds!r}"
+            )
