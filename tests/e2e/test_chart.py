@@ -73,8 +73,9 @@ SEED_METRICS = (
     "importwaves_derived_backlog_batches",
 )
 
-#: An HTTP 403 in a log line; not the milliseconds of a timestamp like "05:06:40.403".
-HTTP_403 = re.compile(r"(?<![\d.])403(?!\d)")
+#: An HTTP 403 in a log line ("'code': 403}", "403, message='Forbidden'"); not the
+#: milliseconds of a timestamp like "05:06:40.403" nor a piece of a uid like "3413b403-77af".
+HTTP_403 = re.compile(r"(?<![\w.-])403(?![\w.-])")
 
 
 # -- helpers ---------------------------------------------------------------------------------
