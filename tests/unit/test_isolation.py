@@ -28,7 +28,7 @@ from importwaves.engine.notify import (
 )
 from importwaves.k8s import operator as k8s_operator
 from importwaves.k8s.crd import DatabaseRef
-from importwaves.k8s.jobs import needs_polling
+from importwaves.k8s.jobs import WAITING_BACKSTOP_S, job_finished, needs_polling, timer_due
 from importwaves.k8s.operator import ImportJobOperator, ProblemError, _db_problem
 from importwaves.k8s.status import Problem, ProblemKind
 from importwaves.launch.base import MAX_LAUNCH_ERROR, BatchDispatch, LaunchFailure
@@ -453,3 +453,43 @@ def test_the_timer_skips_finished_importjobs_unless_an_annotation_waits(
     summary: str, annotations: dict[str, str], handled: dict[str, str], polled: bool
 ) -> None:
     assert needs_polling({"summary": summary, **handled}, annotations) is polled
+
+
+@pytest.mark.parametrize(
+    ("status", "last", "now", "due"),
+    [
+        ({}, None, 0.0, True),  # never ticked
+        ({"heldBatches": 0, "activeBatches": 2}, 100.0, 101.0, True),  # running: every tick
+        ({"heldBatches": 3, "activeBatches": 1}, 100.0, 101.0, True),  # held, but runs some
+        ({"heldBatches": 3, "activeBatches": 0}, 100.0, 101.0, False),  # only waiting
+        ({"heldBatches": 3}, 100.0, 100.0 + WAITING_BACKSTOP_S - 0.1, False),
+        ({"heldBatches": 3}, 100.0, 100.0 + WAITING_BACKSTOP_S, True),  # the backstop
+        ({"heldBatches": 3, "activeBatches": 0}, None, 5.0, True),
+    ],
+)
+def test_the_timer_looks_at_an_importjob_waiting_for_capacity_only_as_a_backstop(
+    status: dict[str, int], last: float | None, now: float, due: bool
+) -> None:
+    assert timer_due(status, last, now, 10.0) is due
+    # never less often than the interval itself
+    assert timer_due({"heldBatches": 1}, 0.0, 100.0, 120.0) is False
+    assert timer_due({"heldBatches": 1}, 0.0, 120.0, 120.0) is True
+
+
+@pytest.mark.parametrize(
+    ("conditions", "finished"),
+    [
+        (None, False),
+        ([], False),
+        ([{"type": "Complete", "status": "True"}], True),
+        ([{"type": "Failed", "status": "True"}], True),
+        ([{"type": "Complete", "status": "False"}], False),
+        ([{"type": "SuccessCriteriaMet", "status": "True"}], False),  # Complete follows it
+        (["junk", {"type": "Suspended", "status": "True"}], False),
+    ],
+)
+def test_a_worker_job_has_ended_only_once_complete_or_failed(
+    conditions: list[Any] | None, finished: bool
+) -> None:
+    assert job_finished({"status": {"conditions": conditions}}) is finished
+    assert job_finished({}) is False

@@ -469,6 +469,25 @@ class Engine:
             return failures.retrying_batches(conn, job_id, limit)
 
 
+def release_completed_workers(
+    launcher: WorkerLauncher, target: LaunchTarget, tenant: str, job_id: str
+) -> list[str]:
+    """Forget the ended workers of a job that has completed (its host knows it from the status
+    the engine wrote): every batch is done, so there is nothing to record of them, nothing to
+    fence and no group to start; no tenant engine, pool or database round trip is needed. A
+    worker still alive is left to exit on its own (it finds nothing to claim); a launcher keeps
+    what it keeps for diagnosis (a failed Kubernetes Job, for `kubectl logs`). Returns the
+    workers discarded. Safe if the host was wrong: a worker discarded without its end recorded
+    is a lost worker to the next `sync_workers`, whose batch goes back to pending."""
+    seen = launcher.observe(target, tenant, job_id)
+    if not seen.complete:
+        return []
+    ended = [w.worker_id for w in seen.workers if not w.alive]
+    if ended:
+        launcher.discard(target, tenant, job_id, ended)
+    return ended
+
+
 def _stale(row: dict[str, Any], source: tuple[str, int] | None) -> bool:
     """A submit from an older generation of the same ImportJob than the last one submitted."""
     if source is None or row.get("spec_generation") is None:

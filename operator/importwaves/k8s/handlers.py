@@ -17,7 +17,7 @@ from importwaves import memdebug, metrics
 from importwaves.k8s.blocked import BlockedRetry
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
 from importwaves.k8s.events import ObjectRef
-from importwaves.k8s.jobs import LABEL_OWNER_UID, needs_polling
+from importwaves.k8s.jobs import LABEL_OWNER_UID, needs_polling, timer_due
 from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
 from importwaves.log import event
 from importwaves.settings import Settings
@@ -49,6 +49,8 @@ def legacy_finalizer_patch(finalizers: list[str]) -> list[dict[str, Any]]:
 
 
 _state: dict[str, ImportJobOperator] = {}
+#: when the timer last reconciled each ImportJob (monotonic), for `timer_due`
+TICKED: dict[tuple[str, str], float] = {}
 
 
 def _op() -> ImportJobOperator:
@@ -114,8 +116,12 @@ def _unfinished(body: kopf.Body, **_: Any) -> bool:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.timer_interval, sharp=False, when=_unfinished)
 def tick(body: kopf.Body, **_: Any) -> None:
-    if not BLOCKED.due(_key(body), time.monotonic()):
+    key, now = _key(body), time.monotonic()
+    if not BLOCKED.due(key, now):
         return  # blocked: retried after its back-off, not on every tick
+    if not timer_due(dict(body.status), TICKED.get(key), now, SETTINGS.timer_interval):
+        return  # waiting for capacity: the capacity keeper prompts it when a slot frees
+    TICKED[key] = now
     _apply(body, _reconcile(body, "timer"), 0)
 
 
@@ -175,6 +181,7 @@ def legacy_finalizer(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def deleted(body: kopf.Body, **_: Any) -> None:
+    TICKED.pop(_key(body), None)
     _op().forget(dict(body.spec), body.metadata.namespace or "", body.metadata.name or "")
 
 

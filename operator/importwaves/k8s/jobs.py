@@ -25,8 +25,10 @@ __all__ = [
     "LABEL_IMPORTJOB",
     "LABEL_OWNER_UID",
     "controller_owner",
+    "job_finished",
     "needs_polling",
     "owner_label",
+    "timer_due",
 ]
 
 ANN_RECONCILE = f"{GROUP}/reconcile"
@@ -47,3 +49,35 @@ def needs_polling(status: dict[str, Any], annotations: dict[str, str]) -> bool:
             (ANN_RETRY_FAILED, "handledRetryFailed"),
         )
     )
+
+
+def job_finished(job: dict[str, Any]) -> bool:
+    """Whether a batch/v1 Job (a dict as the API returns it) has ended: its Complete or
+    Failed condition is True."""
+    conds = (job.get("status") or {}).get("conditions") or []
+    return any(
+        isinstance(c, dict)
+        and c.get("type") in ("Complete", "Failed")
+        and c.get("status") == "True"
+        for c in conds
+    )
+
+
+#: how often the timer looks at an ImportJob held back by the operator-wide budget: the capacity
+#: keeper prompts it when a slot frees, so the timer is only the backstop for a lost prompt (a
+#: thousand waiting ImportJobs at the 10 s interval were 100 reconciles a second, starving the
+#: handler threads that take in new ImportJobs and Job events)
+WAITING_BACKSTOP_S = 60.0
+
+
+def timer_due(status: dict[str, Any], last: float | None, now: float, interval: float) -> bool:
+    """Whether a timer tick reconciles an ImportJob now, given when a tick last did (`last`,
+    monotonic seconds, None if never). Every tick, except for one waiting for capacity with
+    nothing of its own running (status `heldBatches` > 0, `activeBatches` 0): then once per
+    WAITING_BACKSTOP_S (never less often than the interval)."""
+    if last is None:
+        return True
+    held, active = status.get("heldBatches") or 0, status.get("activeBatches") or 0
+    if not held or active:
+        return True
+    return now - last >= max(interval, WAITING_BACKSTOP_S)

@@ -34,7 +34,7 @@ from importwaves import redact
 from importwaves.db import migrate
 from importwaves.db.queries import Q
 from importwaves.engine import failures
-from importwaves.engine.app import Engine
+from importwaves.engine.app import Engine, release_completed_workers
 from importwaves.engine.budget import Budget
 from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.coordinator import RunResult
@@ -47,7 +47,7 @@ from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
 from importwaves.k8s.events import EventPoster, KubeEvent, ObjectRef
-from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner
+from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner, job_finished
 from importwaves.k8s.status import (
     JobView,
     Problem,
@@ -499,6 +499,9 @@ class ImportJobOperator:
             raise
         if (obj.get("metadata") or {}).get("uid") != uid:
             return None  # a Job of an earlier ImportJob of that name: garbage-collected
+        if (obj.get("status") or {}).get("summary") == "Completed":
+            self._completed_job(obj, job, namespace, name, uid)
+            return obj, []
         try:
             ij = ImportJobSpec.model_validate(obj.get("spec") or {})
             engine = self.engine_for(namespace, ij.database, ij.tenant, user=name)
@@ -511,6 +514,34 @@ class ImportJobOperator:
             written = self.write_status(namespace, name, view_of=lambda: self.view(engine, job_id))
             self._settle(namespace, name, written[1].get("summary") if written else "Deleted")
         return obj, events
+
+    def _completed_job(
+        self, obj: dict[str, Any], job: dict[str, Any], namespace: str, name: str, uid: str
+    ) -> None:
+        """A worker Job of an ImportJob whose status says Completed (written from the database,
+        and final: a Completed job is never reopened). Nothing is left to run or record, so its
+        ended Jobs go without its tenant's engine (which would be created again, pool, LISTEN
+        and migration check, only to be evicted at once), and a Job still running is left
+        until its own end's event. Worker Jobs send ~5 events each; most arrive after their
+        import completed."""
+        if not job_finished(job):
+            return
+        try:
+            ij = ImportJobSpec.model_validate(obj.get("spec") or {})
+        except ValidationError:
+            return
+        target = launch_target(namespace, name, uid, ij)
+        released = release_completed_workers(
+            self.launcher, target, ij.tenant, ij.job_id(namespace, name)
+        )
+        event(
+            log,
+            "completed_workers_released",
+            logging.DEBUG,
+            namespace=namespace,
+            importjob=name,
+            workers=len(released),
+        )
 
     def forget(self, spec: dict[str, Any], namespace: str, name: str) -> None:
         """A deleted ImportJob: cancel its database job (status `cancelled`, its dispatched and
@@ -698,6 +729,14 @@ class ImportJobOperator:
         except ValueError as exc:
             engine.close()
             raise ProblemError(Problem(ProblemKind.INVALID_DSN, f"{source}: {exc}")) from None
+        event(
+            log,
+            "tenant_engine_created",
+            namespace=namespace,
+            secret=ref.secretName,
+            key=ref.key,
+            tenant=tenant,
+        )
         return _Cached(engine, fp, reg)
 
     def release(self, namespace: str, name: str) -> None:
