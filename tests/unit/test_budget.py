@@ -90,6 +90,24 @@ def test_within_a_tenant_imports_share_by_priority() -> None:
     assert out["a1"][0] == 2 and out["a2"][0] == 4
 
 
+def test_among_equals_the_one_waiting_longest_goes_first_whatever_its_name() -> None:
+    out = grants(
+        Budget(total=1), Demand("a", "a1", 0, 1, since=7), Demand("z", "z1", 0, 1, since=3)
+    )
+    assert out == {"a1": (0, 1), "z1": (1, 0)}
+    # within a tenant too; and holding less for its weight still comes first
+    out = grants(
+        Budget(total=1), Demand("a", "a1", 0, 1, since=9), Demand("a", "a2", 0, 1, since=2)
+    )
+    assert out == {"a1": (0, 1), "a2": (1, 0)}
+    out = grants(
+        Budget(total=2), Demand("a", "a1", 0, 1, since=9), Demand("z", "z1", 1, 1, since=1)
+    )
+    assert out == {"a1": (1, 0), "z1": (0, 1)}
+    with pytest.raises(ValueError):
+        Demand("a", "j", 0, 0, since=-1)
+
+
 def test_ties_go_by_tenant_name_then_job_id() -> None:
     out = grants(Budget(total=1), Demand("b", "b1", 0, 1), Demand("a", "a1", 0, 1))
     assert out == {"b1": (0, 1), "a1": (1, 0)}
@@ -124,6 +142,7 @@ demand_lists = st.lists(
         active=st.integers(0, 12),
         wanted=st.integers(0, 12),
         priority=st.integers(1, 3),
+        since=st.integers(0, 5),
     ),
     max_size=10,
     unique_by=lambda d: d.job_id,

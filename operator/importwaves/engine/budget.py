@@ -9,8 +9,13 @@ a 100,000-batch backlog therefore cannot keep a small tenant waiting: every slot
 frees goes to whoever holds the least for its weight.
 
 Nothing is preempted: a running batch keeps its slot. An import that already holds more than
-its share gets nothing new until others have caught up. Ties go by tenant name, then job id, so
-the same inputs always give the same grants (the function is deterministic and total).
+its share gets nothing new until others have caught up. Among tenants (and imports) holding as
+much for their weight, the one that has waited longest goes first (`Demand.since`: the order in
+which each began waiting, kept by the caller), then by tenant name and job id, so the same inputs
+always give the same grants (the function is deterministic and total). Waiting order, not names,
+decides ties: with 200 tenants holding one slot or none each, breaking ties by name gave every
+freed slot to the first names in the alphabet, and one import waited 32 minutes for a slot that
+others got within seconds (the many-tenants bench, 1,000 imports, budget 16).
 """
 
 from __future__ import annotations
@@ -47,10 +52,13 @@ class Demand:
     #: relative weight of the import within its tenant, and of the tenant (the largest priority
     #: among its imports): `spec.priority`, default 1
     priority: int = 1
+    #: when it began waiting, as an order (lower: waiting longer; first among equals); a
+    #: tenant's is its earliest import's that wants a slot
+    since: int = 0
 
     def __post_init__(self) -> None:
-        if self.active < 0 or self.wanted < 0:
-            raise ValueError("active and wanted must be >= 0")
+        if self.active < 0 or self.wanted < 0 or self.since < 0:
+            raise ValueError("active, wanted and since must be >= 0")
         if self.priority < 1:
             raise ValueError("priority must be >= 1")
 
@@ -89,14 +97,16 @@ def share(budget: Budget, demands: Sequence[Demand]) -> dict[str, Grant]:
     }
     weight = {t: max(d.priority for d in ds) for t, ds in by_tenant.items()}
     holding = {t: sum(d.active for d in ds) for t, ds in by_tenant.items()}
+    since = {t: min((d.since for d in ds if d.wanted), default=0) for t, ds in by_tenant.items()}
 
-    # Tenants by (slots held / weight, name): the least served first, one slot at a time.
-    heap = [(Fraction(holding[t], weight[t]), t) for t in by_tenant if tenant_room[t] > 0]
+    # Tenants by (slots held / weight, waiting since, name): the least served first, one slot
+    # at a time.
+    heap = [(Fraction(holding[t], weight[t]), since[t], t) for t in by_tenant if tenant_room[t] > 0]
     heapq.heapify(heap)
     job_heaps = {t: _job_heap(ds) for t, ds in by_tenant.items()}
     left = {d.job_id: d.wanted for d in demands}
     while free > 0 and heap:
-        _, t = heapq.heappop(heap)
+        _, _, t = heapq.heappop(heap)
         job = _next_job(job_heaps[t], left, granted)
         if job is None:
             continue  # nothing left this tenant can use
@@ -106,7 +116,7 @@ def share(budget: Budget, demands: Sequence[Demand]) -> dict[str, Grant]:
         holding[t] += 1
         tenant_room[t] -= 1
         if tenant_room[t] > 0:
-            heapq.heappush(heap, (Fraction(holding[t], weight[t]), t))
+            heapq.heappush(heap, (Fraction(holding[t], weight[t]), since[t], t))
     return {
         d.job_id: Grant(d.tenant, d.job_id, granted[d.job_id], d.wanted - granted[d.job_id])
         for d in demands
@@ -118,12 +128,14 @@ def _room(cap: int, active: int, wanted: int) -> int:
     return wanted if not cap else max(0, min(wanted, cap - active))
 
 
-#: a job heap entry: (slots held / priority, job id, priority, slots held)
-_JobEntry = tuple[Fraction, str, int, int]
+#: a job heap entry: (slots held / priority, waiting since, job id, priority, slots held)
+_JobEntry = tuple[Fraction, int, str, int, int]
 
 
 def _job_heap(demands: Iterable[Demand]) -> list[_JobEntry]:
-    heap = [(Fraction(d.active, d.priority), d.job_id, d.priority, d.active) for d in demands]
+    heap = [
+        (Fraction(d.active, d.priority), d.since, d.job_id, d.priority, d.active) for d in demands
+    ]
     heapq.heapify(heap)
     return heap
 
@@ -132,10 +144,10 @@ def _next_job(heap: list[_JobEntry], left: dict[str, int], granted: dict[str, in
     """The tenant's import holding the fewest slots for its priority that still wants one;
     imports that want nothing more leave the heap."""
     while heap:
-        _, job, prio, held = heapq.heappop(heap)
+        _, since, job, prio, held = heapq.heappop(heap)
         if left[job] <= 0:
             continue
-        heapq.heappush(heap, (Fraction(held + 1, prio), job, prio, held + 1))
+        heapq.heappush(heap, (Fraction(held + 1, prio), since, job, prio, held + 1))
         return job
     return None
 
