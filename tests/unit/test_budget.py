@@ -90,22 +90,22 @@ def test_within_a_tenant_imports_share_by_priority() -> None:
     assert out["a1"][0] == 2 and out["a2"][0] == 4
 
 
-def test_among_equals_the_one_waiting_longest_goes_first_whatever_its_name() -> None:
+def test_among_equals_the_tenant_whose_turn_came_longest_ago_goes_first() -> None:
+    a1, z1 = Demand("a", "a1", 0, 1), Demand("z", "z1", 0, 1)
+    assert share(Budget(total=1), [a1, z1], {"a": 7, "z": 3})["z1"].granted == 1
+    assert share(Budget(total=1), [a1, z1], {"a": 3, "z": 7})["a1"].granted == 1
+    # holding less for its weight still comes first, whatever the turns
+    out = share(Budget(total=2), [a1, Demand("z", "z1", 1, 1)], {"a": 9, "z": 1})
+    assert (out["a1"].granted, out["z1"].granted) == (1, 0)
+
+
+def test_within_a_tenant_the_import_that_came_first_goes_first() -> None:
     out = grants(
-        Budget(total=1), Demand("a", "a1", 0, 1, since=7), Demand("z", "z1", 0, 1, since=3)
-    )
-    assert out == {"a1": (0, 1), "z1": (1, 0)}
-    # within a tenant too; and holding less for its weight still comes first
-    out = grants(
-        Budget(total=1), Demand("a", "a1", 0, 1, since=9), Demand("a", "a2", 0, 1, since=2)
+        Budget(total=1), Demand("a", "a1", 0, 1, arrival=9), Demand("a", "a2", 0, 1, arrival=2)
     )
     assert out == {"a1": (0, 1), "a2": (1, 0)}
-    out = grants(
-        Budget(total=2), Demand("a", "a1", 0, 1, since=9), Demand("z", "z1", 1, 1, since=1)
-    )
-    assert out == {"a1": (1, 0), "z1": (0, 1)}
     with pytest.raises(ValueError):
-        Demand("a", "j", 0, 0, since=-1)
+        Demand("a", "j", 0, 0, arrival=-1)
 
 
 def test_ties_go_by_tenant_name_then_job_id() -> None:
@@ -142,7 +142,7 @@ demand_lists = st.lists(
         active=st.integers(0, 12),
         wanted=st.integers(0, 12),
         priority=st.integers(1, 3),
-        since=st.integers(0, 5),
+        arrival=st.integers(0, 5),
     ),
     max_size=10,
     unique_by=lambda d: d.job_id,
@@ -158,10 +158,15 @@ def _weight(ds: list[Demand], tenant: str) -> int:
 
 
 @settings(max_examples=400, deadline=None)
-@given(demand_lists, st.integers(0, 40), st.integers(0, 15))
-def test_properties(ds: list[Demand], total: int, cap: int) -> None:
+@given(
+    demand_lists,
+    st.integers(0, 40),
+    st.integers(0, 15),
+    st.dictionaries(st.sampled_from(["t1", "t2", "t3", "t4"]), st.integers(0, 5)),
+)
+def test_properties(ds: list[Demand], total: int, cap: int, turns: dict[str, int]) -> None:
     budget = Budget(total=total, per_tenant=cap)
-    out = share(budget, ds)
+    out = share(budget, ds, turns)
     assert set(out) == {d.job_id for d in ds}
     active = sum(d.active for d in ds)
     granted = sum(g.granted for g in out.values())

@@ -95,8 +95,8 @@ def test_a_forgotten_import_is_not_nudged(nudges: Nudges) -> None:
     assert keeper.queued() == 0
 
 
-def test_a_freed_slot_goes_to_whoever_has_waited_longest_not_to_the_first_name() -> None:
-    """Twenty single-tenant imports, each with one batch at a time to run (a wave after a wave),
+def test_a_freed_slot_goes_round_robin_among_tenants_not_to_the_first_name() -> None:
+    """Twenty tenants with one import each, one batch at a time to run (a wave after a wave),
     share a budget of 2. Every round the two holders finish their batch and ask again for the
     next one, then every waiting import looks again (as its nudge makes it). Every import is
     served within the rounds a round-robin needs (20 / 2), whatever its name: with ties broken by
@@ -123,5 +123,23 @@ def test_a_freed_slot_goes_to_whoever_has_waited_longest_not_to_the_first_name()
             longest = max(longest, *(rnd - s for s in last_served.values()))
         assert longest <= 10, longest
         assert min(last_served.values()) >= 50  # everyone served near the end too
+    finally:
+        keeper.close()
+
+
+def test_a_tenants_imports_are_served_in_the_order_they_came() -> None:
+    """One tenant, three imports asking in turn for one slot of a budget of 1: the first to ask
+    keeps being served as its batches end (it finishes first) rather than the three advancing in
+    lock-step; the next one goes once the first is forgotten (finished)."""
+    keeper = CapacityKeeper(Budget(total=1))
+    try:
+        assert keeper.grant("t", "j2", active=0, wanted=1).granted == 1
+        assert keeper.grant("t", "j1", active=0, wanted=1).granted == 0
+        assert keeper.grant("t", "j3", active=0, wanted=1).granted == 0
+        for _ in range(3):  # j2's batch ends, it asks for its next one: still first in line
+            assert keeper.grant("t", "j2", active=0, wanted=1).granted == 1
+        keeper.forget("j2")
+        assert keeper.grant("t", "j3", active=0, wanted=1).granted == 0
+        assert keeper.grant("t", "j1", active=0, wanted=1).granted == 1
     finally:
         keeper.close()

@@ -9,19 +9,21 @@ a 100,000-batch backlog therefore cannot keep a small tenant waiting: every slot
 frees goes to whoever holds the least for its weight.
 
 Nothing is preempted: a running batch keeps its slot. An import that already holds more than
-its share gets nothing new until others have caught up. Among tenants (and imports) holding as
-much for their weight, the one that has waited longest goes first (`Demand.since`: the order in
-which each began waiting, kept by the caller), then by tenant name and job id, so the same inputs
-always give the same grants (the function is deterministic and total). Waiting order, not names,
-decides ties: with 200 tenants holding one slot or none each, breaking ties by name gave every
-freed slot to the first names in the alphabet, and one import waited 32 minutes for a slot that
-others got within seconds (the many-tenants bench, 1,000 imports, budget 16).
+its share gets nothing new until others have caught up. Among tenants holding as much for their
+weight, the one whose turn came longest ago goes first (`turns`: a round-robin order the caller
+keeps, a tenant going to the back each time one of its imports is served); among a tenant's
+imports holding as much for their priority, the one that came first (`Demand.arrival`), so a
+tenant's imports finish in order instead of all advancing in lock-step. Then by tenant name and
+job id: the same inputs always give the same grants (the function is deterministic and total).
+Names alone must not decide: with 200 tenants holding one slot or none each, ties broken by name
+gave every freed slot to the first names in the alphabet, and one import waited 32 minutes for a
+slot that others got within seconds (the many-tenants bench, 1,000 imports, budget 16).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -52,13 +54,13 @@ class Demand:
     #: relative weight of the import within its tenant, and of the tenant (the largest priority
     #: among its imports): `spec.priority`, default 1
     priority: int = 1
-    #: when it began waiting, as an order (lower: waiting longer; first among equals); a
-    #: tenant's is its earliest import's that wants a slot
-    since: int = 0
+    #: when it first asked for a slot, as an order (lower: earlier; first among its tenant's
+    #: imports holding as much)
+    arrival: int = 0
 
     def __post_init__(self) -> None:
-        if self.active < 0 or self.wanted < 0 or self.since < 0:
-            raise ValueError("active, wanted and since must be >= 0")
+        if self.active < 0 or self.wanted < 0 or self.arrival < 0:
+            raise ValueError("active, wanted and arrival must be >= 0")
         if self.priority < 1:
             raise ValueError("priority must be >= 1")
 
@@ -77,10 +79,14 @@ class Grant:
         return self.held > 0
 
 
-def share(budget: Budget, demands: Sequence[Demand]) -> dict[str, Grant]:
+def share(
+    budget: Budget, demands: Sequence[Demand], turns: Mapping[str, int] | None = None
+) -> dict[str, Grant]:
     """Grants by job id. Never more than `wanted` for any import; never more dispatched or
     running in total than `budget.total`, nor per tenant than `budget.per_tenant` (a total or a
-    tenant already over its limit, e.g. after the limit was lowered, gets nothing new)."""
+    tenant already over its limit, e.g. after the limit was lowered, gets nothing new).
+    `turns`: each tenant's place in the round-robin (lower first among tenants holding as much
+    for their weight; a tenant not in it: 0)."""
     ids = [d.job_id for d in demands]
     if len(set(ids)) != len(ids):
         raise ValueError("one demand per job id")
@@ -97,11 +103,10 @@ def share(budget: Budget, demands: Sequence[Demand]) -> dict[str, Grant]:
     }
     weight = {t: max(d.priority for d in ds) for t, ds in by_tenant.items()}
     holding = {t: sum(d.active for d in ds) for t, ds in by_tenant.items()}
-    since = {t: min((d.since for d in ds if d.wanted), default=0) for t, ds in by_tenant.items()}
+    turn = {t: (turns or {}).get(t, 0) for t in by_tenant}
 
-    # Tenants by (slots held / weight, waiting since, name): the least served first, one slot
-    # at a time.
-    heap = [(Fraction(holding[t], weight[t]), since[t], t) for t in by_tenant if tenant_room[t] > 0]
+    # Tenants by (slots held / weight, turn, name): the least served first, one slot at a time.
+    heap = [(Fraction(holding[t], weight[t]), turn[t], t) for t in by_tenant if tenant_room[t] > 0]
     heapq.heapify(heap)
     job_heaps = {t: _job_heap(ds) for t, ds in by_tenant.items()}
     left = {d.job_id: d.wanted for d in demands}
@@ -116,7 +121,7 @@ def share(budget: Budget, demands: Sequence[Demand]) -> dict[str, Grant]:
         holding[t] += 1
         tenant_room[t] -= 1
         if tenant_room[t] > 0:
-            heapq.heappush(heap, (Fraction(holding[t], weight[t]), since[t], t))
+            heapq.heappush(heap, (Fraction(holding[t], weight[t]), turn[t], t))
     return {
         d.job_id: Grant(d.tenant, d.job_id, granted[d.job_id], d.wanted - granted[d.job_id])
         for d in demands
@@ -128,13 +133,13 @@ def _room(cap: int, active: int, wanted: int) -> int:
     return wanted if not cap else max(0, min(wanted, cap - active))
 
 
-#: a job heap entry: (slots held / priority, waiting since, job id, priority, slots held)
+#: a job heap entry: (slots held / priority, arrival, job id, priority, slots held)
 _JobEntry = tuple[Fraction, int, str, int, int]
 
 
 def _job_heap(demands: Iterable[Demand]) -> list[_JobEntry]:
     heap = [
-        (Fraction(d.active, d.priority), d.since, d.job_id, d.priority, d.active) for d in demands
+        (Fraction(d.active, d.priority), d.arrival, d.job_id, d.priority, d.active) for d in demands
     ]
     heapq.heapify(heap)
     return heap
@@ -144,10 +149,10 @@ def _next_job(heap: list[_JobEntry], left: dict[str, int], granted: dict[str, in
     """The tenant's import holding the fewest slots for its priority that still wants one;
     imports that want nothing more leave the heap."""
     while heap:
-        _, since, job, prio, held = heapq.heappop(heap)
+        _, arrival, job, prio, held = heapq.heappop(heap)
         if left[job] <= 0:
             continue
-        heapq.heappush(heap, (Fraction(held + 1, prio), since, job, prio, held + 1))
+        heapq.heappush(heap, (Fraction(held + 1, prio), arrival, job, prio, held + 1))
         return job
     return None
 

@@ -41,8 +41,10 @@ class CapacityKeeper:
         self._nudges: dict[str, Nudge] = {}
         #: imports with a nudge queued and not started yet (at most one each)
         self._queued: set[str] = set()
-        #: when each import waiting for a slot began waiting (an order: first among equals)
-        self._since: dict[str, int] = {}
+        #: the fair share's tie-breaks (engine/budget.py): each import's arrival, and each
+        #: tenant's turn in the round-robin (to the back each time one of its imports is served)
+        self._arrival: dict[str, int] = {}
+        self._turns: dict[str, int] = {}
         self._order = itertools.count(1)
         #: nudges run here, never on the thread of the run that reported (it holds a job lock)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="capacity")
@@ -65,21 +67,17 @@ class CapacityKeeper:
             if nudge is not None:
                 self._nudges[job_id] = nudge
             before = self._reports.get(job_id)
-            since = self._since.get(job_id, 0)
-            if wanted and not since:
-                since = self._since[job_id] = next(self._order)
-            self._reports[job_id] = Demand(tenant, job_id, active, wanted, priority, since)
-            grants = share(self.budget, list(self._reports.values()))
+            arrival = self._arrival.setdefault(job_id, next(self._order))
+            self._turns.setdefault(tenant, next(self._order))
+            self._reports[job_id] = Demand(tenant, job_id, active, wanted, priority, arrival)
+            grants = share(self.budget, list(self._reports.values()), self._turns)
             mine = grants[job_id]
-            if not mine.held:  # not waiting any more
-                self._since.pop(job_id, None)
-                since = 0
-            elif mine.granted:
-                since = self._since[job_id] = next(self._order)  # served: back of the line
+            if mine.granted:
+                self._turns[tenant] = next(self._order)  # served: to the back of the line
             # the granted slots are held from now on (the run dispatches them in its
             # transaction; its next report reads them back from the database)
             self._reports[job_id] = Demand(
-                tenant, job_id, active + mine.granted, mine.held, priority, since
+                tenant, job_id, active + mine.granted, mine.held, priority, arrival
             )
             self._held[job_id] = mine.held
             freed = before is not None and active < before.active
@@ -110,7 +108,9 @@ class CapacityKeeper:
         with self._lock:
             gone = self._reports.pop(job_id, None)
             self._held.pop(job_id, None)
-            self._since.pop(job_id, None)
+            self._arrival.pop(job_id, None)
+            if gone is not None and all(d.tenant != gone.tenant for d in self._reports.values()):
+                self._turns.pop(gone.tenant, None)
             self._nudges.pop(job_id, None)
             wake = (
                 [j for j, h in self._held.items() if h and j in self._nudges]
