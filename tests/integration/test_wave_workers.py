@@ -59,3 +59,79 @@ def test_the_next_waves_workers_start_at_its_dispatch_while_the_last_waves_idle(
     assert launcher.started == [1, 2], (
         "wave 2's dispatch must start wave 2's workers: wave 1's idle worker cannot claim them"
     )
+
+
+class CountingWaveWorkers(IdleWaveWorkers):
+    """IdleWaveWorkers that counts its observations, with the hot path's observation TTL the
+    test sets (the Kubernetes launcher's is a class attribute)."""
+
+    def __init__(self, dsn: str, tenant: str, ttl: float) -> None:
+        super().__init__(dsn, tenant)
+        self.observation_ttl = ttl
+        self.observed = 0
+
+    def observe(self, target: LaunchTarget, tenant: str, job_id: str) -> Observation:
+        with self._lock:
+            self.observed += 1
+        return super().observe(target, tenant, job_id)
+
+
+def _run(engine, launcher, dsn: str, tenant: str, job: str, wave: int, limit: int = 10**6) -> int:
+    """Run up to `limit` of the wave's batches one at a time as they are dispatched
+    (parallelism 1: each completion dispatches the next); returns the dispatches made."""
+    dispatches = 0
+    for _ in range(limit):
+        done = set(launcher.ran)
+        todo = [b for b in launcher.snapshot() if b.wave_number == wave and b.batch_id not in done]
+        if not todo:
+            break
+        before = len(launcher.snapshot())
+        run_and_notify(engine, dsn, tenant, job, todo[0])
+        launcher.ran.append(todo[0].batch_id)
+        dispatches += len(launcher.snapshot()) > before
+    return dispatches
+
+
+def test_the_dispatch_hot_path_reuses_a_recent_observation_of_the_workers(
+    engines, dsn, tenant
+) -> None:
+    """Issue 12, row 8: with the Kubernetes launcher an observation is two LIST calls, and a
+    dispatch follows nearly every completion. Within the launcher's observation_ttl the hot
+    path reuses the last observation (a worker's start or end is a Job event whose sync
+    observes anew); after it, it observes again; with a TTL of 0 (the local launcher) every
+    dispatch observes, as before."""
+    orders = {
+        "name": "SalesOrder",
+        "recordTypeId": -30,
+        "batchSize": 50,
+        "parentTypes": ["Customer"],
+    }
+    customers = {"name": "Customer", "recordTypeId": -2, "batchSize": 50}
+    for ttl in (60.0, 0.0):
+        launcher = CountingWaveWorkers(dsn, tenant, ttl)
+        launcher.ran = []
+        engine = engines(launcher=launcher)
+        now = [1000.0]
+        engine.clock = lambda now=now: now[0]
+        job = f"job-ttl-{int(ttl)}"
+        setup_job(engine, job, orders=500, parallelism=1, recordTypes=[customers, orders])
+        engine.check(job, "start")
+        _run(engine, launcher, dsn, tenant, job, 1)
+        assert 2 in launcher.started, "wave 2 did not start"
+        before = launcher.observed
+        refills = _run(engine, launcher, dsn, tenant, job, 2, limit=5)
+        assert refills >= 4, f"only {refills} dispatch(es) during wave 2"
+        observed = launcher.observed - before
+        if ttl == 0:
+            assert observed >= refills, (observed, refills)
+            continue
+        # one: the observation the wave's start kept was made before its workers started
+        assert observed <= 1, (
+            f"{observed} observations for {refills} dispatches of a running wave: the hot "
+            "path observed the workers again within the observation TTL"
+        )
+        now[0] += ttl + 1  # the TTL has passed: the next dispatch observes once more
+        before = launcher.observed
+        refills = _run(engine, launcher, dsn, tenant, job, 2, limit=3)
+        assert refills >= 2
+        assert launcher.observed - before == 1, launcher.observed - before
