@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from helpers import TrackingLauncher, run_and_notify, setup_job
+from helpers import TrackingLauncher, run_and_notify, setup_job, tenant_conn
 from importwaves.launch.port import (
     LaunchProblem,
     LaunchTarget,
@@ -25,19 +25,26 @@ class IdleWaveWorkers(TrackingLauncher):
 
     def __init__(self, dsn: str, tenant: str) -> None:
         super().__init__(dsn, tenant)
-        self.started: list[int | None] = []
+        self.started: list[int | None] = []  # every start, in order (a restart: again)
+        self.ended: set[int | None] = set()  # waves whose workers exited (idle timeout)
 
     def ensure(
         self, target: LaunchTarget, tenant: str, groups: Sequence[WorkerGroup]
     ) -> list[LaunchProblem]:
         with self._lock:
-            self.started += [g.wave_number for g in groups if g.wave_number not in self.started]
+            for g in groups:
+                if g.wave_number not in self.started or g.wave_number in self.ended:
+                    self.started.append(g.wave_number)
+                    self.ended.discard(g.wave_number)
         return []
 
     def observe(self, target: LaunchTarget, tenant: str, job_id: str) -> Observation:
         with self._lock:
             return Observation(
-                tuple(WorkerSeen(f"pod-w{w}", job_id, w, alive=True) for w in self.started)
+                tuple(
+                    WorkerSeen(f"pod-w{w}", job_id, w, alive=w not in self.ended)
+                    for w in dict.fromkeys(self.started)
+                )
             )
 
 
@@ -49,14 +56,19 @@ def test_the_next_waves_workers_start_at_its_dispatch_while_the_last_waves_idle(
     setup_job(engine, "job", orders=20, parallelism=1)
     first = engine.check("job", "start").dispatched
     assert {b.wave_number for b in first} == {1}
-    assert launcher.started == [1]
+    # wave 1's only batch is dispatched: nothing of it is pending, so wave 2's workers are
+    # started ahead of wave 2's dispatch (issue 12, row 8) ...
+    assert launcher.started == [1, 2]
+    # ... and exit (their idle timeout) before it comes
+    launcher.ended.add(2)
     # wave 1's only batch completes: the listener's run dispatches wave 2 while wave 1's
     # worker is still alive (idle, claiming only wave 1's batches)
     for b in first:
         run_and_notify(engine, dsn, tenant, "job", b)
     second = [b for b in launcher.snapshot() if b.wave_number == 2]
     assert second, "wave 2 was not dispatched"
-    assert launcher.started == [1, 2], (
+    # (then wave 3, the derived wave, ahead: wave 2's only batch was dispatched)
+    assert launcher.started[:3] == [1, 2, 2], (
         "wave 2's dispatch must start wave 2's workers: wave 1's idle worker cannot claim them"
     )
 
@@ -135,3 +147,44 @@ def test_the_dispatch_hot_path_reuses_a_recent_observation_of_the_workers(
         refills = _run(engine, launcher, dsn, tenant, job, 2, limit=3)
         assert refills >= 2
         assert launcher.observed - before == 1, launcher.observed - before
+
+
+def test_the_next_waves_workers_start_when_the_last_pending_batch_before_it_is_dispatched(
+    engines, dsn, tenant
+) -> None:
+    """Issue 12, row 8: one work-queue Job per wave, each pod start costing seconds: the next
+    wave's workers are started when the waves before it have nothing left pending (their last
+    batches run), not at the next wave's first dispatch; nothing of that wave is dispatched
+    by it (its workers wait for the dispatch the coordinator makes once the wave opens)."""
+    launcher = IdleWaveWorkers(dsn, tenant)
+    engine = engines(launcher=launcher)
+    customers = {"name": "Customer", "recordTypeId": -2, "batchSize": 10}
+    orders = {
+        "name": "SalesOrder",
+        "recordTypeId": -30,
+        "batchSize": 50,
+        "parentTypes": ["Customer"],
+    }
+    setup_job(engine, "job", orders=200, parallelism=1, recordTypes=[customers, orders])
+    first = engine.check("job", "start").dispatched
+    assert [b.wave_number for b in first] == [1]
+    assert launcher.started == [1]
+    # wave 1's batches one at a time: while one is still pending, wave 2 is not started
+    ran: set[str] = set()
+    while True:
+        todo = [b for b in launcher.snapshot() if b.wave_number == 1 and b.batch_id not in ran]
+        assert todo, "wave 1 ran out of dispatched batches before wave 2 started"
+        with tenant_conn(dsn, tenant) as conn:
+            pending = conn.execute(
+                "SELECT pending_batches FROM wave_coordination WHERE job_id = 'job' "
+                "AND wave_number = 1"
+            ).fetchone()["pending_batches"]
+        if pending == 0:
+            break
+        assert launcher.started == [1], f"wave 2 started with {pending} wave-1 batch(es) pending"
+        run_and_notify(engine, dsn, tenant, "job", todo[0])
+        ran.add(todo[0].batch_id)
+    # the dispatch that took wave 1's last pending batch started wave 2's workers, ahead of
+    # any wave-2 dispatch
+    assert launcher.started == [1, 2]
+    assert not [b for b in launcher.snapshot() if b.wave_number == 2]

@@ -30,15 +30,18 @@ from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
-from importwaves.engine.model import JobStatus
+from importwaves.engine.model import JobStatus, WaveState
 from importwaves.engine.recovery import Recovery, RecoveryReport
+from importwaves.engine.snapshot import read_waves
 from importwaves.engine.workers import (
     DEFAULT_GRACE,
     DEFAULT_PULL_GRACE,
     LostBatch,
+    after_dispatch,
     held_batch,
     plan_problems,
     plan_workers,
+    wave_ahead,
 )
 from importwaves.flags import DEFAULT_TTL, Flags
 from importwaves.launch.base import (
@@ -344,6 +347,10 @@ class Engine:
         }
         held = [held_batch(r, names) for r in rows]
         per_wave = bool(getattr(self.launcher, "per_wave", False))
+        ahead = None
+        if per_wave and job["status"] == "running":
+            with self.pool.connection() as conn:
+                ahead = wave_ahead(job_id, read_waves(conn, job_id), spec.parallelism)
         plan = plan_workers(
             job_id,
             job["status"],
@@ -353,6 +360,7 @@ class Engine:
             per_wave=per_wave,
             grace=self.worker_grace,
             pull_grace=self.pull_grace,
+            ahead=ahead,
         )
         out.job_status = job["status"]
         out.live = sum(1 for w in seen.workers if w.alive)
@@ -412,8 +420,16 @@ class Engine:
                     out.launch_failed += 1
         return out
 
-    def _dispatched(self, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
-        """After the commit of a run that dispatched: workers for them at once."""
+    def _dispatched(
+        self,
+        job_id: str,
+        spec: ImportSpec,
+        batches: list[BatchDispatch],
+        snapshot_waves: Sequence[WaveState] = (),
+    ) -> None:
+        """After the commit of a run that dispatched: workers for them at once (and, with one
+        worker group per wave, the next wave's ahead of its dispatch: `wave_ahead`).
+        `snapshot_waves`: the run's snapshot of the waves, read before this dispatch."""
         if isinstance(self.launcher, DispatchObserver):
             self.launcher.on_dispatched(job_id, batches)
         if type(self.launcher).ensure is NoWorkers.ensure:
@@ -434,10 +450,36 @@ class Engine:
             alive = sum(
                 1 for w in seen.workers if w.alive and (not per_wave or w.wave_number in waves)
             )
-            if seen.complete and alive >= spec.parallelism:
+            if (
+                seen.complete
+                and alive >= spec.parallelism
+                and not self._ahead_missing(job_id, spec, batches, snapshot_waves, seen)
+            ):
                 return self._host_dispatch(job_id, spec, batches)
         self.sync_workers(job_id)
         self._host_dispatch(job_id, spec, batches)
+
+    def _ahead_missing(
+        self,
+        job_id: str,
+        spec: ImportSpec,
+        batches: list[BatchDispatch],
+        waves: Sequence[WaveState],
+        seen: Observation,
+    ) -> bool:
+        """This dispatch left a next wave to start ahead (`wave_ahead` of the waves as they are
+        after it) with no worker or launch of that wave seen: a sync starts it."""
+        if not waves or not getattr(self.launcher, "per_wave", False):
+            return False
+        counts: dict[int, int] = {}
+        for b in batches:
+            counts[b.wave_number] = counts.get(b.wave_number, 0) + 1
+        ahead = wave_ahead(job_id, after_dispatch(waves, counts), spec.parallelism)
+        if ahead is None:
+            return False
+        return not any(
+            w.alive and w.wave_number == ahead.wave_number for w in seen.workers
+        ) and not any(x.wave_number == ahead.wave_number for x in seen.launches)
 
     def _observe(self, target: LaunchTarget, job_id: str) -> Observation:
         """The launcher's observation of the job's workers, now; a complete one is kept for the

@@ -43,9 +43,11 @@ their worker, which ended workers to forget. Pure: `Engine.sync_workers` gathers
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
+from importwaves.engine.model import WaveState
 from importwaves.launch.port import LaunchProblem, Observation, WorkerGroup, WorkerSeen
 
 #: Job statuses for which no worker is wanted (a worker of such a job exits by itself).
@@ -162,6 +164,49 @@ class ProblemPlan:
     retry: tuple[LaunchProblem, ...] = field(default_factory=tuple)
 
 
+def wave_ahead(job_id: str, waves: Sequence[WaveState], parallelism: int) -> WorkerGroup | None:
+    """The next wave's worker group, to start BEFORE its first dispatch (one work-queue Job per
+    wave: a pod start costs seconds, paid once per wave, in sequence, if the Job waits for the
+    dispatch). The next wave is the first, by number, with no dispatch yet; it is started once
+    every earlier wave has nothing left pending (its remaining batches, at most the
+    parallelism, are all with workers or done) while one of them still runs. Its workers claim
+    only dispatched batches of their wave (and wait on LISTEN until then): the engine still
+    decides every dispatch, so a derived wave's workers claim nothing before its parents reach
+    the completion threshold. Size: a main wave's batches left (its batches are all made at
+    planning), at most the parallelism; a derived wave grows while its parents complete: the
+    parallelism. None: nothing to start ahead."""
+    ordered = sorted(waves, key=lambda w: w.wave_number)
+    for i, w in enumerate(ordered):
+        if w.first_dispatched_at is not None or w.active or w.completed or w.failed:
+            continue  # started (or done): its group is the held batches' business
+        earlier = ordered[:i]
+        if not earlier or any(e.pending for e in earlier) or not any(e.active for e in earlier):
+            return None
+        size = parallelism if w.is_derived else min(parallelism, w.pending)
+        if size <= 0:
+            return None
+        return WorkerGroup(job_id, w.wave_number, w.name, size)
+    return None
+
+
+def after_dispatch(
+    waves: Sequence[WaveState], dispatched: Mapping[int, int]
+) -> tuple[WaveState, ...]:
+    """The waves of a snapshot read before a dispatch, as they are after it (`dispatched`:
+    batches dispatched per wave number): pending -> dispatched, first dispatch stamped."""
+    return tuple(
+        replace(
+            w,
+            pending=max(0, w.pending - n),
+            dispatched=w.dispatched + n,
+            first_dispatched_at=w.first_dispatched_at or datetime.now(UTC),
+        )
+        if (n := dispatched.get(w.wave_number, 0))
+        else w
+        for w in waves
+    )
+
+
 def plan_workers(
     job_id: str,
     job_status: str | None,
@@ -172,6 +217,7 @@ def plan_workers(
     per_wave: bool,
     grace: float = DEFAULT_GRACE,
     pull_grace: float = DEFAULT_PULL_GRACE,
+    ahead: WorkerGroup | None = None,
 ) -> WorkerPlan:
     alive = {w.worker_id for w in seen.workers if w.alive}
     ended = {w.worker_id: w for w in seen.workers if not w.alive}
@@ -231,6 +277,15 @@ def plan_workers(
             size = min(max(parallelism, 0), n)
             if size > 0 and key not in blocked:
                 groups.append(WorkerGroup(job_id, key, name, size))
+        # the next wave's workers ahead of its dispatch (per wave only: a job's one group
+        # already runs every wave's batches)
+        if (
+            per_wave
+            and ahead is not None
+            and ahead.wave_number not in counts
+            and ahead.wave_number not in blocked
+        ):
+            groups.append(ahead)
     discard = tuple(sorted({w for w in ended if w not in waiting} | stuck_ids))
     return WorkerPlan(tuple(groups), tuple(lost), discard, tuple(problems))
 
