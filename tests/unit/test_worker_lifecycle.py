@@ -553,6 +553,19 @@ def test_nothing_ahead_before_the_first_dispatch_nor_once_every_wave_started() -
     assert wave_ahead("job", idle, 4) is None
 
 
+def test_nothing_ahead_until_the_running_wave_shows_it_gets_through() -> None:
+    """A running wave with no batch completed yet (its only batch may keep failing: the e2e
+    custom-worker failure makes no Job for later waves), or an earlier batch failed for good:
+    no workers for the next wave yet."""
+    nxt = wave(2, total=8, pending=8)
+    fresh = wave(1, total=1, active=1)
+    assert wave_ahead("job", [fresh, nxt], 4) is None
+    failed = WaveState(1, -1, "W1", MAIN, total=4, dispatched=1, completed=2, failed=1)
+    assert wave_ahead("job", [failed, nxt], 4) is None
+    going = wave(1, total=4, active=1, completed=3)
+    assert wave_ahead("job", [going, nxt], 4) == WorkerGroup("job", 2, "W2", 4)
+
+
 def test_after_dispatch_moves_the_dispatched_batches_out_of_pending() -> None:
     before = [wave(1, total=40, pending=2, active=4, completed=34), wave(2, total=9, pending=9)]
     after = after_dispatch(before, {1: 2})

@@ -169,7 +169,10 @@ def wave_ahead(job_id: str, waves: Sequence[WaveState], parallelism: int) -> Wor
     wave: a pod start costs seconds, paid once per wave, in sequence, if the Job waits for the
     dispatch). The next wave is the first, by number, with no dispatch yet; it is started once
     every earlier wave has nothing left pending (its remaining batches, at most the
-    parallelism, are all with workers or done) while one of them still runs. Its workers claim
+    parallelism, are all with workers or done) while one of them still runs, and shows it
+    gets through: every running one has completed a batch, and no earlier batch failed for
+    good (a first wave whose only batch keeps failing starts no Job for the next; nor does a
+    wave of one batch, whose end opens the next wave anyway). Its workers claim
     only dispatched batches of their wave (and wait on LISTEN until then): the engine still
     decides every dispatch, so a derived wave's workers claim nothing before its parents reach
     the completion threshold. Size: a main wave's batches left (its batches are all made at
@@ -180,7 +183,12 @@ def wave_ahead(job_id: str, waves: Sequence[WaveState], parallelism: int) -> Wor
         if w.first_dispatched_at is not None or w.active or w.completed or w.failed:
             continue  # started (or done): its group is the held batches' business
         earlier = ordered[:i]
-        if not earlier or any(e.pending for e in earlier) or not any(e.active for e in earlier):
+        running = [e for e in earlier if e.active]
+        if (
+            not running
+            or any(e.pending or e.failed for e in earlier)
+            or not all(e.completed for e in running)
+        ):
             return None
         size = parallelism if w.is_derived else min(parallelism, w.pending)
         if size <= 0:
