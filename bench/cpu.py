@@ -194,7 +194,7 @@ def postmaster_of(dsn: str) -> int | None:
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    st = read_stat(int(row[0])) if row else None
+        st = read_stat(int(row[0])) if row else None  # while the backend lives
     return st.ppid if st else None
 
 
@@ -212,10 +212,18 @@ def classify_local(postmaster: int | None, bench: int, runner: int) -> Classify:
         if pid == bench:
             return "bench"
         if descends(pid, bench, parents):
-            return "redis" if "redis" in cmd else "bench-children-other"
+            return _bench_child(cmd)
         return None
 
     return classify
+
+
+def _bench_child(cmd: str) -> str:
+    if "redis" in cmd:
+        return "redis"
+    if cmd.startswith("postgres") or "/postgres " in cmd:
+        return "postgres"  # (the postmaster not found: its processes by name)
+    return "bench-children-other"
 
 
 CLUSTER_PARTS = (
@@ -248,7 +256,7 @@ def classify_cluster(
         if descends(pid, bench, parents):
             if "worker" in cmd:
                 return "worker-pods"
-            return "redis" if "redis" in cmd else "bench-children-other"
+            return _bench_child(cmd)
         return None
 
     return classify
