@@ -164,32 +164,46 @@ class ProblemPlan:
     retry: tuple[LaunchProblem, ...] = field(default_factory=tuple)
 
 
-def wave_ahead(job_id: str, waves: Sequence[WaveState], parallelism: int) -> WorkerGroup | None:
+#: Seconds ahead of a wave's expected opening its workers are started (`wave_ahead`): a pod
+#: start on a real cluster takes seconds (Kubernetes' pod-startup SLO: 5 s at p99), well below
+#: the pooled worker's idle timeout (30 s) that ends workers started too early.
+AHEAD_SECONDS = 5.0
+
+
+def wave_ahead(
+    job_id: str,
+    waves: Sequence[WaveState],
+    parallelism: int,
+    *,
+    now: datetime | None = None,
+    lead: float = AHEAD_SECONDS,
+) -> WorkerGroup | None:
     """The next wave's worker group, to start BEFORE its first dispatch (one work-queue Job per
     wave: a pod start costs seconds, paid once per wave, in sequence, if the Job waits for the
-    dispatch). The next wave is the first, by number, with no dispatch yet; it is started once
-    every earlier wave has nothing left pending (its remaining batches, at most the
-    parallelism, are all with workers or done) while one of them still runs, and shows it
-    gets through: every running one has completed a batch, and no earlier batch failed for
-    good (a first wave whose only batch keeps failing starts no Job for the next; nor does a
-    wave of one batch, whose end opens the next wave anyway). Its workers claim
-    only dispatched batches of their wave (and wait on LISTEN until then): the engine still
-    decides every dispatch, so a derived wave's workers claim nothing before its parents reach
-    the completion threshold. Size: a main wave's batches left (its batches are all made at
-    planning), at most the parallelism; a derived wave grows while its parents complete: the
-    parallelism. None: nothing to start ahead."""
+    dispatch). The next wave is the first, by number, with no dispatch yet. It is started once
+    every earlier wave with work left is running, has completed a batch, and at the rate it
+    has completed batches since its first dispatch is expected to finish within `lead`
+    seconds ((pending + active) / rate); and no earlier batch failed for good. So a first wave
+    whose only batch keeps failing starts no Job for the next, nor does anything before the
+    first completions. Its workers claim only dispatched batches of their wave (and wait on
+    LISTEN until then): the engine still decides every dispatch, so a derived wave's workers
+    claim nothing before its parents reach the completion threshold. Size: a main wave's
+    batches (all made at planning), at most the parallelism; a derived wave grows while its
+    parents complete: the parallelism. None: nothing to start ahead."""
+    now = now or datetime.now(UTC)
     ordered = sorted(waves, key=lambda w: w.wave_number)
     for i, w in enumerate(ordered):
         if w.first_dispatched_at is not None or w.active or w.completed or w.failed:
             continue  # started (or done): its group is the held batches' business
-        earlier = ordered[:i]
-        running = [e for e in earlier if e.active]
-        if (
-            not running
-            or any(e.pending or e.failed for e in earlier)
-            or not all(e.completed for e in running)
-        ):
+        earlier = [e for e in ordered[:i] if e.pending or e.active]
+        if not earlier or any(e.failed for e in ordered[:i]):
             return None
+        for e in earlier:
+            if not e.active or not e.completed or e.first_dispatched_at is None:
+                return None
+            elapsed = (now - e.first_dispatched_at).total_seconds()
+            if (e.pending + e.active) * max(elapsed, 0.0) / e.completed > lead:
+                return None
         size = parallelism if w.is_derived else min(parallelism, w.pending)
         if size <= 0:
             return None
