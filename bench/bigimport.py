@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import yaml
 from psycopg import sql
 
+from bench import cpu
 from bench.common import BQ, new_tenant, pct, tenant_conn
 from importwaves.datagen import generate, reference_spec
 from importwaves.db.queries import Q
@@ -222,17 +224,23 @@ def run_local(
         cmd += ["--redis-url", redis_url]
     with tenant_conn(dsn, tenant) as conn:
         conn.execute(BQ("pgss_reset"))
+    postmaster = cpu.postmaster_of(dsn)
     log_path = workdir / f"{tenant}-run-local.log"
     env = {**os.environ, "IMPORTWAVES_LOG_LEVEL": "WARNING"}
     with log_path.open("w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         sampler = TreeSampler(proc.pid).start()
+        cpu_sampler = cpu.CpuSampler(
+            cpu.classify_local(postmaster, os.getpid(), proc.pid), roots={"bench": os.getpid()}
+        ).start()
         try:
             code = proc.wait(7200)
         finally:
             sampler.stop()
+            cpu_use = cpu_sampler.stop()
         wall = time.perf_counter() - t0
+    say(f"run-local {cpu.lines(cpu_use)}")
     out = log_path.read_text(errors="replace")
     if code != 0:
         raise RuntimeError(f"run-local exited {code}: {out[-2000:]}")
@@ -257,6 +265,8 @@ def run_local(
         "verification_failures": checked.failures()[:5],
         "batches": int(batches["n"]) if batches else None,
         "processes": sampler.summary(),
+        # CPU seconds by process during the run (bench/cpu.py): runner, workers, PostgreSQL
+        "cpu": cpu_use,
         "db_first_dispatch_to_last_completion_s": _num(span["seconds"]) if span else None,
         # where a batch's time goes: dispatch -> claim, claim -> completion (per record type)
         "batch_phases": [{k: _num(v) for k, v in r.items()} for r in phases],
@@ -283,6 +293,40 @@ def run_local(
             "completion; includes waiting for a free worker (parallelism) behind earlier work",
         },
     }
+
+
+NAMED = ("jobs", "pods", "events", "importjobs", "secrets", "leases", "configmaps")
+
+
+def operator_api_calls(path: Path) -> Counter[str]:
+    """The operator's API requests so far (bench/apicount/sitecustomize.py's file), by client,
+    method and path with object names replaced by {name}."""
+    import json
+
+    out: Counter[str] = Counter()
+    with contextlib.suppress(OSError, ValueError):
+        for key, n in json.loads(path.read_text()).items():
+            client, method, p = key.split(" ", 2)
+            parts = p.split("/")
+            for i in range(len(parts) - 1):
+                if parts[i] in NAMED and parts[i - 1] != "" and i + 1 < len(parts):
+                    parts[i + 1] = "{name}"
+            out[f"{client} {method} {'/'.join(parts)}"] += int(n)
+    return out
+
+
+def operator_log_counts(path: Path) -> dict[str, int]:
+    """The operator's JSON log lines counted by their `event` name (most first)."""
+    import json
+
+    out: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    out[str(rec.get("event") or f"{rec.get('logger')}: {rec.get('msg')}")[:70]] += 1
+    return dict(out.most_common(40))
 
 
 def _num(v: Any) -> Any:
@@ -337,7 +381,9 @@ def kubernetes_import_row(
     cluster, the local kubelet starting each pod POD_START_LATENCY_S after it is bound."""
     from bench import k8s
 
-    kube = k8s.Kube(workdir / "k8s-import", start_latency=POD_START_LATENCY_S)
+    # a run from an export of another commit (PYTHONPATH over this venv) runs its pods from it
+    pod_env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
+    kube = k8s.Kube(workdir / "k8s-import", start_latency=POD_START_LATENCY_S, pod_env=pod_env)
     try:
         if not kube.start_latency_supported:
             return {
@@ -348,9 +394,28 @@ def kubernetes_import_row(
         ns = kube.namespace("bench-import", dsn)
         tenant = "bench_k8s_import"
         staged = stage(dsn, tenant, orders)
-        op = k8s.Operator(kube, ns, workdir / "operator-import.log", timer=10)
+        apicount = workdir / "operator-import-apicount.json"
+        pypath = [str(Path(__file__).parent / "apicount"), os.environ.get("PYTHONPATH", "")]
+        op = k8s.Operator(
+            kube,
+            ns,
+            workdir / "operator-import.log",
+            timer=10,
+            extra_env={
+                "PYTHONPATH": os.pathsep.join(p for p in pypath if p),
+                "IMPORTWAVES_BENCH_APICOUNT": str(apicount),
+            },
+        )
+        cluster_dir = str(kube.cluster.workdir / "kwok" / "clusters" / kube.cluster.name)
+        classify = cpu.classify_cluster(
+            cpu.postmaster_of(dsn), os.getpid(), op.proc.pid, cluster_dir
+        )
         try:
             with k8s.watching(kube.api, ns, ("Job", "Pod", "Event", "ImportJob")) as ws:
+                api_before = k8s.apiserver_requests(kube)
+                op_calls_before = operator_api_calls(apicount)
+                cpu_sampler = cpu.CpuSampler(classify, roots={"bench+kubelet": os.getpid()})
+                cpu_sampler.start()
                 t0 = time.monotonic()
                 kube.apply(
                     [
@@ -369,7 +434,12 @@ def kubernetes_import_row(
                 )
                 k8s.wait_all(kube.api, ns, ["big"], op, timeout=7200, every=1)
                 wall = time.monotonic() - t0
+                cpu_use = cpu_sampler.stop()
+                api_calls = k8s.apiserver_requests(kube) - api_before
+                time.sleep(1.2)  # the operator writes its counts every second
+                op_calls = operator_api_calls(apicount) - op_calls_before
                 time.sleep(2)
+            say(f"operator import {cpu.lines(cpu_use)}")
             rss_peak = max((kb for _, kb in op.samples), default=0)
         finally:
             op.stop()
@@ -382,6 +452,32 @@ def kubernetes_import_row(
             lags = conn.execute(BQ("wave_dispatch_lags"), {"job_id": JOB}).fetchall()
             span = conn.execute(BQ("job_span"), {"job_id": JOB}).fetchone()
         jobs, pods, evs = (ws[k].snapshot() for k in ("Job", "Pod", "Event"))
+        ij_seen = ws["ImportJob"].snapshot()
+        ij_changes = {
+            "modified_events": sum(s.modified for s in ij_seen),
+            "by_change": dict(
+                sum((s.extra.get("modified_by_change", Counter()) for s in ij_seen), Counter())
+            ),
+            "status_fields_changed": dict(
+                sum(
+                    (s.extra.get("status_fields_changed", Counter()) for s in ij_seen), Counter()
+                ).most_common()
+            ),
+        }
+        api_top = dict(api_calls.most_common(25))
+        op_log = operator_log_counts(op.log_path)
+        say(
+            f"operator import: ImportJob MODIFIED {ij_changes['modified_events']} "
+            f"({ij_changes['by_change']}); Events {len(evs)}; Job MODIFIED "
+            f"{sum(j.modified for j in jobs)}, Pod MODIFIED {sum(p.modified for p in pods)}; "
+            f"API requests (all clients) {sum(api_calls.values())}: "
+            + ", ".join(f"{k} {v}" for k, v in list(api_top.items())[:12])
+        )
+        say(
+            f"operator import: the operator's own API requests {sum(op_calls.values())}: "
+            + ", ".join(f"{k} {v}" for k, v in op_calls.most_common(14))
+        )
+        say(f"operator import: operator log events {dict(list(op_log.items())[:15])}")
         by_source: dict[str, int] = {}
         for e in evs:
             key = f"{e.extra['source']}: {e.extra['involved']} {e.extra['reason']}"
@@ -399,6 +495,21 @@ def kubernetes_import_row(
             "events_by_source": dict(sorted(by_source.items(), key=lambda kv: -kv[1])),
             "peak_live": {"jobs": ws["Job"].peak_live, "pods": ws["Pod"].peak_live},
             "operator_peak_rss_mb": round(rss_peak / 1024, 1),
+            # row 8 broken down: CPU seconds by process (bench/cpu.py), the ImportJob's
+            # MODIFIED events by what they changed (status writes vs kopf's metadata), the
+            # Jobs' and Pods' MODIFIED events (each a prompt to the operator), the API server's
+            # requests during the import (every client: operator, controllers, kubelet, bench
+            # watches), and the operator's log events by name
+            "cpu": cpu_use,
+            "importjob_writes": ij_changes,
+            "job_modified_events": sum(j.modified for j in jobs),
+            "pod_modified_events": sum(p.modified for p in pods),
+            "api_requests_all_clients": {"total": sum(api_calls.values()), "top": api_top},
+            "operator_log_events": op_log,
+            "operator_api_requests": {
+                "total": sum(op_calls.values()),
+                "by_call": dict(op_calls.most_common()),
+            },
             # where the time goes: per batch dispatch -> claim (a pod's start counts here) and
             # claim -> completion, by record type; the waves' dispatch lags; the database's
             # first dispatch -> last completion

@@ -403,6 +403,7 @@ class Watch:
                 summary = (obj.get("status") or {}).get("summary")
                 if summary:
                     seen.extra.setdefault(f"summary_{summary}", now)
+                self._importjob_change(kind, obj, seen)
             elif self.kind == "Pod":
                 phase = (obj.get("status") or {}).get("phase")
                 running = phase in (None, "Pending", "Running")
@@ -418,6 +419,32 @@ class Watch:
                 self.live_running.discard(uid)
             self.peak_live = max(self.peak_live, len(self.live))
             self.peak_running = max(self.peak_running, len(self.live_running))
+
+    @staticmethod
+    def _importjob_change(kind: str, obj: dict[str, Any], seen: Seen) -> None:
+        """What each MODIFIED event of an ImportJob changed: `status` (which top-level status
+        fields), `metadata` (kopf's annotations, finalizers), both or neither."""
+        meta = {
+            k: v
+            for k, v in (obj.get("metadata") or {}).items()
+            if k not in ("resourceVersion", "managedFields")
+        }
+        status = dict(obj.get("status") or {})
+        prev = seen.extra.get("_prev")
+        seen.extra["_prev"] = (meta, status)
+        if prev is None or kind != "MODIFIED":
+            return
+        pmeta, pstatus = prev
+        keys = sorted(k for k in set(status) | set(pstatus) if status.get(k) != pstatus.get(k))
+        what = []
+        if keys:
+            what.append("status")
+            fields: Counter[str] = seen.extra.setdefault("status_fields_changed", Counter())
+            fields.update(keys)
+        if meta != pmeta:
+            what.append("metadata")
+        changes: Counter[str] = seen.extra.setdefault("modified_by_change", Counter())
+        changes["+".join(what) or "nothing"] += 1
 
     def snapshot(self) -> list[Seen]:
         with self._lock:

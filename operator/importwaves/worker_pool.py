@@ -49,6 +49,7 @@ from importwaves import redact
 from importwaves.db.connect import Conn, connect
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
+from importwaves.engine.model import MAIN
 from importwaves.engine.notify import channel_for, prompt_payload
 from importwaves.worker import (
     ENV,
@@ -82,6 +83,22 @@ EXIT_WITHOUT_COMPLETION = (
 DONE_STATUSES = frozenset({"completed", "failed", "invalid", "suspended"})
 #: Longest stderr tail of a custom command kept in a failed attempt's error.
 MAX_TAIL = 2000
+
+
+def wave_finished(wave: dict[str, Any] | None) -> bool:
+    """A main wave with every batch completed or failed (its `wave_left` row, read BEFORE the
+    claim that found nothing, so a batch requeued in between is either claimed or left for a
+    later Job): nothing more will come for this wave's Job (a retry requeued later gets a new
+    Job from the engine's sync, as any wave that gets work after its pods ended). A derived
+    wave (-2) grows while its parents complete: never finished here. Without it an idle wave
+    worker woke on every NOTIFY of the tenant (every completion and dispatch of the later
+    waves) for its idle timeout: 8 idle pods x ~1,700 notices in a 1M-line import."""
+    return bool(
+        wave is not None
+        and wave["dependency_level"] == MAIN
+        and wave["total_batches"] > 0
+        and wave["batches_left"] == 0
+    )
 
 
 @dataclass(frozen=True)
@@ -167,11 +184,12 @@ class PooledWorker:
         s = self.s
         idle_since = time.monotonic()
         while not self._stop.is_set():
+            wave: dict[str, Any] | None = None
             if s.command:
                 job = conn.execute(Q("job_get"), {"job_id": s.job_id}).fetchone()
                 claimed = None
             else:
-                job, claimed = self._look_and_claim(conn)
+                job, claimed, wave = self._look_and_claim(conn)
             if job is not None and claimed is not None:
                 # claimed while its job was not over (the claim looks at the job's status)
                 spec: dict[str, Any] = job["spec"]
@@ -189,6 +207,11 @@ class PooledWorker:
             if ran:
                 idle_since = time.monotonic()
                 continue
+            if s.wave is not None:
+                if s.command:
+                    wave = self._wave(conn)
+                if wave_finished(wave):
+                    return f"wave {s.wave} finished"
             left = s.idle_seconds - (time.monotonic() - idle_since)
             if left <= 0:
                 return "idle"
@@ -212,12 +235,20 @@ class PooledWorker:
             self.waiting.clear()
 
     # -- the reference import, in-process ------------------------------------------------
-    def _look_and_claim(self, conn: Conn) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """The job's row and the next batch claimed, in ONE round trip (pipeline mode: on a
-        dispatch prompt, the claim follows the NOTIFY with no other query first). The claim
-        takes a batch only while the job exists and is not over (batch_claim_next looks)."""
+    def _look_and_claim(
+        self, conn: Conn
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+        """The job's row, the next batch claimed and (a wave's worker) what its wave has left,
+        in ONE round trip (pipeline mode: on a dispatch prompt, the claim follows the NOTIFY
+        with no other query first). The claim takes a batch only while the job exists and is
+        not over (batch_claim_next looks)."""
         s = self.s
         with conn.pipeline():
+            wave_cur = (
+                conn.execute(Q("wave_left"), {"job_id": s.job_id, "wave_number": s.wave})
+                if s.wave is not None
+                else None
+            )
             job_cur = conn.execute(Q("job_get"), {"job_id": s.job_id})
             claim_cur = conn.execute(
                 Q("batch_claim_next"),
@@ -228,7 +259,16 @@ class PooledWorker:
                     "done_statuses": sorted(DONE_STATUSES),
                 },
             )
-        return job_cur.fetchone(), claim_cur.fetchone()
+        return (
+            job_cur.fetchone(),
+            claim_cur.fetchone(),
+            wave_cur.fetchone() if wave_cur is not None else None,
+        )
+
+    def _wave(self, conn: Conn) -> dict[str, Any] | None:
+        return conn.execute(
+            Q("wave_left"), {"job_id": self.s.job_id, "wave_number": self.s.wave}
+        ).fetchone()
 
     def _reference(
         self, conn: Conn, beat: _Beat, spec: dict[str, Any], claimed: dict[str, Any]

@@ -465,3 +465,46 @@ def test_queued_completions_are_looked_at_in_one_run(engine, dsn, tenant) -> Non
     lines = [r for r in rows if r["record_type_id"] == -13]
     assert len(parents) == 4 and lines and not [r for r in parents if r["needs_derivation"]]
     assert {r["status"] for r in rows} == {"completed"}
+
+
+def test_a_main_waves_worker_exits_0_once_its_wave_is_finished(engine, dsn, tenant) -> None:
+    """Issue 12, row 8: a wave's pooled worker (one work-queue Job per wave on Kubernetes) exits
+    0 once its main wave has no batch left to run, while the job still runs, instead of waking
+    on every NOTIFY of the later waves until its idle timeout; a derived wave's worker (its
+    wave grows while the parents complete) waits for the job's end."""
+    setup_job(engine, "job", orders=300, parallelism=2, **_sizes(10, 50, 200))
+    engine.check("job", "start")  # planned; wave 1 dispatched
+    with tenant_conn(dsn, tenant) as conn:
+        waves = {
+            r["record_type_id"]: r["wave_number"]
+            for r in conn.execute(
+                "SELECT record_type_id, wave_number FROM wave_coordination WHERE job_id = 'job'"
+            ).fetchall()
+        }
+    first = Pool(dsn, tenant, "job", 2, wave=waves[CUSTOMER], idle_seconds=120, poll=60).start()
+    derived = Pool(dsn, tenant, "job", 1, wave=waves[-13], idle_seconds=120, poll=60).start()
+    try:
+        wait_until(
+            lambda: engine.check("job", "timer") and not any(t.is_alive() for t in first.threads),
+            timeout=30,
+            every=0.05,
+            what="the Customer wave's workers to exit (their wave finished, the job running)",
+        )
+        first.join(timeout=1)
+        assert {w.stats.reason for w in first.workers} == {f"wave {waves[CUSTOMER]} finished"}
+        assert job_status(dsn, tenant, "job") == "running"
+        assert all(t.is_alive() for t in derived.threads), "the derived wave's worker exited"
+        second = Pool(dsn, tenant, "job", 2, wave=waves[-30], idle_seconds=120, poll=60).start()
+        assert _coordinate(engine, "job") == Outcome.COMPLETED
+        second.join(timeout=10)
+        derived.join(timeout=10)
+        assert {w.stats.reason for w in second.workers} <= {
+            f"wave {waves[-30]} finished",
+            "job completed",
+        }
+        assert [w.stats.reason for w in derived.workers] == ["job completed"]
+        assert derived.workers[0].stats.completed > 0
+    finally:
+        for p in (first, derived):
+            for w in p.workers:
+                w.stop()

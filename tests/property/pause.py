@@ -69,10 +69,10 @@ def install_pause(engine: Engine, pause: Pause) -> Callable[[], None]:
         pause.hit("decided")
         return out
 
-    def dispatched(job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
+    def dispatched(job_id: str, spec: ImportSpec, batches: list[BatchDispatch], **kw: Any) -> None:
         pause.hit("committed")
         if orig_dispatched is not None:
-            orig_dispatched(job_id, spec, batches)
+            orig_dispatched(job_id, spec, batches, **kw)
 
     coord.check_and_trigger_next_wave = check  # type: ignore[method-assign]
     coord._dispatch = dispatch  # type: ignore[method-assign]

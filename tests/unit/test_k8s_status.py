@@ -162,6 +162,20 @@ def test_derived_pending_after_main_waves() -> None:
     assert st["waves"] == {"done": 2, "total": 3}
 
 
+def test_every_derived_batch_done_before_the_completion_is_recorded_stays_derived_pending() -> None:
+    """The last derived batch committed; the run that records the job's completion has not
+    (the job row still says running). A status written in that moment (a worker Job's event,
+    the timer) said Running, so `kubectl get importjobs -w` showed DerivedPending -> Running ->
+    Completed: the STATUS column went back."""
+    st = status_for(snap(CUSTOMERS_DONE, ORDERS_DONE, LINES_DONE))
+    assert st["summary"] == "DerivedPending"
+    c = cond(st, "DerivedPending")
+    assert (c["status"], c["reason"]) == ("True", "DerivedBatchesPending")
+    assert "completion is being recorded" in c["message"]
+    assert cond(st, "Completed")["status"] == "False"
+    assert cond(st, "Progressing")["status"] == "True"
+
+
 def test_parents_awaiting_derivation_count_as_derived_pending() -> None:
     """Derived batches not created yet (a parent completed, the listener has not run) are
     still pending work: the import must not look finished."""

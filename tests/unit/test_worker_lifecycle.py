@@ -6,15 +6,20 @@ retried)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
+from importwaves.engine.model import DERIVED, MAIN, WaveState
 from importwaves.engine.workers import (
     HeldBatch,
     WorkerPlan,
+    after_dispatch,
     plan_problems,
     plan_unclaimed,
     plan_workers,
     start_problem,
+    wave_ahead,
 )
 from importwaves.launch.port import (
     LaunchProblem,
@@ -483,3 +488,123 @@ def test_an_incomplete_observation_counts_as_the_claim_timeout_alone_says() -> N
     b = [held("a", quiet=LATE)]
     seen = Observation((pending("w-1", "ContainerCreating"),), complete=False)
     assert unclaimed(b, seen) == [("a", "count")]
+
+
+# -- the next wave's workers ahead of its dispatch (issue 12, row 8) ---------------------------
+T0 = datetime(2026, 12, 3, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def wave(
+    number: int,
+    *,
+    total: int,
+    pending: int = 0,
+    active: int = 0,
+    completed: int = 0,
+    failed: int = 0,
+    derived: bool = False,
+) -> WaveState:
+    """A wave whose first dispatch was at T0 (when it has one)."""
+    return WaveState(
+        number,
+        -13 if derived else -number,
+        f"W{number}",
+        DERIVED if derived else MAIN,
+        total=total,
+        pending=pending,
+        dispatched=active,
+        completed=completed,
+        failed=failed,
+        first_dispatched_at=T0 if active or completed or failed else None,
+    )
+
+
+def test_the_next_wave_starts_when_the_running_wave_is_expected_to_end_within_the_lead() -> None:
+    """Wave 1 completed 36 of 40 batches in 36 s (1 a second): 4 left, 4 s at that rate, under
+    the 5 s lead: wave 2's workers start now. With 10 left (10 s) they do not yet."""
+    nxt = wave(2, total=400, pending=400)
+    lines = wave(3, total=0, derived=True)
+    near = wave(1, total=40, active=4, completed=36)
+    assert wave_ahead("job", [near, nxt, lines], 4, now=at(36)) == WorkerGroup("job", 2, "W2", 4)
+    far = wave(1, total=40, pending=6, active=4, completed=30)
+    assert wave_ahead("job", [far, nxt, lines], 4, now=at(30)) is None
+    # the same wave, completing ten times faster: 1 s left
+    assert wave_ahead("job", [far, nxt, lines], 4, now=at(3)) == WorkerGroup("job", 2, "W2", 4)
+    assert wave_ahead("job", [far, nxt, lines], 4, now=at(30), lead=10.0) is not None
+    # a main wave with fewer batches than the parallelism: that many workers
+    small = wave(2, total=2, pending=2)
+    assert wave_ahead("job", [near, small, lines], 4, now=at(36)) == WorkerGroup("job", 2, "W2", 2)
+
+
+def test_a_derived_wave_starts_ahead_at_the_parallelism() -> None:
+    """The derived wave grows while its parents complete: its group is the parallelism. Its
+    workers claim only dispatched batches, so starting them early dispatches nothing: the
+    parents' threshold still decides (the coordinator dispatches, not the worker)."""
+    waves = [
+        wave(1, total=40, completed=40),
+        wave(2, total=400, active=4, completed=396),
+        wave(3, total=396, pending=396, derived=True),
+    ]
+    assert wave_ahead("job", waves, 4, now=at(40)) == WorkerGroup("job", 3, "W3", 4)
+
+
+def test_nothing_ahead_before_the_first_dispatch_nor_once_every_wave_started() -> None:
+    # nothing runs yet: the coordinator's next run dispatches the first wave itself
+    fresh = [wave(1, total=4, pending=4), wave(2, total=8, pending=8)]
+    assert wave_ahead("job", fresh, 4, now=at(1)) is None
+    # every wave started (or done): no wave to start ahead
+    done = [wave(1, total=4, completed=4), wave(2, total=8, active=2, completed=6)]
+    assert wave_ahead("job", done, 4, now=at(1)) is None
+    # the earlier waves are all done, none runs: the next wave is dispatched now, not ahead
+    idle = [wave(1, total=4, completed=4), wave(2, total=8, pending=8)]
+    assert wave_ahead("job", idle, 4, now=at(1)) is None
+
+
+def test_nothing_ahead_until_the_running_wave_shows_it_gets_through() -> None:
+    """A running wave with no batch completed yet (its only batch may keep failing: the e2e
+    custom-worker failure makes no Job for later waves), an earlier batch failed for good, or
+    an earlier wave with batches waiting and none running (held back by the budget): no
+    workers for the next wave yet."""
+    nxt = wave(2, total=8, pending=8)
+    assert wave_ahead("job", [wave(1, total=1, active=1), nxt], 4, now=at(1)) is None
+    failed = wave(1, total=4, active=1, completed=2, failed=1)
+    assert wave_ahead("job", [failed, nxt], 4, now=at(2)) is None
+    held = wave(1, total=4, pending=1, completed=3)
+    assert wave_ahead("job", [held, nxt], 4, now=at(3)) is None
+    going = wave(1, total=4, active=1, completed=3)
+    assert wave_ahead("job", [going, nxt], 4, now=at(3)) == WorkerGroup("job", 2, "W2", 4)
+
+
+def test_after_dispatch_moves_the_dispatched_batches_out_of_pending() -> None:
+    before = [wave(1, total=40, pending=2, active=4, completed=34), wave(2, total=9, pending=9)]
+    after = after_dispatch(before, {1: 2})
+    assert (after[0].pending, after[0].dispatched) == (0, 6)
+    assert after[1] == before[1]
+    first = after_dispatch(before, {2: 4})[1]
+    assert (first.pending, first.dispatched, first.first_dispatched_at is not None) == (5, 4, True)
+
+
+def test_plan_adds_the_wave_ahead_per_wave_only_and_never_twice() -> None:
+    ahead = WorkerGroup("job", 2, "SalesOrder", 4)
+    batches = [held("c1", "processing", wave=1, worker="p1")]
+    seen = Observation((alive("p1", wave=1),))
+    per_wave = plan_workers(
+        "job", "running", 4, batches, seen, per_wave=True, grace=GRACE, ahead=ahead
+    )
+    assert per_wave.groups == (WorkerGroup("job", 1, "Customer", 1), ahead)
+    # one group per job (local): its workers already run every wave's batches
+    per_job = plan_workers(
+        "job", "running", 4, batches, seen, per_wave=False, grace=GRACE, ahead=ahead
+    )
+    assert per_job.groups == (WorkerGroup("job", None, "", 1),)
+    # the wave has dispatched batches already: its own group, not a second one
+    both = [*batches, held("s1", wave=2, name="SalesOrder")]
+    again = plan_workers("job", "running", 4, both, seen, per_wave=True, grace=GRACE, ahead=ahead)
+    assert [g.wave_number for g in again.groups] == [1, 2]
+    # a job that is not running wants no workers, ahead or not
+    idle = plan_workers("job", "suspended", 4, batches, seen, per_wave=True, ahead=ahead)
+    assert idle.groups == ()

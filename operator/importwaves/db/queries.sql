@@ -298,6 +298,16 @@ RETURNING b.batch_id, b.dispatch_seq, b.record_type_id, b.chunk_ids_json, b.atte
            WHERE p.job_id = b.job_id AND p.batch_id = b.parent_batch_id)
           AS parent_record_type_id;
 
+-- name: wave_left
+-- A wave's pooled worker's look at its wave (sent with its claim): a main wave (dependency_level
+-- -1: every batch made at planning) with no batch left to run (none pending, dispatched or
+-- processing) gets no more work for the Job it runs in (a retry the engine requeues later gets a
+-- new Job). A derived wave grows while its parents complete: its workers wait for their idle
+-- timeout or the job's end.
+SELECT dependency_level, total_batches,
+       pending_batches + dispatched_batches + processing_batches AS batches_left
+FROM wave_coordination WHERE job_id = %(job_id)s AND wave_number = %(wave_number)s;
+
 -- name: batch_reserve_next
 -- A pooled worker running a custom worker command reserves the next dispatched batch (it stays
 -- `dispatched`, with this worker's id, so no other pooled worker takes it); the command then

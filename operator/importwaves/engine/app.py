@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,15 +30,18 @@ from importwaves.engine.failures import FailedBatch
 from importwaves.engine.jobrow import load_job, spec_of
 from importwaves.engine.jobs import SpecChangeRefused, spec_change_problems
 from importwaves.engine.listener import BatchCompletedListener, DerivedWavesCreatedListener
-from importwaves.engine.model import JobStatus
+from importwaves.engine.model import JobStatus, WaveState
 from importwaves.engine.recovery import Recovery, RecoveryReport
+from importwaves.engine.snapshot import read_waves
 from importwaves.engine.workers import (
     DEFAULT_GRACE,
     DEFAULT_PULL_GRACE,
     LostBatch,
+    after_dispatch,
     held_batch,
     plan_problems,
     plan_workers,
+    wave_ahead,
 )
 from importwaves.flags import DEFAULT_TTL, Flags
 from importwaves.launch.base import (
@@ -44,11 +50,21 @@ from importwaves.launch.base import (
     NoWorkers,
     RecordingLauncher,
 )
-from importwaves.launch.port import LaunchProblem, LaunchTarget, WorkerGroup, WorkerLauncher
+from importwaves.launch.port import (
+    LaunchProblem,
+    LaunchTarget,
+    Observation,
+    WorkerGroup,
+    WorkerLauncher,
+)
 from importwaves.log import event
 from importwaves.spec import ImportSpec
 
 log = logging.getLogger("importwaves.engine")
+
+
+#: Jobs whose last observation of their workers an engine keeps for the hot path (bounded).
+OBSERVATIONS_KEPT = 1024
 
 
 class SchemaNotReady(RuntimeError):
@@ -119,6 +135,11 @@ class Engine:
         self.coordinator.capacity = capacity
         #: launch targets read by sync_workers (a job's target changes only at submit)
         self._targets: dict[str, LaunchTarget] = {}
+        #: the newest complete observation of each job's workers (monotonic time it was asked
+        #: for, the observation), for the dispatch hot path (`_recent_observation`)
+        self._observed: OrderedDict[str, tuple[float, Observation]] = OrderedDict()
+        self._observed_lock = threading.Lock()
+        self.clock = time.monotonic
         self.listener = BatchCompletedListener(
             tenant, self.pool, self.flags, self.bus, self.coordinator
         )
@@ -291,7 +312,7 @@ class Engine:
         left to wait as their workers (the launcher's observation) say (engine/workers.py
         plan_unclaimed), missing derived batches created, then a progression check."""
         target = self._targets.get(job_id) or self.launch_target(job_id)
-        seen = self.launcher.observe(target, self.tenant, job_id)
+        seen = self._observe(target, job_id)
         return self.recovery.reconcile(
             job_id,
             cause=cause,
@@ -318,7 +339,7 @@ class Engine:
             return out
         target = self._targets[job_id] = LaunchTarget.from_json(job["launch_target"])
         spec = spec_of(job)
-        seen = self.launcher.observe(target, self.tenant, job_id)
+        seen = self._observe(target, job_id)
         with self.pool.connection() as conn:
             rows = conn.execute(Q("batches_held"), {"job_id": job_id}).fetchall()
         names = {rt.recordTypeId: rt.name for rt in spec.recordTypes} | {
@@ -326,6 +347,10 @@ class Engine:
         }
         held = [held_batch(r, names) for r in rows]
         per_wave = bool(getattr(self.launcher, "per_wave", False))
+        ahead = None
+        if per_wave and job["status"] == "running":
+            with self.pool.connection() as conn:
+                ahead = wave_ahead(job_id, read_waves(conn, job_id), spec.parallelism)
         plan = plan_workers(
             job_id,
             job["status"],
@@ -335,6 +360,7 @@ class Engine:
             per_wave=per_wave,
             grace=self.worker_grace,
             pull_grace=self.pull_grace,
+            ahead=ahead,
         )
         out.job_status = job["status"]
         out.live = sum(1 for w in seen.workers if w.alive)
@@ -394,8 +420,16 @@ class Engine:
                     out.launch_failed += 1
         return out
 
-    def _dispatched(self, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
-        """After the commit of a run that dispatched: workers for them at once."""
+    def _dispatched(
+        self,
+        job_id: str,
+        spec: ImportSpec,
+        batches: list[BatchDispatch],
+        snapshot_waves: Sequence[WaveState] = (),
+    ) -> None:
+        """After the commit of a run that dispatched: workers for them at once (and, with one
+        worker group per wave, the next wave's ahead of its dispatch: `wave_ahead`).
+        `snapshot_waves`: the run's snapshot of the waves, read before this dispatch."""
         if isinstance(self.launcher, DispatchObserver):
             self.launcher.on_dispatched(job_id, batches)
         if type(self.launcher).ensure is NoWorkers.ensure:
@@ -410,23 +444,90 @@ class Engine:
             # batches: a pooled worker of an earlier wave, idling until its idle timeout,
             # claims none of them, so it does not count (issue 16, row "many": each wave of
             # a parallelism-1 import waited ~30 s for the previous wave's worker to exit).
-            seen = self.launcher.observe(target, self.tenant, job_id)
+            seen = self._recent_observation(target, job_id)
             waves = {b.wave_number for b in batches}
             per_wave = bool(getattr(self.launcher, "per_wave", False))
             alive = sum(
                 1 for w in seen.workers if w.alive and (not per_wave or w.wave_number in waves)
             )
-            if seen.complete and alive >= spec.parallelism:
+            if (
+                seen.complete
+                and alive >= spec.parallelism
+                and not self._ahead_missing(job_id, spec, batches, snapshot_waves, seen)
+            ):
                 return self._host_dispatch(job_id, spec, batches)
         self.sync_workers(job_id)
         self._host_dispatch(job_id, spec, batches)
+
+    def _ahead_missing(
+        self,
+        job_id: str,
+        spec: ImportSpec,
+        batches: list[BatchDispatch],
+        waves: Sequence[WaveState],
+        seen: Observation,
+    ) -> bool:
+        """This dispatch left a next wave to start ahead (`wave_ahead` of the waves as they are
+        after it) with no worker or launch of that wave seen: a sync starts it."""
+        if not waves or not getattr(self.launcher, "per_wave", False):
+            return False
+        counts: dict[int, int] = {}
+        for b in batches:
+            counts[b.wave_number] = counts.get(b.wave_number, 0) + 1
+        ahead = wave_ahead(job_id, after_dispatch(waves, counts), spec.parallelism)
+        if ahead is None:
+            return False
+        return not any(
+            w.alive and w.wave_number == ahead.wave_number for w in seen.workers
+        ) and not any(x.wave_number == ahead.wave_number for x in seen.launches)
+
+    def _observe(self, target: LaunchTarget, job_id: str) -> Observation:
+        """The launcher's observation of the job's workers, now; a complete one is kept for the
+        hot path (unless a newer one was asked for meanwhile)."""
+        asked = self.clock()
+        seen = self.launcher.observe(target, self.tenant, job_id)
+        if seen.complete and self._observation_ttl() > 0:
+            with self._observed_lock:
+                old = self._observed.get(job_id)
+                if old is None or old[0] <= asked:
+                    self._observed[job_id] = (asked, seen)
+                    self._observed.move_to_end(job_id)
+                    while len(self._observed) > OBSERVATIONS_KEPT:
+                        self._observed.popitem(last=False)
+        return seen
+
+    def _recent_observation(self, target: LaunchTarget, job_id: str) -> Observation:
+        """The hot path's observation: one asked for less than the launcher's
+        `observation_ttl` seconds ago (by any path: a sync, a sweep, an earlier dispatch), or a
+        new one. With a Kubernetes launcher an observation is two LIST calls (pods, Jobs) and
+        a dispatch follows nearly every completion: 2 x 840 LISTs for a 1M-line import, each
+        deserialized by the operator, for an answer that changes only when a worker starts or
+        ends. A worker's start or end is a worker Job event, whose sync observes anew (and
+        refreshes this); until it is handled the hot path may skip a sync the event's own sync
+        then makes (the level-based paths converge, as they did when a worker ended between
+        the observation and the dispatch). 0 (a local launcher): always a new one."""
+        ttl = self._observation_ttl()
+        if ttl > 0:
+            with self._observed_lock:
+                hit = self._observed.get(job_id)
+            if hit is not None and 0 <= self.clock() - hit[0] < ttl:
+                return hit[1]
+        return self._observe(target, job_id)
+
+    def _observation_ttl(self) -> float:
+        return float(getattr(self.launcher, "observation_ttl", 0.0) or 0.0)
 
     def _host_dispatch(self, job_id: str, spec: ImportSpec, batches: list[BatchDispatch]) -> None:
         if self.on_dispatch is not None:
             self.on_dispatch(job_id, spec, batches)
 
     def launch_target(self, job_id: str) -> LaunchTarget:
-        """Where the job's workers run, as stored at submit (kind "none" for an unknown job)."""
+        """Where the job's workers run, as stored at submit (kind "none" for an unknown job;
+        the one a sync read, kept until the next submit of the job, when there is one: a
+        NOTIFY prompt asks for it after every completion)."""
+        known = self._targets.get(job_id)
+        if known is not None:
+            return known
         with self.pool.connection() as conn:
             job = conn.execute(Q("job_workers_view"), {"job_id": job_id}).fetchone()
         return LaunchTarget.from_json(job["launch_target"] if job else None)

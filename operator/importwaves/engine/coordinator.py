@@ -72,8 +72,9 @@ TERMINAL_OUTCOMES = frozenset(
 Prepare = Callable[[Conn, ImportSpec], derived.Created]
 #: A step run after the commit, right after the worker sync, before the run's flags and events.
 OnCommit = Callable[[RunResult], None]
-#: What the engine does with a run's dispatched batches after its commit (its worker sync).
-OnDispatched = Callable[[str, ImportSpec, list[BatchDispatch]], None]
+#: What the engine does with a run's dispatched batches after its commit (its worker sync);
+#: called with the keyword `snapshot_waves`: the run's snapshot's waves, read before it.
+OnDispatched = Callable[..., None]
 
 
 class GuardViolation(RuntimeError):
@@ -475,7 +476,7 @@ class Coordinator:
         job_id = snap.job_id
         # Workers first: everything else here is bookkeeping that no worker waits for.
         if dispatched and self.on_dispatched is not None:
-            self.on_dispatched(job_id, spec, dispatched)
+            self.on_dispatched(job_id, spec, dispatched, snapshot_waves=snap.waves)
         if on_commit is not None:
             on_commit(result)
         if decision.keep_monitoring:

@@ -43,9 +43,11 @@ their worker, which ended workers to forget. Pure: `Engine.sync_workers` gathers
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
+from importwaves.engine.model import WaveState
 from importwaves.launch.port import LaunchProblem, Observation, WorkerGroup, WorkerSeen
 
 #: Job statuses for which no worker is wanted (a worker of such a job exits by itself).
@@ -162,6 +164,71 @@ class ProblemPlan:
     retry: tuple[LaunchProblem, ...] = field(default_factory=tuple)
 
 
+#: Seconds ahead of a wave's expected opening its workers are started (`wave_ahead`): a pod
+#: start on a real cluster takes seconds (Kubernetes' pod-startup SLO: 5 s at p99), well below
+#: the pooled worker's idle timeout (30 s) that ends workers started too early.
+AHEAD_SECONDS = 5.0
+
+
+def wave_ahead(
+    job_id: str,
+    waves: Sequence[WaveState],
+    parallelism: int,
+    *,
+    now: datetime | None = None,
+    lead: float = AHEAD_SECONDS,
+) -> WorkerGroup | None:
+    """The next wave's worker group, to start BEFORE its first dispatch (one work-queue Job per
+    wave: a pod start costs seconds, paid once per wave, in sequence, if the Job waits for the
+    dispatch). The next wave is the first, by number, with no dispatch yet. It is started once
+    every earlier wave with work left is running, has completed a batch, and at the rate it
+    has completed batches since its first dispatch is expected to finish within `lead`
+    seconds ((pending + active) / rate); and no earlier batch failed for good. So a first wave
+    whose only batch keeps failing starts no Job for the next, nor does anything before the
+    first completions. Its workers claim only dispatched batches of their wave (and wait on
+    LISTEN until then): the engine still decides every dispatch, so a derived wave's workers
+    claim nothing before its parents reach the completion threshold. Size: a main wave's
+    batches (all made at planning), at most the parallelism; a derived wave grows while its
+    parents complete: the parallelism. None: nothing to start ahead."""
+    now = now or datetime.now(UTC)
+    ordered = sorted(waves, key=lambda w: w.wave_number)
+    for i, w in enumerate(ordered):
+        if w.first_dispatched_at is not None or w.active or w.completed or w.failed:
+            continue  # started (or done): its group is the held batches' business
+        earlier = [e for e in ordered[:i] if e.pending or e.active]
+        if not earlier or any(e.failed for e in ordered[:i]):
+            return None
+        for e in earlier:
+            if not e.active or not e.completed or e.first_dispatched_at is None:
+                return None
+            elapsed = (now - e.first_dispatched_at).total_seconds()
+            if (e.pending + e.active) * max(elapsed, 0.0) / e.completed > lead:
+                return None
+        size = parallelism if w.is_derived else min(parallelism, w.pending)
+        if size <= 0:
+            return None
+        return WorkerGroup(job_id, w.wave_number, w.name, size)
+    return None
+
+
+def after_dispatch(
+    waves: Sequence[WaveState], dispatched: Mapping[int, int]
+) -> tuple[WaveState, ...]:
+    """The waves of a snapshot read before a dispatch, as they are after it (`dispatched`:
+    batches dispatched per wave number): pending -> dispatched, first dispatch stamped."""
+    return tuple(
+        replace(
+            w,
+            pending=max(0, w.pending - n),
+            dispatched=w.dispatched + n,
+            first_dispatched_at=w.first_dispatched_at or datetime.now(UTC),
+        )
+        if (n := dispatched.get(w.wave_number, 0))
+        else w
+        for w in waves
+    )
+
+
 def plan_workers(
     job_id: str,
     job_status: str | None,
@@ -172,6 +239,7 @@ def plan_workers(
     per_wave: bool,
     grace: float = DEFAULT_GRACE,
     pull_grace: float = DEFAULT_PULL_GRACE,
+    ahead: WorkerGroup | None = None,
 ) -> WorkerPlan:
     alive = {w.worker_id for w in seen.workers if w.alive}
     ended = {w.worker_id: w for w in seen.workers if not w.alive}
@@ -231,6 +299,15 @@ def plan_workers(
             size = min(max(parallelism, 0), n)
             if size > 0 and key not in blocked:
                 groups.append(WorkerGroup(job_id, key, name, size))
+        # the next wave's workers ahead of its dispatch (per wave only: a job's one group
+        # already runs every wave's batches)
+        if (
+            per_wave
+            and ahead is not None
+            and ahead.wave_number not in counts
+            and ahead.wave_number not in blocked
+        ):
+            groups.append(ahead)
     discard = tuple(sorted({w for w in ended if w not in waiting} | stuck_ids))
     return WorkerPlan(tuple(groups), tuple(lost), discard, tuple(problems))
 

@@ -478,6 +478,10 @@ def duration_of(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600}h"
 
 
+def _has_batches(waves: list[WaveState]) -> bool:
+    return any(w.total > 0 for w in waves)
+
+
 def _from_view(
     conds: list[dict[str, Any]], view: JobView, gen: int, now: str
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -532,13 +536,21 @@ def _from_view(
     )
     # Only derived work left: the main waves are done and derived batches (or parents awaiting
     # their derived batches) remain. Before that the import is Running, derived or not.
-    dp = not completed and main_done and (derived_pending > 0 or awaiting > 0)
+    # The last derived batch committed and the run that records the job's completion has not
+    # yet: still the derived phase (a status written in that moment said Running between
+    # DerivedPending and Completed, the STATUS column going back).
+    finishing = (
+        running and main_done and not derived_pending and not awaiting and _has_batches(derived)
+    )
+    dp = not completed and main_done and (derived_pending > 0 or awaiting > 0 or finishing)
     conds = set_condition(
         conds,
         Cond.DERIVED_PENDING,
         dp,
         "DerivedBatchesPending" if dp else "NoDerivedPending",
-        f"Main waves done; {derived_pending} derived batch(es) pending or active"
+        "Main waves done; every derived batch finished, the import's completion is being recorded."
+        if finishing
+        else f"Main waves done; {derived_pending} derived batch(es) pending or active"
         + (f", {awaiting} parent batch(es) awaiting derived creation" if awaiting else "")
         + "."
         if dp

@@ -57,6 +57,9 @@ INDEXES_KEPT = 4096
 
 class KubernetesLauncher:
     per_wave = True
+    #: seconds the engine's dispatch hot path may reuse an observation (two LISTs) of a job's
+    #: workers (Engine._recent_observation); a sync always observes anew
+    observation_ttl = 2.0
 
     def __init__(
         self,
