@@ -202,4 +202,4 @@ def test_properties(ds: list[Demand], total: int, cap: int, turns: dict[str, int
     # deterministic whatever the input order
     shuffled = list(ds)
     random.Random(len(ds)).shuffle(shuffled)
-    assert share(budget, shuffled) == out
+    assert share(budget, shuffled, turns) == out
