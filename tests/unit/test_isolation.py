@@ -28,7 +28,7 @@ from importwaves.engine.notify import (
 )
 from importwaves.k8s import operator as k8s_operator
 from importwaves.k8s.crd import DatabaseRef
-from importwaves.k8s.jobs import WAITING_BACKSTOP_S, job_finished, needs_polling, timer_due
+from importwaves.k8s.jobs import WAITING_BACKSTOP_S, needs_polling, timer_due
 from importwaves.k8s.operator import ImportJobOperator, ProblemError, _db_problem
 from importwaves.k8s.status import Problem, ProblemKind
 from importwaves.launch.base import MAX_LAUNCH_ERROR, BatchDispatch, LaunchFailure
@@ -491,5 +491,7 @@ def test_the_timer_looks_at_an_importjob_waiting_for_capacity_only_as_a_backstop
 def test_a_worker_job_has_ended_only_once_complete_or_failed(
     conditions: list[Any] | None, finished: bool
 ) -> None:
-    assert job_finished({"status": {"conditions": conditions}}) is finished
-    assert job_finished({}) is False
+    r = read_wave_job(_finished(**{"status/conditions": conditions}), "uid-1")
+    assert r is not None and r.finished is finished
+    r = read_wave_job(_finished(status={}), "uid-1")
+    assert r is not None and r.finished is False

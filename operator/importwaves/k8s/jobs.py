@@ -25,7 +25,6 @@ __all__ = [
     "LABEL_IMPORTJOB",
     "LABEL_OWNER_UID",
     "controller_owner",
-    "job_finished",
     "needs_polling",
     "owner_label",
     "timer_due",
@@ -48,18 +47,6 @@ def needs_polling(status: dict[str, Any], annotations: dict[str, str]) -> bool:
             (ANN_RECONCILE, "handledReconcile"),
             (ANN_RETRY_FAILED, "handledRetryFailed"),
         )
-    )
-
-
-def job_finished(job: dict[str, Any]) -> bool:
-    """Whether a batch/v1 Job (a dict as the API returns it) has ended: its Complete or
-    Failed condition is True."""
-    conds = (job.get("status") or {}).get("conditions") or []
-    return any(
-        isinstance(c, dict)
-        and c.get("type") in ("Complete", "Failed")
-        and c.get("status") == "True"
-        for c in conds
     )
 
 

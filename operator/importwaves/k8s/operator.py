@@ -47,7 +47,7 @@ from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
 from importwaves.k8s.events import EventPoster, KubeEvent, ObjectRef
-from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner, job_finished
+from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner
 from importwaves.k8s.status import (
     JobView,
     Problem,
@@ -56,6 +56,7 @@ from importwaves.k8s.status import (
     now_iso,
     status_patch,
 )
+from importwaves.launch.kubejobs import read_wave_job
 from importwaves.launch.kubernetes import KubernetesLauncher
 from importwaves.launch.port import LaunchProblem, LaunchTarget
 from importwaves.log import event
@@ -524,7 +525,8 @@ class ImportJobOperator:
         and migration check, only to be evicted at once), and a Job still running is left
         until its own end's event. Worker Jobs send ~5 events each; most arrive after their
         import completed."""
-        if not job_finished(job):
+        wave_job = read_wave_job(job, uid)
+        if wave_job is None or not wave_job.finished:
             return
         try:
             ij = ImportJobSpec.model_validate(obj.get("spec") or {})
