@@ -666,10 +666,8 @@ class ImportJobOperator:
             event(
                 log,
                 "tenant_engine_replaced",
-                namespace=namespace,
-                secret=ref.secretName,
-                key=ref.key,
-                tenant=tenant,
+                logging.INFO,
+                **_key_fields(key),
                 reason="the Secret's DSN changed",
             )
             self._close_later(old)
@@ -734,10 +732,8 @@ class ImportJobOperator:
         event(
             log,
             "tenant_engine_created",
-            namespace=namespace,
-            secret=ref.secretName,
-            key=ref.key,
-            tenant=tenant,
+            logging.INFO,
+            **_key_fields((namespace, ref.secretName, ref.key, tenant)),
         )
         return _Cached(engine, fp, reg)
 
@@ -752,14 +748,7 @@ class ImportJobOperator:
             self._failures.pop(key, None)
             self._key_locks.pop(key, None)
         if cached is not None:
-            event(
-                log,
-                "tenant_engine_evicted",
-                namespace=namespace,
-                secret=key[1],
-                key=key[2],
-                tenant=key[3],
-            )
+            event(log, "tenant_engine_evicted", logging.INFO, **_key_fields(key))
             self._close_later(cached)
 
     def _close_later(self, cached: _Cached) -> None:
@@ -960,6 +949,12 @@ def _starts_wave(result: RunResult, wave_number: int) -> bool:
         return result.snapshot.wave(wave_number).first_dispatched_at is None
     except KeyError:
         return True
+
+
+def _key_fields(key: EngineKey) -> dict[str, str]:
+    """An engine's identity as log fields (the Secret's name and key, never its value)."""
+    namespace, secret, secret_key, tenant = key
+    return {"namespace": namespace, "secret": secret, "key": secret_key, "tenant": tenant}
 
 
 def launch_target(namespace: str, name: str, uid: str, ij: ImportJobSpec) -> LaunchTarget:
