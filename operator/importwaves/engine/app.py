@@ -340,17 +340,16 @@ class Engine:
         target = self._targets[job_id] = LaunchTarget.from_json(job["launch_target"])
         spec = spec_of(job)
         seen = self._observe(target, job_id)
+        per_wave = bool(getattr(self.launcher, "per_wave", False))
+        ahead = None
         with self.pool.connection() as conn:
             rows = conn.execute(Q("batches_held"), {"job_id": job_id}).fetchall()
+            if per_wave and job["status"] == "running":
+                ahead = wave_ahead(job_id, read_waves(conn, job_id), spec.parallelism)
         names = {rt.recordTypeId: rt.name for rt in spec.recordTypes} | {
             d.recordTypeId: d.name for d in spec.derivedTypes
         }
         held = [held_batch(r, names) for r in rows]
-        per_wave = bool(getattr(self.launcher, "per_wave", False))
-        ahead = None
-        if per_wave and job["status"] == "running":
-            with self.pool.connection() as conn:
-                ahead = wave_ahead(job_id, read_waves(conn, job_id), spec.parallelism)
         plan = plan_workers(
             job_id,
             job["status"],
