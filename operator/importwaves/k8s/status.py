@@ -243,6 +243,16 @@ def compute_status(
     event's refresh, a NOTIFY prompt): a refused spec change comes from the job row
     (`view.refusal`), so no path can write a status without it."""
     old = dict(old or {})
+    if (
+        view is not None
+        and problem is None
+        and old.get("summary") == "DerivedPending"
+        and completion_pending(view)
+    ):
+        # Transient: written now it would say Running (no derived batch pending) between
+        # DerivedPending and Completed, the STATUS column going back; DerivedPending=True with
+        # nothing pending would contradict its own condition. The completing run writes next.
+        return old
     conds: list[dict[str, Any]] = list(old.get("conditions") or [])
     new: dict[str, Any] = {k: v for k, v in old.items() if k in _OWN_FIELDS}
     new["observedGeneration"] = generation
@@ -478,8 +488,18 @@ def duration_of(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600}h"
 
 
-def _has_batches(waves: list[WaveState]) -> bool:
-    return any(w.total > 0 for w in waves)
+def completion_pending(view: JobView) -> bool:
+    """Every batch, derived included, completed while the job row still says running: the
+    moment between the last derived batch's commit and the run that records the completion
+    (it follows at once, prompted by that commit's NOTIFY)."""
+    snap = view.snapshot
+    return (
+        snap.status == JobStatus.RUNNING
+        and bool(snap.derived_waves)
+        and any(w.total > 0 for w in snap.derived_waves)
+        and all(w.all_completed for w in snap.waves)
+        and not snap.awaiting_derivation
+    )
 
 
 def _from_view(
@@ -536,21 +556,13 @@ def _from_view(
     )
     # Only derived work left: the main waves are done and derived batches (or parents awaiting
     # their derived batches) remain. Before that the import is Running, derived or not.
-    # The last derived batch committed and the run that records the job's completion has not
-    # yet: still the derived phase (a status written in that moment said Running between
-    # DerivedPending and Completed, the STATUS column going back).
-    finishing = (
-        running and main_done and not derived_pending and not awaiting and _has_batches(derived)
-    )
-    dp = not completed and main_done and (derived_pending > 0 or awaiting > 0 or finishing)
+    dp = not completed and main_done and (derived_pending > 0 or awaiting > 0)
     conds = set_condition(
         conds,
         Cond.DERIVED_PENDING,
         dp,
         "DerivedBatchesPending" if dp else "NoDerivedPending",
-        "Main waves done; every derived batch finished, the import's completion is being recorded."
-        if finishing
-        else f"Main waves done; {derived_pending} derived batch(es) pending or active"
+        f"Main waves done; {derived_pending} derived batch(es) pending or active"
         + (f", {awaiting} parent batch(es) awaiting derived creation" if awaiting else "")
         + "."
         if dp
