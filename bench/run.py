@@ -191,19 +191,22 @@ def row2(s: Servers, seconds: float, rounds: int) -> dict[str, Any]:
     spec = throughput.prepare(s.dsn, tenant, batches)
     script = throughput.pgbench_script(s.workdir / "completion.pgbench.sql")
     pos = 0
-    names = ("engine_1", "pgbench_1", "engine_2", "pgbench_2")
+    names = ("engine_1", "pgbench_1", "engine_2", "pgbench_2", "threads_2")
     runs: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     verified = True
 
-    def engine(n: int) -> None:
+    def engine(n: int, processes: bool = True) -> None:
         nonlocal pos, verified
-        r = throughput.engine_completions(s.dsn, tenant, spec, n, seconds, pos)
+        r = throughput.engine_completions(s.dsn, tenant, spec, n, seconds, pos, processes=processes)
         verified &= (
             throughput.completed_in(s.dsn, tenant, pos, pos + r["completions"])
             == (r["completions"])
         )
         pos += r["completions"] + 8
-        runs[f"engine_{n}"].append(r["per_s"])
+        name = f"engine_{n}" if processes else f"threads_{n}"
+        runs[name].append(r["per_s"])
+        cpu[name].append(r["client_cpu_ms_per_completion"])
 
     def bench(n: int) -> None:
         nonlocal pos, verified
@@ -220,30 +223,45 @@ def row2(s: Servers, seconds: float, rounds: int) -> dict[str, Any]:
     for r in range(rounds):
         say(f"row 2: round {r + 1}/{rounds} ({seconds:.0f} s per run)")
         if r % 2 == 0:
-            steps = [lambda: engine(1), lambda: bench(1), lambda: engine(2), lambda: bench(2)]
+            steps = [
+                lambda: engine(1),
+                lambda: bench(1),
+                lambda: engine(2),
+                lambda: bench(2),
+                lambda: engine(2, processes=False),
+            ]
         else:
-            steps = [lambda: bench(2), lambda: engine(2), lambda: bench(1), lambda: engine(1)]
+            steps = [
+                lambda: engine(2, processes=False),
+                lambda: bench(2),
+                lambda: engine(2),
+                lambda: bench(1),
+                lambda: engine(1),
+            ]
         for step in steps:
             step()
     out: dict[str, Any] = {
-        "statements": "BEGIN; completion_durable; batch_lock; import_transactions; "
-        "batch_complete; notify_tenant_batch_completed; COMMIT (the engine in pipeline mode, 3 "
-        "round trips; pgbench one statement at a time, + one nextval per transaction, outside "
-        "it)",
+        "statements": "BEGIN; batch_lock; import_transactions; batch_complete_notify; COMMIT "
+        "(the engine in pipeline mode, 2 round trips; pgbench one statement at a time, + one "
+        "nextval per transaction, outside it)",
+        "engine_side": "one process per connection, as the pooled workers run; threads_2: two "
+        "threads of one process, for comparison",
         "seconds_per_run": seconds,
         "rounds": rounds,
         "every_transaction_completed_a_batch": verified,
     }
-    for clients in (1, 2):
-        eng, pgb = runs[f"engine_{clients}"], runs[f"pgbench_{clients}"]
+    for name, clients in (("engine_1", 1), ("engine_2", 2), ("threads_2", 2)):
+        eng, pgb = runs[name], runs[f"pgbench_{clients}"]
         ratios = [e / p for e, p in zip(eng, pgb, strict=True)]
-        out[f"clients_{clients}"] = {
+        key = f"clients_{clients}" if name.startswith("engine") else "clients_2_threads"
+        out[key] = {
             "engine_per_s": round(statistics.median(eng), 1),
             "pgbench_per_s": round(statistics.median(pgb), 1),
             "ratio_median": round(statistics.median(ratios), 3),
             "ratios": [round(x, 3) for x in ratios],
             "engine_runs": [round(x, 1) for x in eng],
             "pgbench_runs": [round(x, 1) for x in pgb],
+            "client_cpu_ms_per_completion": round(statistics.median(cpu[name]), 3),
         }
     return out
 
@@ -535,6 +553,18 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     f"{x['ratio_median']:.2f}",
                     f">= {TARGETS['throughput_ratio']:.2f}",
                     _verdict(x["ratio_median"] >= TARGETS["throughput_ratio"]),
+                )
+            )
+        x = r2.get("clients_2_threads")
+        if x:  # results.json files written before the engine side ran in processes lack it
+            rows.append(
+                (
+                    "2 (2 connections as 2 threads of one process) / pgbench 2 clients",
+                    f"{x['engine_per_s']:.0f} / {x['pgbench_per_s']:.0f} /s = "
+                    f"{x['ratio_median']:.2f}; client CPU "
+                    f"{x['client_cpu_ms_per_completion']:.2f} ms/completion",
+                    "-",
+                    "-",
                 )
             )
     r3 = res.get("row3")

@@ -1,23 +1,27 @@
 """Row 2: completion throughput against the database's own limit.
 
 The engine side runs the reference worker's completion transaction exactly as the worker does
-(`importwaves.worker._import_and_complete`: batch_lock, the import upsert, batch_complete, in
-one transaction sent in pipeline mode, the counter triggers firing; invalid_staging_rows runs
-only after an upsert that failed or wrote less than planned), for claimed batches of
-one record each, on one connection per thread, for a fixed time; 1 and 2 threads.
+(`importwaves.worker._import_and_complete`: batch_lock, the import upsert and
+batch_complete_notify in one transaction sent in pipeline mode, the counter triggers firing;
+invalid_staging_rows runs only after an upsert that failed or wrote less than planned), for
+claimed batches of one record each, for a fixed time, on 1 and 2 connections, one process
+each, as the pooled workers run; and, beside it, on 2 connections as 2 threads of one process
+(they share its interpreter lock, so the client's CPU per completion, ~0.6 ms in psycopg, is
+serialized between them).
 
 The limit: `pgbench` with the same number of clients running a custom script made of the very
-same statements (completion_durable, batch_lock, the upsert, batch_complete and the NOTIFY, one
-at a time, as pgbench does), taken from queries.sql at run time (parameters become pgbench
-variables, -M prepared as psycopg prepares repeated statements), on the same server against the
-same job's remaining batches. Each pgbench transaction first takes its batch number from a sequence
-(`SELECT nextval(...) \\gset`, outside the transaction) so that, like the engine side, every
-transaction completes a different batch.
+same statements (batch_lock, the upsert, and batch_complete_notify: the completion, its NOTIFY
+and the durable commit setting), one at a time, as pgbench does, taken from queries.sql at run
+time (parameters become pgbench variables, -M prepared as psycopg prepares repeated
+statements), on the same server against the same job's remaining batches. Each pgbench
+transaction first takes its batch number from a sequence (`SELECT nextval(...) \\gset`, outside
+the transaction) so that, like the engine side, every transaction completes a different batch.
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 import os
 import re
 import subprocess
@@ -67,46 +71,115 @@ def prepare(dsn: str, tenant: str, batches: int) -> ImportSpec:
     return spec
 
 
+def _complete_until(
+    dsn: str, tenant: str, spec_json: dict[str, Any], seconds: float, take: Any, wait: Any
+) -> tuple[int, float, float, str | None]:
+    """One connection's loop: complete the batch numbered `take()` until `seconds` have passed
+    after `wait()` returns; (completions, seconds, this thread's CPU seconds, error)."""
+    done = 0
+    with connect(dsn, tenant, autocommit=True) as conn:
+        wait()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        while time.perf_counter() < t0 + seconds:
+            n = take()
+            item = WorkItem(dsn, tenant, JOB, f"{PREFIX}-{n:06d}", 1)
+            key = {"job_id": JOB, "batch_id": item.batch_id, "dispatch_seq": 1}
+            claimed = {"record_type_id": SALES_ORDER, "chunk_ids_json": [n + 1]}
+            try:
+                _import_and_complete(conn, item, key, spec_json, claimed)
+            except Exception as exc:
+                err = f"{item.batch_id}: {type(exc).__name__}: {exc}"
+                return done, time.perf_counter() - t0, time.thread_time() - cpu0, err
+            done += 1
+        return done, time.perf_counter() - t0, time.thread_time() - cpu0, None
+
+
+def _process_main(
+    dsn: str,
+    tenant: str,
+    spec_json: dict[str, Any],
+    seconds: float,
+    counter: Any,
+    barrier: Any,
+    results: Any,
+) -> None:
+    def take() -> int:
+        with counter.get_lock():
+            n = int(counter.value)
+            counter.value = n + 1
+        return n
+
+    try:
+        results.put(_complete_until(dsn, tenant, spec_json, seconds, take, barrier.wait))
+    except Exception as exc:  # reported by the parent, which waits for every result
+        results.put((0, 0.0, 0.0, f"{type(exc).__name__}: {exc}"))
+
+
 def engine_completions(
-    dsn: str, tenant: str, spec: ImportSpec, threads: int, seconds: float, start: int
+    dsn: str,
+    tenant: str,
+    spec: ImportSpec,
+    connections: int,
+    seconds: float,
+    start: int,
+    *,
+    processes: bool = True,
 ) -> dict[str, Any]:
-    """Completions/s of the worker's completion transaction, `threads` connections."""
-    numbers = itertools.count(start)
+    """Completions/s of the worker's completion transaction on `connections` connections,
+    batch numbers from `start` on, each taken once. `processes`: one process per connection,
+    as the pooled workers run (each its own process, its own connection); else one thread per
+    connection in this process (they share its interpreter lock)."""
     spec_json = spec.model_dump(mode="json")
-    counts = [0] * threads
-    errors: list[str] = []
-    barrier = threading.Barrier(threads + 1)
-    stop_at = [0.0]
+    results: list[tuple[int, float, float, str | None]] = []
+    if processes:
+        ctx = mp.get_context("spawn")
+        counter = ctx.Value("q", start)
+        barrier = ctx.Barrier(connections)
+        queue = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_process_main,
+                args=(dsn, tenant, spec_json, seconds, counter, barrier, queue),
+                daemon=True,
+            )
+            for _ in range(connections)
+        ]
+        for p in procs:
+            p.start()
+        results = [queue.get(timeout=seconds + 120) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+    else:
+        numbers = itertools.count(start)
+        lock = threading.Lock()
+        tbarrier = threading.Barrier(connections)
 
-    def run(slot: int) -> None:
-        with connect(dsn, tenant, autocommit=True) as conn:
-            barrier.wait()
-            while time.perf_counter() < stop_at[0]:
-                n = next(numbers)
-                item = WorkItem(dsn, tenant, JOB, f"{PREFIX}-{n:06d}", 1)
-                key = {"job_id": JOB, "batch_id": item.batch_id, "dispatch_seq": 1}
-                claimed = {"record_type_id": SALES_ORDER, "chunk_ids_json": [n + 1]}
-                try:
-                    _import_and_complete(conn, item, key, spec_json, claimed)
-                except Exception as exc:
-                    errors.append(f"{item.batch_id}: {type(exc).__name__}: {exc}")
-                    return
-                counts[slot] += 1
+        def take() -> int:
+            with lock:
+                return next(numbers)
 
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    stop_at[0] = time.perf_counter() + 3600
-    barrier.wait()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + seconds
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - t0
+        def run() -> None:
+            out = _complete_until(dsn, tenant, spec_json, seconds, take, tbarrier.wait)
+            with lock:
+                results.append(out)
+
+        workers = [threading.Thread(target=run) for _ in range(connections)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    errors = [r[3] for r in results if r[3]]
     if errors:
         raise RuntimeError("engine completions failed: " + "; ".join(errors[:3]))
-    done = sum(counts)
-    return {"completions": done, "seconds": round(elapsed, 3), "per_s": done / elapsed}
+    done = sum(r[0] for r in results)
+    elapsed = max(r[1] for r in results)
+    cpu = sum(r[2] for r in results)
+    return {
+        "completions": done,
+        "seconds": round(elapsed, 3),
+        "per_s": done / elapsed,
+        "client_cpu_ms_per_completion": round(1000 * cpu / max(done, 1), 3),
+    }
 
 
 def _pgbench_sql(name: str) -> str:
@@ -115,13 +188,7 @@ def _pgbench_sql(name: str) -> str:
     return text.replace("%%", "%") + ";\n"
 
 
-_ENGINE = {
-    "completion_durable",
-    "batch_lock",
-    "import_transactions",
-    "batch_complete",
-    "notify_tenant_batch_completed",
-}
+_ENGINE = {"batch_lock", "import_transactions", "batch_complete_notify"}
 
 
 def pgbench_script(path: Path) -> Path:
@@ -131,11 +198,9 @@ def pgbench_script(path: Path) -> Path:
         + _pgbench_sql("pgbench_batch_params").rstrip(";\n")
         + " \\gset\n"
         + "BEGIN;\n"
-        + _pgbench_sql("completion_durable")
         + _pgbench_sql("batch_lock")
         + _pgbench_sql("import_transactions")
-        + _pgbench_sql("batch_complete")
-        + _pgbench_sql("notify_tenant_batch_completed")
+        + _pgbench_sql("batch_complete_notify")
         + "END;\n"
     )
     _check_variables(body)

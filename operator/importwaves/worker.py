@@ -3,7 +3,7 @@
 Contract (also in the README): the worker gets its tenant DSN, tenant, job id, batch id and
 dispatch sequence (the fencing token), claims the batch (dispatched -> processing, counting the
 attempt), heartbeats while it runs, and in ONE transaction upserts the target rows and marks the
-batch completed with the number of rows that upsert wrote (`batch_complete` ... rows_written),
+batch completed with the number of rows that upsert wrote (`batch_complete_notify`: rows_written),
 which must equal the batch's planned record_count. An exit 0 records nothing: the engine only
 checks that this dispatch's completion is in the database. Exit codes:
 
@@ -159,16 +159,17 @@ def _import_and_complete(
 ) -> None:
     """Import the batch and record its completion in ONE transaction, or change nothing.
 
-    `conn` is in autocommit mode; the transaction is BEGIN ... COMMIT sent in pipeline mode, in
-    three round trips instead of one per statement: (1) BEGIN, the durable-commit setting,
-    `batch_lock` and the import upsert; (2) `batch_complete` with the upsert's row count and
-    the NOTIFY; (3) COMMIT. Every check is made before the COMMIT, in this order: the lock says
-    this dispatch still holds the batch (else fenced); the upsert ran and wrote the batch's
-    planned count (the import queries skip rows with an invalid payload, a missing parent fails
-    their foreign key); the completion updated the batch (else fenced). An upsert that failed or
-    wrote another count is rolled back, and `invalid_staging_rows` then names the invalid rows
-    (a data error), or else the upsert's own error is raised, or else the count mismatch (a data
-    error). Any failed check or error rolls everything back."""
+    `conn` is in autocommit mode; the transaction is BEGIN ... COMMIT sent in pipeline mode in
+    two round trips: (1) BEGIN, `batch_lock` and the import upsert; (2) `batch_complete_notify`
+    (the completion, its NOTIFY and a durable commit, one statement) and COMMIT. Every check is
+    made before the second round trip is sent, in this order: the lock says this dispatch still
+    holds the batch (else fenced); the upsert ran and wrote the batch's planned count (the
+    import queries skip rows with an invalid payload, a missing parent fails their foreign key).
+    The row lock held since (1) keeps the batch in this dispatch, so the completion matches it;
+    if the completion statement fails, the COMMIT queued behind it is not run (the pipeline
+    aborts) and everything rolls back. An upsert that failed or wrote another count is rolled
+    back, and `invalid_staging_rows` then names the invalid rows (a data error), or else the
+    upsert's own error is raised, or else the count mismatch (a data error)."""
     if not conn.autocommit:
         raise ValueError("_import_and_complete needs a connection in autocommit mode")
     record_type_id = int(claimed["record_type_id"])
@@ -184,7 +185,6 @@ def _import_and_complete(
     with conn.pipeline() as pipe:
         try:
             conn.execute("BEGIN")
-            conn.execute(Q("completion_durable"))
             lock_cur = conn.execute(
                 Q("batch_lock"), {"job_id": item.job_id, "batch_id": item.batch_id}
             )
@@ -200,16 +200,23 @@ def _import_and_complete(
             if error is None:
                 written = import_cur.rowcount
             if error is None and written == lock["record_count"]:
-                done_cur = conn.execute(Q("batch_complete"), {**key, "rows_written": written})
-                conn.execute(
-                    Q("notify_tenant_batch_completed"),
-                    {"channel": channel_for(item.tenant), "payload": completion_payload(item)},
+                done_cur = conn.execute(
+                    Q("batch_complete_notify"),
+                    {
+                        **key,
+                        "rows_written": written,
+                        "channel": channel_for(item.tenant),
+                        "payload": completion_payload(item),
+                    },
                 )
-                pipe.sync()
-                if done_cur.fetchone() is None:
-                    raise _Fenced(f"batch {item.batch_id} completion was fenced out")
                 conn.execute("COMMIT")
                 pipe.sync()
+                if done_cur.fetchone() is None:  # cannot happen under batch_lock's row lock
+                    raise RuntimeError(
+                        f"batch {item.batch_id}: the completion matched no batch row though "
+                        "this transaction held it locked; its import committed without it (the "
+                        "upsert is idempotent: the batch's next attempt imports it again)"
+                    )
                 return
             _rollback(conn, pipe)
         except BaseException:

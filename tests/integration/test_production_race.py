@@ -37,6 +37,7 @@ from helpers import (
 from importwaves.db.queries import Q
 from importwaves.engine.decide import decide
 from importwaves.engine.model import Outcome
+from importwaves.engine.notify import channel_for
 from importwaves.engine.snapshot import gates, read_snapshot, read_waves
 from importwaves.spec import ImportSpec
 from importwaves.worker import EXIT_OK, WorkItem, run_batch
@@ -124,8 +125,14 @@ def test_last_parent_completion_with_stale_precommit_read_still_dispatches_deriv
                         },
                     ).rowcount
                     done = conn.execute(
-                        Q("batch_complete"),
-                        {**key, "dispatch_seq": last.dispatch_seq, "rows_written": written},
+                        Q("batch_complete_notify"),
+                        {
+                            **key,
+                            "dispatch_seq": last.dispatch_seq,
+                            "rows_written": written,
+                            "channel": channel_for(tenant),
+                            "payload": "{}",
+                        },
                     ).fetchone()
                     assert done is not None and done["record_count"] == written
         except BaseException as exc:  # pragma: no cover - reported below

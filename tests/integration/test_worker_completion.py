@@ -297,6 +297,33 @@ def test_pipelined_completion_rolls_back_every_refusal_and_the_connection_goes_o
         assert _state(dsn, tenant, 7) == ("completed", 1, True)
 
 
+def test_a_completion_that_fails_in_the_second_round_trip_commits_nothing(
+    dsn: str, tenant: str, claimed: dict[str, Any]
+) -> None:
+    """The COMMIT travels with the completion statement (round trip 2): when that statement
+    fails, the COMMIT queued behind it is not run and the upsert of round trip 1 is rolled
+    back. The failure here is a trigger refusing batch 8's completion, after its upsert."""
+    with tenant_conn(dsn, tenant) as admin:
+        admin.execute(
+            "CREATE FUNCTION refuse_completion() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'completion refused by the test'; END $$"
+        )
+        admin.execute(
+            "CREATE TRIGGER refuse_completion BEFORE UPDATE ON wave_batches FOR EACH ROW "
+            f"WHEN (NEW.status = 'completed' AND NEW.batch_id = '{_batch(8)}') "
+            "EXECUTE FUNCTION refuse_completion()"
+        )
+    with connect(dsn, tenant, autocommit=True) as conn:
+        _complete(conn, dsn, tenant, claimed, 7)
+        with pytest.raises(psycopg.errors.RaiseException, match="refused by the test"):
+            _complete(conn, dsn, tenant, claimed, 8)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        _complete(conn, dsn, tenant, claimed, 9)
+    assert _state(dsn, tenant, 7) == ("completed", 1, True)
+    assert _state(dsn, tenant, 8) == ("processing", None, False)
+    assert _state(dsn, tenant, 9) == ("completed", 1, True)
+
+
 def test_completion_refuses_a_connection_in_a_transaction(
     dsn: str, tenant: str, claimed: dict[str, Any]
 ) -> None:

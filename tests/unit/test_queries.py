@@ -76,6 +76,6 @@ def test_every_query_the_code_names_exists() -> None:
 
 
 def test_completion_query_is_fenced_by_dispatch_seq() -> None:
-    for name in ("batch_complete", "batch_fail", "batch_claim", "batch_heartbeat"):
+    for name in ("batch_complete_notify", "batch_fail", "batch_claim", "batch_heartbeat"):
         assert "dispatch_seq = %(dispatch_seq)s" in Q(name), name
-    assert "status IN ('dispatched', 'processing')" in Q("batch_complete")
+    assert "status IN ('dispatched', 'processing')" in Q("batch_complete_notify")

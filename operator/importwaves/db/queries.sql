@@ -349,13 +349,6 @@ RETURNING record_type_id, chunk_ids_json, attempts,
            WHERE p.job_id = wave_batches.job_id AND p.batch_id = wave_batches.parent_batch_id)
           AS parent_record_type_id;
 
--- name: completion_durable
--- Reference worker, first statement of its completion transaction: the commit is flushed before
--- the worker reports success (exit 0), whatever the server's default (synchronous_commit=off
--- loses the last commits in a crash, and the runner would then hold an exit 0 for a completion
--- the database no longer has).
-SELECT set_config('synchronous_commit', 'on', true);
-
 -- name: batch_lock
 -- Lock one batch row (a worker holds it while importing, so a concurrent requeue waits).
 SELECT status, dispatch_seq, record_type_id, chunk_ids_json, record_count
@@ -378,7 +371,7 @@ WHERE %(changed)s OR EXISTS (
 -- counted an exit without completion, or changed nothing): its COMMIT does not wait for the WAL
 -- flush (fsync), most of a commit's time on the path the derived dispatch lag measures. What a
 -- server crash can lose is only such a run's last decisions, never a worker's completion (the
--- worker's transaction sets synchronous_commit on: completion_durable); the WAL is flushed in
+-- worker's transaction sets synchronous_commit on: batch_complete_notify); the WAL is flushed in
 -- order, so a worker's claim or completion that is durable makes the dispatch it acted on
 -- durable too. A decision lost in a crash is made again by the next run (level-based: the rows
 -- are the truth). A run that changes the job's status (completed, failed, ...) commits durably.
@@ -390,28 +383,31 @@ SELECT set_config('synchronous_commit', 'off', true);
 -- surrounding transaction; never the truth: the rows are.
 SELECT pg_notify(%(channel)s, %(payload)s);
 
--- name: notify_tenant_batch_completed
--- Tell whoever LISTENs on the tenant's channel (engine/notify.py channel_for) that a batch
--- completed; delivered only when the surrounding (completion) transaction commits. A prompt to
--- look at the database, never the truth: the row is.
-SELECT pg_notify(%(channel)s, %(payload)s);
+-- name: batch_complete_notify
+-- The reference worker's completion, after batch_lock (held FOR UPDATE: this dispatch's row,
+-- status processing, so the update below matches it) and the import upsert in the same
+-- transaction: batch_complete, the tenant's completion prompt (pg_notify, delivered only if the
+-- transaction commits; a prompt to look at the database, never the truth: the row is) and a
+-- durable commit (synchronous_commit on for this transaction, whatever the server's default:
+-- with it off a crash loses the last commits, and the runner would then hold an exit 0 for a
+-- completion the database no longer has), in one statement. Returns nothing if no row matched.
+WITH done AS (
+    UPDATE wave_batches
+    SET status = 'completed', completed_at = clock_timestamp(), last_error = NULL,
+        rows_written = %(rows_written)s, updated_at = clock_timestamp()
+    WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
+      AND status IN ('dispatched', 'processing')
+    RETURNING wave_number, record_type_id, record_count
+)
+SELECT done.*, pg_notify(%(channel)s, %(payload)s) AS notified,
+       set_config('synchronous_commit', 'on', true) AS synchronous_commit
+FROM done;
 
 -- name: batch_heartbeat
 -- A running worker's liveness signal; no status change, so no counter is touched.
 UPDATE wave_batches SET heartbeat_at = clock_timestamp()
 WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
   AND status = 'processing';
-
--- name: batch_complete
--- Record a completion for the current dispatch only, with the row count the completing worker
--- wrote in this same transaction; a second delivery updates nothing. Returns the batch's planned
--- record_count: a worker whose count differs rolls this back and fails the batch (a data error).
-UPDATE wave_batches
-SET status = 'completed', completed_at = clock_timestamp(), last_error = NULL,
-    rows_written = %(rows_written)s, updated_at = clock_timestamp()
-WHERE job_id = %(job_id)s AND batch_id = %(batch_id)s AND dispatch_seq = %(dispatch_seq)s
-  AND status IN ('dispatched', 'processing')
-RETURNING wave_number, record_type_id, record_count;
 
 -- name: batch_fail
 -- Record a failed attempt for the current dispatch: back to pending, or failed when out of
