@@ -3,8 +3,8 @@
 `install_pause(engine, point)` makes the engine's next coordinator run stop at `point` and wait
 until released (or until its process is killed):
 
-    locked     the job row is locked (and, for a listener run, the derived batches of the
-               completed parent are upserted): nothing is committed yet;
+    locked     the job row is locked (a listener run's batch reads are queued, not sent):
+               nothing is committed yet;
     decided    the run's batches are moved to `dispatched` with new fencing tokens: the
                transaction is still open;
     committed  the transaction committed; no worker sync has run, no flag is set yet.
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from importwaves.db.connect import Conn
-from importwaves.engine import derived
 from importwaves.engine.app import Engine
 from importwaves.launch.base import BatchDispatch
 from importwaves.spec import ImportSpec
@@ -56,11 +55,11 @@ def install_pause(engine: Engine, pause: Pause) -> Callable[[], None]:
     def check(job_id: str, cause: str = "nudge", **kw: Any) -> Any:
         inner = kw.pop("prepare", None)
 
-        def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
-            created = inner(conn, spec) if inner is not None else derived.Created()
+        def prepare(conn: Conn, spec: ImportSpec) -> Callable[[], None]:
+            read = inner(conn, spec) if inner is not None else None
             pause.backend_pid = conn.info.backend_pid
             pause.hit("locked")
-            return created
+            return read if read is not None else lambda: None
 
         return orig_check(job_id, cause, prepare=prepare, **kw)
 

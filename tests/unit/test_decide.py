@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from importwaves.engine.decide import decide
+from importwaves.engine.decide import Derivation, decide, derivation
 from importwaves.engine.model import (
     DERIVED,
     MAIN,
@@ -527,3 +527,115 @@ def test_decide_invariants(s: Snapshot) -> None:
         assert s.active == 0 and any(w.failed for w in s.waves)
     if d.outcome in (Outcome.DERIVED_PENDING, Outcome.DERIVED_WAVE_TRIGGERED):
         assert d.job_status in (None, JobStatus.RUNNING)
+
+
+# -- when derived batches are created (`derivation`) ------------------------------------------
+# wave 2 has 10 parent batches; parallelism 4 unless said otherwise
+@pytest.mark.parametrize(
+    ("parents", "lines", "awaiting", "threshold", "parallelism", "expected"),
+    [
+        # nothing awaited: nothing to put off
+        (wave(2, completed=10), derived(pending=6), 0, 100, 4, Derivation.NOW),
+        # gate open, derived batches pending and slots free: dispatch them first
+        (wave(2, completed=10), derived(pending=6), 2, 100, 4, Derivation.AFTER_DISPATCH),
+        # gate open but nothing pending to dispatch: create now, then dispatch those
+        (wave(2, completed=10), derived(), 2, 100, 4, Derivation.NOW),
+        # gate open, every slot taken: no dispatch to hurry, create now
+        (wave(2, completed=10), derived(pending=6, processing=4), 2, 100, 4, Derivation.NOW),
+        # gate closed, the last parents (2 <= 4) may all be running, 6 derived pending: wait
+        (
+            wave(2, completed=8, processing=2),
+            derived(pending=6),
+            2,
+            100,
+            4,
+            Derivation.AT_THRESHOLD,
+        ),
+        # ... exactly parallelism left to complete
+        (
+            wave(2, completed=6, processing=4),
+            derived(pending=6),
+            2,
+            100,
+            4,
+            Derivation.AT_THRESHOLD,
+        ),
+        # ... more parents left than slots: the crossing is not near, create now
+        (
+            wave(2, completed=5, processing=4, pending=1),
+            derived(pending=6),
+            2,
+            100,
+            4,
+            Derivation.NOW,
+        ),
+        # ... too few derived batches pending to fill the slots at the crossing: create now
+        (wave(2, completed=8, processing=2), derived(pending=3), 2, 100, 4, Derivation.NOW),
+        # a threshold below 100: near is measured against the parents the gate needs (5)
+        (
+            wave(2, completed=3, processing=4, pending=3),
+            derived(pending=6),
+            2,
+            50,
+            4,
+            Derivation.AT_THRESHOLD,
+        ),
+        # ... open at 5 of 10, the main wave's rest running, slots free: derived go first
+        (
+            wave(2, completed=5, processing=5),
+            derived(pending=6),
+            2,
+            50,
+            8,
+            Derivation.AFTER_DISPATCH,
+        ),
+    ],
+)
+def test_derivation_table(
+    parents: WaveState,
+    lines: WaveState,
+    awaiting: int,
+    threshold: int,
+    parallelism: int,
+    expected: Derivation,
+) -> None:
+    s = snap(
+        done(1),
+        parents,
+        lines,
+        parallelism=parallelism,
+        threshold=threshold,
+        awaiting=awaiting,
+    )
+    assert derivation(s) == expected
+
+
+def test_derivation_waits_for_no_gate_once_one_is_open() -> None:
+    """Two derived waves, one gate open: creation is never left for later (the open gate's
+    wave may need the batches being created), whatever the other gate's state."""
+    s = snap(
+        done(1),
+        wave(2, completed=8, processing=2),
+        derived(pending=6, processing=4),
+        wave(4, level=DERIVED, pending=6),
+        awaiting=2,
+        gates=(DerivedGate(3, 10, 8, 100), DerivedGate(4, 10, 8, 50)),
+    )
+    assert derivation(s) == Derivation.NOW
+
+
+@settings(max_examples=400, deadline=None)
+@given(snapshots())
+def test_derivation_invariants(s: Snapshot) -> None:
+    when = derivation(s)
+    assert when == derivation(s)  # pure
+    if not s.awaiting_derivation:
+        assert when == Derivation.NOW
+    if when == Derivation.AFTER_DISPATCH:
+        # only to dispatch derived batches first, which the gate allows
+        assert any(d.derived for d in decide(s).dispatches) and s.gates[0].open
+    if when == Derivation.AT_THRESHOLD:
+        gate = s.gates[0]
+        assert not gate.open
+        assert gate.parents_needed - gate.parent_completed <= s.parallelism
+        assert sum(w.pending for w in s.derived_waves) >= s.parallelism

@@ -1,17 +1,29 @@
 """`check_and_trigger_next_wave`: the one loop every stimulus ends in.
 
-Lock the job row, catch up on derived creation, read one snapshot, ask `decide`, apply its answer
-in the same transaction (dispatch, job status, and a NOTIFY on the tenant's channel that prompts
-the job's pooled workers to claim), commit; only then touch the outside world (the engine's
-worker sync first, `on_dispatched`, then cache flags and events). Running it twice in a row does
-nothing the second time. The coordinator launches nothing itself: a dispatch makes batches
-claimable; workers are the business of Engine.sync_workers.
+Lock the job row, read one snapshot, catch up on derived creation, ask `decide`, apply its
+answer in the same transaction (dispatch, job status, and a NOTIFY on the tenant's channel that
+prompts the job's pooled workers to claim), commit; only then touch the outside world (the
+engine's worker sync first, `on_dispatched`, then cache flags and events). Running it twice in a
+row does nothing the second time. The coordinator launches nothing itself: a dispatch makes
+batches claimable; workers are the business of Engine.sync_workers.
 
-A caller may hand the run a `prepare` step (run first, in the same transaction, under the job
-lock) and an `on_commit` step (run after the commit, right after the worker sync): the
-batch-completed listener does its post-commit derived initialization that way, so the derived
-batches it creates are decided on (and dispatched) under the same lock, in one transaction,
-with one commit.
+Derived creation (seed A, level-based: every completed parent batch still without its derived
+batches) is part of the run: created, then decided on, under the same lock, in one transaction.
+Two exceptions keep it off the path the derived dispatch lag measures (`decide.derivation`, a
+pure function of the snapshot read before creating): when that snapshot already lets the run
+dispatch derived batches (the parents just crossed the threshold and earlier parents' derived
+batches are pending), the run dispatches those and commits first, and a second run, right after
+it in the same call, creates the rest and decides on them; and while the gate is closed but its
+last parent batches may all be running (and enough derived batches are pending to fill the
+slots), a run leaves the creation to the run that sees the threshold crossed, so that run never
+waits on the job lock behind another's creation. An open gate's derived batches are
+dispatchable in any order, and the completion guard counts the parents still awaiting
+derivation, so nothing completes before they are created.
+
+A caller may hand the run a `prepare` step (its statements sent in the run's first round trip,
+with the snapshot's, under the job lock) and an `on_commit` step (run after the commit, right
+after the worker sync): the batch-completed listener reads the batches it was told of (and
+counts an exit without completion) that way.
 """
 
 from __future__ import annotations
@@ -30,14 +42,14 @@ from importwaves.db.queries import Q
 from importwaves.engine import derived
 from importwaves.engine.budget import waiting_message
 from importwaves.engine.capacity import CapacityKeeper
-from importwaves.engine.decide import decide
+from importwaves.engine.decide import Derivation, decide, derivation
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job
 from importwaves.engine.model import Decision, JobStatus, Outcome, Snapshot, WaveState
 from importwaves.engine.notify import channel_for, prompt_payload
 from importwaves.engine.planner import plan
 from importwaves.engine.rows import Code, TypeRows, completion_problems
-from importwaves.engine.snapshot import read_snapshot
+from importwaves.engine.snapshot import read_snapshot, send_snapshot
 from importwaves.flags import Flags
 from importwaves.launch.base import BatchDispatch
 from importwaves.log import event
@@ -55,6 +67,8 @@ class RunResult:
     reason: str = ""
     dispatched: list[BatchDispatch] = field(default_factory=list)
     derived_created: int = 0
+    #: derived creation was left to a second run, after this run's dispatch committed
+    derivation_deferred: bool = False
     snapshot: Snapshot | None = None
     decision: Decision | None = None
     #: batches this run could have dispatched but the operator-wide budget held back
@@ -67,9 +81,11 @@ TERMINAL_OUTCOMES = frozenset(
     {Outcome.COMPLETED, Outcome.FAILED, Outcome.INVALID, Outcome.NOT_FOUND}
 )
 
-#: A step run inside the coordinator's transaction, under the job lock, before anything else is
-#: read: it returns the derived batches it created (they are decided on in the same run).
-Prepare = Callable[[Conn, ImportSpec], derived.Created]
+#: A step run inside the coordinator's transaction, under the job lock: it sends its statements
+#: in the run's pipeline (before the snapshot's, in the same round trip; it must not open a
+#: pipeline of its own) and returns the step that reads their replies, called before the
+#: snapshot is read.
+Prepare = Callable[[Conn, ImportSpec], Callable[[], None]]
 #: A step run after the commit, right after the worker sync, before the run's flags and events.
 OnCommit = Callable[[RunResult], None]
 #: What the engine does with a run's dispatched batches after its commit (its worker sync);
@@ -106,10 +122,31 @@ class Coordinator:
         prepare: Prepare | None = None,
         on_commit: OnCommit | None = None,
         source: str = "coordinator",
+        defer_derivation: bool = True,
     ) -> RunResult:
-        """One run. `prepare`/`on_commit`: see the module docstring; `source` names who created
-        derived batches in this run, for the DerivedWavesCreated event."""
+        """One run (two when derived creation is deferred: see the module docstring; the result
+        is the first run's, with the second's dispatches and created batches added).
+        `prepare`/`on_commit`: see the module docstring; `source` names who created derived
+        batches in this run, for the DerivedWavesCreated event."""
+        result = self._run(job_id, cause, prepare, on_commit, source, defer_derivation)
+        if result.derivation_deferred:
+            later = self._run(job_id, "derivation_deferred", None, None, source, False)
+            result.dispatched = result.dispatched + later.dispatched
+            result.derived_created += later.derived_created
+            result.held = later.held
+        return result
+
+    def _run(
+        self,
+        job_id: str,
+        cause: str,
+        prepare: Prepare | None,
+        on_commit: OnCommit | None,
+        source: str,
+        defer_derivation: bool,
+    ) -> RunResult:
         t0 = time.perf_counter()
+        deferred = False
         with self.pool.connection() as conn, conn.transaction():
             loaded = load_job(conn, job_id, lock=True)
             if loaded is None:
@@ -135,15 +172,30 @@ class Coordinator:
                         },
                     )
             else:
-                created = prepare(conn, spec) if prepare is not None else derived.Created()
-                snap = read_snapshot(conn, job, spec)
-                if snap.awaiting_derivation:
-                    # Level-based catch-up (a listener that died after its commit, a parent batch
-                    # completed by a worker whose event never came): the snapshot, one instant, says
-                    # whether any completed parent batch still lacks its derived batches. Read again
-                    # after creating them, so the decision sees them.
-                    created += derived.create_for_completed_parents(conn, job_id, spec)
+                if prepare is None:
                     snap = read_snapshot(conn, job, spec)
+                else:
+                    with conn.pipeline():  # ONE round trip: the caller's reads, the snapshot
+                        finish = prepare(conn, spec)
+                        read = send_snapshot(conn, job, spec)
+                    finish()
+                    snap = read()
+                created = derived.Created()
+                while snap.awaiting_derivation:
+                    # The snapshot, one instant, says whether any completed parent batch still
+                    # lacks its derived batches (level-based: the parent batch just completed, or
+                    # one whose completion prompt never came; or one that completed while this
+                    # run created the others: the snapshot after creating says so).
+                    when = derivation(snap) if defer_derivation else Derivation.NOW
+                    if when == Derivation.AFTER_DISPATCH:
+                        deferred = True  # dispatch first; the second run creates them
+                        break
+                    if when == Derivation.AT_THRESHOLD:
+                        break  # the run that sees the threshold crossed creates them
+                    step, snap = self._derive(conn, job, spec)
+                    created += step
+                    if not step.parent_batches:
+                        break  # nothing the creation can take now: the next run looks again
                 decision = decide(snap)
                 decision, held = self._within_budget(job_id, spec, snap, decision)
                 if decision.job_status == JobStatus.COMPLETED:
@@ -184,6 +236,7 @@ class Coordinator:
             snapshot=snap,
             decision=decision,
             held=held,
+            derivation_deferred=deferred,
         )
         if self.capacity is not None and decision.outcome in TERMINAL_OUTCOMES:
             self.capacity.forget(job_id)
@@ -194,6 +247,23 @@ class Coordinator:
         return result
 
     # -- inside the transaction ----------------------------------------------------------------
+    @staticmethod
+    def _derive(
+        conn: Conn, job: dict[str, Any], spec: ImportSpec
+    ) -> tuple[derived.Created, Snapshot]:
+        """Create the derived batches of the completed parent batches that lack them (up to
+        PARENTS_PER_STATEMENT of them for one derived type), and read the snapshot again so the
+        decision sees them: one round trip for one derived type (the creation and the snapshot
+        pipelined), more for several types."""
+        job_id = job["job_id"]
+        with conn.pipeline():
+            reply = derived.send_create(conn, job_id, spec)
+            read = send_snapshot(conn, job, spec) if reply is not None else None
+        if reply is None or read is None:
+            created = derived.create_for_completed_parents(conn, job_id, spec)
+            return created, read_snapshot(conn, job, spec)
+        return reply(), read()
+
     def _within_budget(
         self, job_id: str, spec: ImportSpec, snap: Snapshot, decision: Decision
     ) -> tuple[Decision, int]:
@@ -406,7 +476,11 @@ class Coordinator:
                 # The same statement stamps the wave's first dispatch and its lag (the
                 # database's clock, now, minus when the wave became dispatchable).
                 params["ready_at"] = ready[d.wave_number]
-            cur = conn.execute(Q("batches_dispatch_first" if first else "batches_dispatch"), params)
+            # prepared at once: the first dispatch of a wave runs a few times per import, never
+            # reaching psycopg's prepare threshold, and its parse and plan are on the lag's path
+            cur = conn.execute(
+                Q("batches_dispatch_first" if first else "batches_dispatch"), params, prepare=True
+            )
             sent.append((snap.wave(d.wave_number), first, cur))
         return sent
 

@@ -10,9 +10,14 @@ No I/O here. Rules (from the seed design):
   had its derived batches created. While derived batches are pending or active the answer is
   `derived_wave_triggered` or `derived_pending` and monitoring stays on;
 - the job fails only when a batch ran out of attempts and nothing else can move.
+
+`derivation` is the coordinator's other pure choice: when, in a run, to create the derived
+batches of completed parent batches that lack them (see its docstring).
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 from importwaves.engine.model import (
     Decision,
@@ -141,3 +146,43 @@ def _derived_pending_reason(g: GuardReport) -> str:
     if not g.gates_open:
         parts.append("parents below the completion threshold")
     return "main waves done; " + (", ".join(parts) or "derived waves not finished")
+
+
+class Derivation(StrEnum):
+    """When a coordinator run creates the derived batches its snapshot says are awaited."""
+
+    #: none awaited, or create them now, then decide with them
+    NOW = "now"
+    #: the snapshot already lets the run dispatch derived batches (of earlier parents): dispatch
+    #: those and commit first; a second run creates the rest and decides on them
+    AFTER_DISPATCH = "after_dispatch"
+    #: the gate is closed but its last parent batches may all be running: leave the creation to
+    #: the run that sees the threshold crossed (AFTER_DISPATCH there), so that run never waits
+    #: behind this one's creation; enough derived batches are pending to fill its slots
+    AT_THRESHOLD = "at_threshold"
+
+
+def derivation(snap: Snapshot) -> Derivation:
+    """When to create the derived batches awaited in `snap`: a pure function of the snapshot.
+
+    Creating a parent batch's derived batches reads its children in staging (milliseconds per
+    parent batch) under the job lock. On the path from the parents' threshold crossing to the
+    first derived dispatch (the dispatch lag) that time is waste whenever derived batches of
+    earlier parents are already pending: those can go first, in any order (the gate is open for
+    all of them). Never delays anything else: the completion guard counts awaited parents (no
+    completion before they are created), and every run that finds the gate open creates them,
+    at the latest in the second run of the crossing's own call."""
+    if not snap.awaiting_derivation:
+        return Derivation.NOW
+    if any(d.derived for d in decide(snap).dispatches):
+        return Derivation.AFTER_DISPATCH
+    pending = sum(w.pending for w in snap.derived_waves)
+    closed = [g for g in snap.gates if not g.open]
+    if (
+        closed
+        and len(closed) == len(snap.gates)
+        and pending >= snap.parallelism
+        and any(g.parents_needed - g.parent_completed <= snap.parallelism for g in closed)
+    ):
+        return Derivation.AT_THRESHOLD
+    return Derivation.NOW

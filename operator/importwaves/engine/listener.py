@@ -8,25 +8,27 @@ Order matters: the completion is recorded and COMMITTED first; only then is the 
 completion recomputed from the database, so the last parent batch always sees itself counted.
 The listener never skips the progression nudge, whatever the monitoring flag says.
 
-After that commit, one coordinator run does the rest under the job lock, in ONE transaction: the
-parent batch's derived batches are created first (the run's `prepare` step), then the run reads
-its snapshot (parent completion recomputed from the database), decides and dispatches, with
-the derived batches just created included. So the completion of the last parent batch reaches
-the first derived dispatch with a single commit, and the DerivedWavesCreated nudge (seed D) is
-already done by the time the event is emitted.
+After that commit, one coordinator run does the rest under the job lock, in ONE transaction: it
+reads the batches it was told of (its `prepare` step, in the round trip of its snapshot: parent
+completion recomputed from the database), creates the derived batches of every completed parent
+batch that lacks them, decides and dispatches, with the derived batches just created included;
+the DerivedWavesCreated nudge (seed D) is then already done by the time the event is emitted.
+When the parents have just crossed the threshold and derived batches of earlier parents are
+pending, the run dispatches those first and a second run creates the rest (engine/coordinator.py):
+the completion of the last parent batch reaches the first derived dispatch with a single commit
+and no creation on the way.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from importwaves import metrics
 from importwaves.db.connect import Conn
 from importwaves.db.pools import TenantPool
 from importwaves.db.queries import Q
-from importwaves.engine import derived
 from importwaves.engine.coordinator import Coordinator, RunResult
 from importwaves.engine.events import DerivedWavesCreated, EventBus
 from importwaves.engine.jobrow import load_job
@@ -159,53 +161,47 @@ class BatchCompletedListener:
         counts a failed attempt if that dispatch recorded no completion (`fail_attempt`'s
         statement, fenced by the sequence), in the same transaction as the batch's read."""
         parent: str | None = None  # the first batch of a parent record type among them
-        completed_parent = False
         #: the batches' statuses, as the run read them (absent: no such batch)
         statuses: dict[str, str] = {}
         #: the exit check's failed attempt (the batch row after it), if it counted one
         failed: dict[str, Any] | None = None
 
-        def prepare(conn: Conn, spec: ImportSpec) -> derived.Created:
-            nonlocal parent, completed_parent, failed
-            parents = spec.derived_parent_type_ids()
-            # ONE round trip: the exit check, the batches' reads and (one derived type) the
-            # derived batches of every completed parent batch still without them (level-based,
-            # so sent before the reads say whether one of these batches is such a parent).
-            with conn.pipeline():
-                fail_cur = (
-                    conn.execute(
-                        Q("batch_fail"),
-                        {
-                            "job_id": job_id,
-                            "batch_id": batch_ids[0],
-                            "dispatch_seq": exited,
-                            "max_attempts": spec.max_attempts,
-                            **spec.backoff_params,
-                            "error": EXIT_WITHOUT_COMPLETION,
-                        },
-                    )
-                    if exited is not None
-                    else None
+        def prepare(conn: Conn, spec: ImportSpec) -> Callable[[], None]:
+            # Sent in the run's first round trip, before its snapshot: the exit check (so the
+            # snapshot sees its failed attempt) and the batches' reads.
+            fail_cur = (
+                conn.execute(
+                    Q("batch_fail"),
+                    {
+                        "job_id": job_id,
+                        "batch_id": batch_ids[0],
+                        "dispatch_seq": exited,
+                        "max_attempts": spec.max_attempts,
+                        **spec.backoff_params,
+                        "error": EXIT_WITHOUT_COMPLETION,
+                    },
                 )
-                curs = [
-                    conn.execute(Q("batch_get"), {"job_id": job_id, "batch_id": batch_id})
-                    for batch_id in batch_ids
-                ]
-                created = derived.send_create(conn, job_id, spec)
-            failed = fail_cur.fetchone() if fail_cur is not None else None
-            for batch_id, cur in zip(batch_ids, curs, strict=True):
-                batch = cur.fetchone()
-                if batch is None:
-                    continue
-                statuses[batch_id] = batch["status"]
-                if batch["record_type_id"] in parents:
-                    parent = parent or batch_id
-                    completed_parent = completed_parent or batch["status"] == "completed"
-            if created is not None:
-                return created()
-            if not completed_parent:
-                return derived.Created()
-            return derived.create_for_completed_parents(conn, job_id, spec)
+                if exited is not None
+                else None
+            )
+            curs = [
+                conn.execute(Q("batch_get"), {"job_id": job_id, "batch_id": batch_id})
+                for batch_id in batch_ids
+            ]
+
+            def read() -> None:
+                nonlocal parent, failed
+                parents = spec.derived_parent_type_ids()
+                failed = fail_cur.fetchone() if fail_cur is not None else None
+                for batch_id, cur in zip(batch_ids, curs, strict=True):
+                    batch = cur.fetchone()
+                    if batch is None:
+                        continue
+                    statuses[batch_id] = batch["status"]
+                    if batch["record_type_id"] in parents:
+                        parent = parent or batch_id
+
+            return read
 
         def on_commit(result: RunResult) -> None:
             snap = result.snapshot

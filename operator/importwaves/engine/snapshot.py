@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from importwaves.db.connect import Conn
@@ -56,18 +57,29 @@ def gates(spec: ImportSpec, waves: tuple[WaveState, ...]) -> tuple[DerivedGate, 
 
 
 def read_snapshot(conn: Conn, job: dict[str, Any], spec: ImportSpec) -> Snapshot:
+    return send_snapshot(conn, job, spec)()
+
+
+def send_snapshot(conn: Conn, job: dict[str, Any], spec: ImportSpec) -> Callable[[], Snapshot]:
+    """Send the snapshot's statement (in the caller's pipeline, if it has one: its reply is not
+    awaited here); returns the step that reads the reply into the Snapshot."""
     job_id = job["job_id"]
     # Waves and the parent batches awaiting derivation in ONE statement (one instant, one round
     # trip): a parent completion committed after it is in neither, one before it in both.
-    rows = conn.execute(Q("job_snapshot"), {"job_id": job_id, "limit": AWAITING_LIMIT}).fetchall()
-    waves = tuple(_wave(r) for r in rows)
-    awaiting = int(rows[0]["awaiting_derivation"]) if rows and spec.derivedTypes else 0
-    return Snapshot(
-        job_id=job_id,
-        status=JobStatus(job["status"]),
-        suspended=spec.suspend,
-        parallelism=spec.parallelism,
-        waves=waves,
-        gates=gates(spec, waves),
-        awaiting_derivation=awaiting,
-    )
+    cur = conn.execute(Q("job_snapshot"), {"job_id": job_id, "limit": AWAITING_LIMIT})
+
+    def read() -> Snapshot:
+        rows = cur.fetchall()
+        waves = tuple(_wave(r) for r in rows)
+        awaiting = int(rows[0]["awaiting_derivation"]) if rows and spec.derivedTypes else 0
+        return Snapshot(
+            job_id=job_id,
+            status=JobStatus(job["status"]),
+            suspended=spec.suspend,
+            parallelism=spec.parallelism,
+            waves=waves,
+            gates=gates(spec, waves),
+            awaiting_derivation=awaiting,
+        )
+
+    return read
