@@ -22,8 +22,9 @@ derivation, so nothing completes before they are created.
 
 A caller may hand the run a `prepare` step (its statements sent in the run's first round trip,
 with the snapshot's, under the job lock) and an `on_commit` step (run after the commit, right
-after the worker sync): the batch-completed listener reads the batches it was told of (and
-counts an exit without completion) that way.
+after the worker sync; after the second run when creation was deferred): the batch-completed
+listener reads the batches it was told of (and counts an exit without completion), and logs
+`derived_initialized`, that way.
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ class Coordinator:
             result.dispatched = result.dispatched + later.dispatched
             result.derived_created += later.derived_created
             result.held = later.held
+            if on_commit is not None:  # held back by the first run: it sees both runs' work
+                on_commit(result)
         return result
 
     def _run(
@@ -551,7 +554,7 @@ class Coordinator:
         # Workers first: everything else here is bookkeeping that no worker waits for.
         if dispatched and self.on_dispatched is not None:
             self.on_dispatched(job_id, spec, dispatched, snapshot_waves=snap.waves)
-        if on_commit is not None:
+        if on_commit is not None and not result.derivation_deferred:
             on_commit(result)
         if decision.keep_monitoring:
             self.flags.set_monitoring(job_id)  # refreshes the TTL on every run
