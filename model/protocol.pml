@@ -123,7 +123,7 @@ inline notice(k, b, s, pre) {
 
 /* -- one coordinator run: check_and_trigger_next_wave ------------------------------------------ */
 #define COORD_LOCALS byte cr, dm, dp, dd, js, pre, i, n, tk0, tk1, tk2, tk3; \
-                     bit keep, gopen, vialistener, mine
+                     bit keep, gopen, vialistener, mine, defer, again
 
 #define CRASH(where) \
   if \
@@ -153,16 +153,38 @@ inline create_derived() {
     if :: gopen && keep -> ready = 1 :: else fi; \
     printf("@%d %e monitoring %d, derived_ready %d\n", _pid, coord_flags, mon, ready)
 
+/* a run that deferred its derived creation is followed at once by a second run that creates */
+#define AGAIN if :: defer -> again = 1 :: else fi
+
 #define RESET \
     cr = 0; dm = 0; dp = 0; dd = 0; js = 0; keep = 0; gopen = 0; mine = 0; pre = 0; \
-    vialistener = 0; tk0 = 0; tk1 = 0; tk2 = 0; tk3 = 0; i = 0; n = 0; goto finished
+    vialistener = 0; tk0 = 0; tk1 = 0; tk2 = 0; tk3 = 0; i = 0; n = 0; defer = 0; goto finished
 
 inline coordinator_run() {
-  /* job_lock, then (prepare / catch-up) the derived batches of completed parents */
+  do  /* once, or twice when the first run deferred its derived creation (`again`) */
+  ::
+  /* job_lock, then the derived batches of completed parents (the catch-up) */
   atomic { lock == 0 -> lock = 1; mine = 1; SAY(coord_lock);
 #ifndef MUTANT_PRECOMMIT
-    create_derived();
-    printf("@%d %e for parent mask %d\n", _pid, coord_create_derived, cr)
+    /* decide.derivation on the snapshot before creating: AFTER_DISPATCH when a parent awaits
+       derivation and the decision already dispatches derived batches (the gate open, earlier
+       ones pending, a slot free): no creation in this run; a second run right after its commit
+       creates (`again`). (AT_THRESHOLD needs more pending derived batches than this instance
+       has before its gate opens: it never applies here.) */
+    i = (st[0] == COMPLETED && needs[0]) || (st[1] == COMPLETED && needs[1]);
+    tk0 = PAR - ACTIVE;
+    if
+    :: cnt[COMPLETED] < NP && cnt[PENDING] > 0 && tk0 > 0 ->
+       tk0 = tk0 - (cnt[PENDING] < tk0 -> cnt[PENDING] : tk0)
+    :: else
+    fi;
+    if
+    :: !again && job != JCOMPLETED && i && tk0 > 0 && cnt[6 + PENDING] > 0 && GATE(cnt[COMPLETED]) ->
+       defer = 1
+    :: else -> create_derived()
+    fi;
+    again = 0; i = 0; tk0 = 0;
+    printf("@%d %e for parent mask %d (deferred %d)\n", _pid, coord_create_derived, cr, defer)
 #else
     /* MUTANT: derived batches are created only by the listener, and only when the parent
        completion it read BEFORE the completing transaction committed reached the threshold;
@@ -180,7 +202,7 @@ inline coordinator_run() {
 #ifndef MUTANT_PRECOMMIT
     if :: st[0] == COMPLETED && needs[0] && !(cr & 1) -> i++ :: else fi;
     if :: st[1] == COMPLETED && needs[1] && !(cr & 2) -> i++ :: else fi;
-    if :: i > 0 -> create_derived(); n = (cr & 1) + ((cr >> 1) & 1); i = 0 :: else fi;
+    if :: i > 0 && !defer -> create_derived(); n = (cr & 1) + ((cr >> 1) & 1); i = 0 :: else fi;
 #else
     if :: st[0] == COMPLETED && needs[0] && !(cr & 1) -> i++ :: else fi;
     if :: st[1] == COMPLETED && needs[1] && !(cr & 2) -> i++ :: else fi;
@@ -239,7 +261,7 @@ inline coordinator_run() {
     /* nothing to write: the rest of the run is the commit of nothing and the flags */
     if
     :: cr == 0 && dp + dd == 0 && js == job ->
-       lock = 0; mine = 0; FLAGS; RESET
+       lock = 0; mine = 0; FLAGS; AGAIN; RESET
     :: else
     fi
   };
@@ -305,6 +327,7 @@ progress_commit:
     if :: dm -> printf("@%d %e batch mask %d\n", _pid, coord_launch, dm) :: else fi;
     dm = 0; tk0 = 0; tk1 = 0; tk2 = 0; tk3 = 0;
     FLAGS;
+    AGAIN;
     RESET
   };
 crashed:
@@ -319,7 +342,8 @@ crashed:
     RESET
   };
 finished:
-  skip
+  if :: again -> skip :: else -> break fi
+  od
 }
 
 /* -- processes ------------------------------------------------------------------------------ */
