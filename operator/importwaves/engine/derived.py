@@ -1,8 +1,9 @@
 """Create derived (TransactionLine) batches for completed parent batches.
 
-Used by the batch-completed listener (progressively, as each parent batch completes: seed A) and
-by the coordinator (level-based catch-up, so a listener that died after its commit cannot leave a
-job without its derived batches). Always called under the job lock. Set-based: one statement per
+Used by the coordinator run (level-based: the run a parent batch's completion prompts creates
+its derived batches, progressively, seed A; any later run catches up on a parent whose prompt
+never came; `decide.derivation` says when a run leaves it to the next) and by recovery's
+reconcile. Always called under the job lock. Set-based: one statement per
 derived type creates the derived batches of every completed parent batch that lacks them (the
 parent ids read from the parent batches' rows in that statement) and marks those parents done.
 Deterministic batch ids make every call idempotent.
