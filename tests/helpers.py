@@ -411,7 +411,7 @@ def batches(dsn: str, tenant: str, job_id: str) -> list[dict[str, Any]]:
     with tenant_conn(dsn, tenant) as conn:
         return conn.execute(
             "SELECT batch_id, record_type_id, status, dispatch_seq, attempts, last_error, "
-            "dispatched_at, completed_at, parent_batch_id, needs_derivation "
+            "dispatched_at, completed_at, parent_batch_id, needs_derivation, derived_created_at "
             "FROM wave_batches WHERE job_id = %s ORDER BY id",
             (job_id,),
         ).fetchall()

@@ -14,10 +14,10 @@ from helpers import (
     LINE,
     SALES_ORDER,
     assert_complete,
+    batches,
     drive,
     run_and_notify,
     setup_job,
-    tenant_conn,
     waves,
 )
 from importwaves.engine.model import Outcome
@@ -29,13 +29,9 @@ LAST_PARENT = "SalesOrder-000009"
 
 
 def _parents(dsn: str, tenant: str) -> dict[str, dict[str, Any]]:
-    with tenant_conn(dsn, tenant) as conn:
-        rows = conn.execute(
-            "SELECT batch_id, status, needs_derivation, derived_created_at FROM wave_batches "
-            "WHERE job_id = 'job' AND record_type_id = %s",
-            (SALES_ORDER,),
-        ).fetchall()
-    return {r["batch_id"]: r for r in rows}
+    return {
+        b["batch_id"]: b for b in batches(dsn, tenant, "job") if b["record_type_id"] == SALES_ORDER
+    }
 
 
 def test_the_threshold_crossing_dispatches_before_it_creates(
