@@ -20,8 +20,13 @@ waits on the job lock behind another's creation. An open gate's derived batches 
 dispatchable in any order, and the completion guard counts the parents still awaiting
 derivation, so nothing completes before they are created.
 
+A run's transaction is two round trips when it neither plans nor creates: BEGIN, the job lock
+and the snapshot in one, the decision's writes and COMMIT in the other (`db/pipelined.py`).
+
 A caller may hand the run a `prepare` step (its statements sent in the run's first round trip,
-with the snapshot's, under the job lock) and an `on_commit` step (run after the commit, right
+after the job lock, before the snapshot, with the spec the job had at this coordinator's last
+run: if the locked row says otherwise, or the job is not planned, the run rolls back and is
+made again with the row's spec) and an `on_commit` step (run after the commit, right
 after the worker sync; after the second run when creation was deferred): the batch-completed
 listener reads the batches it was told of (and counts an exit without completion), and logs
 `derived_initialized`, that way.
@@ -38,6 +43,7 @@ from typing import Any
 
 from importwaves import metrics
 from importwaves.db.connect import Conn
+from importwaves.db.pipelined import PipelinedTransaction, pipelined_transaction
 from importwaves.db.pools import TenantPool
 from importwaves.db.queries import Q
 from importwaves.engine import derived
@@ -45,12 +51,12 @@ from importwaves.engine.budget import waiting_message
 from importwaves.engine.capacity import CapacityKeeper
 from importwaves.engine.decide import Derivation, decide, derivation
 from importwaves.engine.events import DerivedWavesCreated, EventBus
-from importwaves.engine.jobrow import load_job
+from importwaves.engine.jobrow import spec_of
 from importwaves.engine.model import Decision, JobStatus, Outcome, Snapshot, WaveState
 from importwaves.engine.notify import channel_for, prompt_payload
 from importwaves.engine.planner import plan
 from importwaves.engine.rows import Code, TypeRows, completion_problems
-from importwaves.engine.snapshot import read_snapshot, send_snapshot
+from importwaves.engine.snapshot import read_snapshot, send_snapshot, send_snapshot_of
 from importwaves.flags import Flags
 from importwaves.launch.base import BatchDispatch
 from importwaves.log import event
@@ -83,15 +89,27 @@ TERMINAL_OUTCOMES = frozenset(
 )
 
 #: A step run inside the coordinator's transaction, under the job lock: it sends its statements
-#: in the run's pipeline (before the snapshot's, in the same round trip; it must not open a
-#: pipeline of its own) and returns the step that reads their replies, called before the
-#: snapshot is read.
+#: in the run's pipeline (after the job lock's, before the snapshot's, in the same round trip; it
+#: must not open a pipeline of its own) and returns the step that reads their replies, called
+#: before the snapshot is read. It may be sent, and its statements rolled back, twice in a run
+#: (see the module docstring).
 Prepare = Callable[[Conn, ImportSpec], Callable[[], None]]
 #: A step run after the commit, right after the worker sync, before the run's flags and events.
 OnCommit = Callable[[RunResult], None]
 #: What the engine does with a run's dispatched batches after its commit (its worker sync);
 #: called with the keyword `snapshot_waves`: the run's snapshot's waves, read before it.
 OnDispatched = Callable[..., None]
+
+
+class _StaleSpec(Exception):
+    """A run's guess of the job's spec (its `prepare` sent with it) was wrong: roll back, redo."""
+
+
+def _guess_holds(job: dict[str, Any], known: tuple[dict[str, Any], ImportSpec] | None) -> bool:
+    """Whether a `prepare` sent with the spec `known` before the job's row was read ran as it
+    would have after it: the job has that spec and is planned. (A run that finds the job gone
+    or cancelled rolls back whatever it sent.)"""
+    return known is not None and job["spec"] == known[0] and job["planned_at"] is not None
 
 
 class GuardViolation(RuntimeError):
@@ -114,6 +132,17 @@ class Coordinator:
         self.capacity: CapacityKeeper | None = None
         #: called after the commit of a run that dispatched (the engine: sync the job's workers)
         self.on_dispatched: OnDispatched | None = None
+        #: per job, its spec as last read under the job lock (the row's JSON, parsed): parsed
+        #: once, not per run, and what a run's `prepare` is sent with before the row is read
+        self._specs: dict[str, tuple[dict[str, Any], ImportSpec]] = {}
+
+    def _spec_of(self, job_id: str, job: dict[str, Any]) -> ImportSpec:
+        known = self._specs.get(job_id)
+        if known is not None and known[0] == job["spec"]:
+            return known[1]
+        spec = spec_of(job)
+        self._specs[job_id] = (job["spec"], spec)
+        return spec
 
     def check_and_trigger_next_wave(
         self,
@@ -148,16 +177,53 @@ class Coordinator:
         source: str,
         defer_derivation: bool,
     ) -> RunResult:
+        try:
+            return self._run_once(job_id, cause, prepare, on_commit, source, defer_derivation)
+        except _StaleSpec:
+            # The caller's statements ran with a spec the job no longer has (or before the job
+            # was planned): rolled back; the run again, without guessing.
+            self._specs.pop(job_id, None)
+            return self._run_once(
+                job_id, cause, prepare, on_commit, source, defer_derivation, speculate=False
+            )
+
+    def _run_once(
+        self,
+        job_id: str,
+        cause: str,
+        prepare: Prepare | None,
+        on_commit: OnCommit | None,
+        source: str,
+        defer_derivation: bool,
+        *,
+        speculate: bool = True,
+    ) -> RunResult:
         t0 = time.perf_counter()
         deferred = False
-        with self.pool.connection() as conn, conn.transaction():
-            loaded = load_job(conn, job_id, lock=True)
-            if loaded is None:
+        known = self._specs.get(job_id) if speculate and prepare is not None else None
+        with self.pool.connection() as conn, pipelined_transaction(conn) as tx:
+            # ONE round trip: BEGIN, the job lock, the caller's statements (sent with the spec
+            # the job had at this coordinator's last run, checked against the locked row below)
+            # and the snapshot (it needs only the job's id; unused if the job must be planned).
+            with conn.pipeline():
+                tx.begin()
+                lock_cur = conn.execute(Q("job_lock"), {"job_id": job_id})
+                finish = prepare(conn, known[1]) if prepare is not None and known else None
+                read_sent = send_snapshot_of(conn, job_id)
+            job = lock_cur.fetchone()
+            if job is None:
+                tx.rollback_at_end()  # of what the caller's statements did, if sent
+                self._specs.pop(job_id, None)
                 return RunResult(job_id, Outcome.NOT_FOUND, "no such job")
-            job, spec = loaded
+            if finish is not None and not _guess_holds(job, known):
+                raise _StaleSpec  # rolls back what the caller's statements did
+            spec = self._spec_of(job_id, job)
             if job["status"] == JobStatus.CANCELLED.value:
                 # Its ImportJob was deleted: nothing moves until it is submitted again (a late
-                # completion or a timer must not reopen it and dispatch for nobody).
+                # completion or a timer must not reopen it and dispatch for nobody). What the
+                # caller's statements did, if sent, is rolled back.
+                tx.rollback_at_end()
+                self._specs.pop(job_id, None)
                 return RunResult(job_id, Outcome.CANCELLED, job["status_reason"] or "cancelled")
             verdict = plan(conn, job_id, spec, self.tenant) if job["planned_at"] is None else None
             if verdict is not None and not verdict.ok:
@@ -175,14 +241,19 @@ class Coordinator:
                         },
                     )
             else:
-                if prepare is None:
-                    snap = read_snapshot(conn, job, spec)
-                else:
+                if finish is not None:
+                    finish()
+                    snap = read_sent(job, spec)
+                elif prepare is not None:
                     with conn.pipeline():  # ONE round trip: the caller's reads, the snapshot
                         finish = prepare(conn, spec)
                         read = send_snapshot(conn, job, spec)
                     finish()
                     snap = read()
+                elif verdict is None:
+                    snap = read_sent(job, spec)
+                else:
+                    snap = read_snapshot(conn, job, spec)  # planned just now
                 created = derived.Created()
                 while snap.awaiting_derivation:
                     # The snapshot, one instant, says whether any completed parent batch still
@@ -204,7 +275,7 @@ class Coordinator:
                 if decision.job_status == JobStatus.COMPLETED:
                     decision = self._verify_completion(conn, job_id, decision)
                 changed = decision.job_status is not None and decision.job_status != snap.status
-                dispatched = self._dispatch(conn, job, spec, snap, decision, changed)
+                dispatched = self._dispatch(conn, tx, job, spec, snap, decision, changed)
         if verdict is not None and not verdict.ok:
             if refused:
                 event(
@@ -241,8 +312,10 @@ class Coordinator:
             held=held,
             derivation_deferred=deferred,
         )
-        if self.capacity is not None and decision.outcome in TERMINAL_OUTCOMES:
-            self.capacity.forget(job_id)
+        if decision.outcome in TERMINAL_OUTCOMES:
+            self._specs.pop(job_id, None)
+            if self.capacity is not None:
+                self.capacity.forget(job_id)
         self._after_commit(
             spec, snap, decision, created, dispatched, cause, result, on_commit, source
         )
@@ -378,6 +451,7 @@ class Coordinator:
     def _dispatch(
         self,
         conn: Conn,
+        tx: PipelinedTransaction,
         job: dict[str, Any],
         spec: ImportSpec,
         snap: Snapshot,
@@ -385,9 +459,10 @@ class Coordinator:
         changed: bool,
     ) -> list[BatchDispatch]:
         """Apply the decision in the run's transaction: its dispatches, the job's status when
-        `changed`, the prompt; the batches dispatched. The commit follows."""
-        # What the decision writes, sent in ONE round trip (pipeline mode): the
-        # dispatches, the job's status, the prompt; then the commit.
+        `changed`, the prompt, and the commit; the batches dispatched."""
+        # What the decision writes and the COMMIT, sent in ONE round trip (pipeline mode): the
+        # dispatches, the job's status, the prompt. A statement that fails makes the server
+        # skip the COMMIT behind it: the run then rolls back.
         ready = self._ready(conn, job, spec, snap, decision)
         if decision.outcome == Outcome.SUSPENDED and snap.active:
             self._release_unclaimed(conn, snap.job_id)
@@ -427,6 +502,7 @@ class Coordinator:
                 # A run that records no job status need not wait for its commit's WAL
                 # flush (relaxed_commit in queries.sql says what a crash may lose).
                 conn.execute(Q("relaxed_commit"))
+            tx.commit()
         return self._collect_dispatches(snap, sent)
 
     def _release_unclaimed(self, conn: Conn, job_id: str) -> None:

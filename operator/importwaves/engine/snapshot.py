@@ -63,12 +63,19 @@ def read_snapshot(conn: Conn, job: dict[str, Any], spec: ImportSpec) -> Snapshot
 def send_snapshot(conn: Conn, job: dict[str, Any], spec: ImportSpec) -> Callable[[], Snapshot]:
     """Send the snapshot's statement (in the caller's pipeline, if it has one: its reply is not
     awaited here); returns the step that reads the reply into the Snapshot."""
-    job_id = job["job_id"]
+    read = send_snapshot_of(conn, job["job_id"])
+    return lambda: read(job, spec)
+
+
+def send_snapshot_of(conn: Conn, job_id: str) -> Callable[[dict[str, Any], ImportSpec], Snapshot]:
+    """`send_snapshot` before the job's row is read: the statement needs only the job's id (so it
+    can travel in the round trip that takes the job lock); the step that reads its reply is given
+    the row (as `job_lock` read it) and its spec."""
     # Waves and the parent batches awaiting derivation in ONE statement (one instant, one round
     # trip): a parent completion committed after it is in neither, one before it in both.
     cur = conn.execute(Q("job_snapshot"), {"job_id": job_id, "limit": AWAITING_LIMIT})
 
-    def read() -> Snapshot:
+    def read(job: dict[str, Any], spec: ImportSpec) -> Snapshot:
         rows = cur.fetchall()
         waves = tuple(_wave(r) for r in rows)
         awaiting = int(rows[0]["awaiting_derivation"]) if rows and spec.derivedTypes else 0
