@@ -34,7 +34,6 @@ from importwaves.db.connect import connect
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
 from importwaves.engine.notify import channel_for
-from importwaves.spec import RetryBackoff
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FENCED = 0, 1, 2, 3
 
@@ -127,6 +126,10 @@ def run_batch(
 
 def backoff_params(spec: dict[str, Any]) -> dict[str, float]:
     """batch_fail's back-off parameters from a stored spec (its spec.retryBackoff)."""
+    # Imported here, on a failure: the spec's models (pydantic) are most of a worker process's
+    # start-up CPU otherwise, paid by every worker pod (a Job's pods start once per wave).
+    from importwaves.spec import RetryBackoff
+
     backoff = RetryBackoff.model_validate(spec.get("retryBackoff") or {})
     return {"backoff_base": backoff.baseSeconds, "backoff_cap": backoff.capSeconds}
 
