@@ -12,9 +12,10 @@ work connection and ONE heartbeat connection for its whole life, and loops:
    completion, with its NOTIFY, in one transaction) while the heartbeat connection touches the
    batch; a failure is recorded as run_batch records it (batch_fail; bad staging data fails the
    batch at once);
-4. nothing to claim: wait on LISTEN on the tenant's channel (a dispatch NOTIFY is a prompt:
-   just try again), with a short poll as the fallback; exit 0 after IMPORTWAVES_WORKER_IDLE_SECONDS
-   (default 30) with nothing claimed.
+4. nothing to claim: wait on LISTEN on the tenant's channel for a prompt of its job (a dispatch
+   or a status change; completion notices, the engine's, are skipped: `prompts_worker`) and just
+   try again, with a short poll (IMPORTWAVES_WORKER_POLL_SECONDS, default 1) as the fallback; exit
+   0 after IMPORTWAVES_WORKER_IDLE_SECONDS (default 30) with nothing claimed.
 
 With a custom worker command (IMPORTWAVES_WORKER_COMMAND, a JSON list) the worker keeps the
 per-batch contract of worker.py: it reserves the next dispatched batch (the row stays
@@ -50,7 +51,7 @@ from importwaves.db.connect import Conn, connect
 from importwaves.db.options import ConnOptions
 from importwaves.db.queries import Q
 from importwaves.engine.model import MAIN
-from importwaves.engine.notify import channel_for, prompt_payload
+from importwaves.engine.notify import channel_for, prompt_payload, prompts_worker
 from importwaves.worker import (
     ENV,
     EXIT_FAILED,
@@ -154,6 +155,9 @@ class PoolStats:
     #: why it stopped: "job <status>", "job gone", "idle", "stopped"
     reason: str = ""
     batches: list[str] = field(default_factory=list)
+    #: times it looked at its job for work (each a round trip: at start, after each batch, on
+    #: each prompt for it, at each poll)
+    looks: int = 0
 
 
 class PooledWorker:
@@ -185,6 +189,7 @@ class PooledWorker:
         idle_since = time.monotonic()
         while not self._stop.is_set():
             wave: dict[str, Any] | None = None
+            self.stats.looks += 1
             if s.command:
                 job = conn.execute(Q("job_get"), {"job_id": s.job_id}).fetchone()
                 claimed = None
@@ -215,13 +220,14 @@ class PooledWorker:
             left = s.idle_seconds - (time.monotonic() - idle_since)
             if left <= 0:
                 return "idle"
-            # A prompt (a dispatch, a completion, a status change) or the poll: look again.
+            # A prompt (a dispatch, its job's status change) or the poll: look again.
             self._wait(conn, min(s.poll, left))
         return "stopped"
 
     def _wait(self, conn: Conn, timeout: float) -> None:
-        """Until a prompt arrives (any notice on the tenant's channel), `timeout` passes or
-        `stop()` is called (looked at twice a second)."""
+        """Until a prompt for this job's workers arrives (a dispatch or a status change of its
+        job: `prompts_worker`; other notices on the tenant's channel are skipped), `timeout`
+        passes or `stop()` is called (looked at twice a second)."""
         deadline = time.monotonic() + timeout
         self.waiting.set()
         try:
@@ -229,8 +235,9 @@ class PooledWorker:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                for _ in conn.notifies(timeout=min(0.5, left), stop_after=1):
-                    return
+                for notice in conn.notifies(timeout=min(0.5, left), stop_after=1):
+                    if prompts_worker(notice.payload, self.s.job_id):
+                        return
         finally:
             self.waiting.clear()
 

@@ -6,6 +6,7 @@ dispatch NOTIFY wakes an idle worker."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from helpers import (
 )
 from importwaves.engine.app import Engine
 from importwaves.engine.model import Outcome
+from importwaves.engine.notify import channel_for, prompt_payload
 from importwaves.launch.local import LocalLauncher
 from importwaves.worker import ENV
 from importwaves.worker_pool import EXIT_WITHOUT_COMPLETION, PooledWorker, PoolSettings
@@ -406,6 +408,55 @@ def test_a_dispatch_notify_wakes_an_idle_worker(engine, dsn, tenant) -> None:
             what="the idle worker to claim and complete the dispatched batch",
         )
         assert pool.workers[0].stats.batches == [b.batch_id]
+    finally:
+        pool.stop()
+
+
+def test_an_idle_worker_wakes_for_its_jobs_prompts_only(engine, dsn, tenant) -> None:
+    stage(dsn, tenant, "job", orders=100)
+    assert engine.submit("job", small_spec(tenant, parallelism=1))
+    # a 60 s poll: in this test every look but the first is a notice's doing
+    pool = Pool(dsn, tenant, "job", 1, idle_seconds=120, poll=60).start()
+    worker = pool.workers[0]
+    channel = channel_for(tenant)
+    try:
+        wait_until(worker.waiting.is_set, timeout=30, what="the worker to be idle")
+        assert worker.stats.looks == 1
+        with tenant_conn(dsn, tenant) as conn:
+            for i in range(20):  # other workers' completions: the engine's notices
+                conn.execute(
+                    "SELECT pg_notify(%s, %s)",
+                    (
+                        channel,
+                        json.dumps(
+                            {
+                                "tenant": tenant,
+                                "job_id": "job",
+                                "batch_id": f"Customer-{i:06d}",
+                                "dispatch_seq": 1,
+                            }
+                        ),
+                    ),
+                )
+            for kind, job in (("failed", "job"), ("dispatched", "other"), ("status", "other")):
+                conn.execute(
+                    "SELECT pg_notify(%s, %s)", (channel, prompt_payload(kind, tenant, job))
+                )
+            # then its job's dispatch prompt: delivered after the others, on one connection
+            conn.execute(
+                "SELECT pg_notify(%s, %s)", (channel, prompt_payload("dispatched", tenant, "job"))
+            )
+        wait_until(
+            lambda: worker.stats.looks >= 2 and worker.waiting.is_set(),
+            timeout=10,
+            what="the dispatch prompt to wake the worker, and the worker to wait again",
+        )
+        assert worker.stats.looks == 2  # the 23 notices before the prompt woke it for nothing
+        with tenant_conn(dsn, tenant) as conn:
+            conn.execute(
+                "SELECT pg_notify(%s, %s)", (channel, prompt_payload("status", tenant, "job"))
+            )
+        wait_until(lambda: worker.stats.looks == 3, timeout=10, what="a status prompt to wake it")
     finally:
         pool.stop()
 

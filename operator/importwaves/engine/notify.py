@@ -90,6 +90,21 @@ def parse_prompt(payload: str) -> Prompt | None:
     return Prompt(str(kind), str(tenant), str(job_id))
 
 
+#: The prompts a job's pooled worker waits for: something it may claim was dispatched, or its
+#: job's status changed (it may have to exit).
+WORKER_PROMPTS = frozenset({"dispatched", "status"})
+
+
+def prompts_worker(payload: str, job_id: str) -> bool:
+    """Whether a notice on the tenant's channel is for `job_id`'s pooled workers (see
+    WORKER_PROMPTS). Completion notices are the engine's: a worker woken by each of them, with
+    nothing to claim, spent a claim round trip per completion per idle worker, in the moment the
+    engine's run of that completion needs the CPU (the derived dispatch lag's path). A worker
+    that misses a prompt finds the work at its next poll: prompts are never the record."""
+    prompt = parse_prompt(payload)
+    return prompt is not None and prompt.job_id == job_id and prompt.kind in WORKER_PROMPTS
+
+
 def _load(payload: str) -> dict[str, Any] | None:
     if not isinstance(payload, str) or len(payload) > MAX_PAYLOAD:
         return None
