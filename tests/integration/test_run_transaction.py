@@ -228,3 +228,34 @@ def test_it_refuses_a_connection_in_a_transaction(conn: Conn) -> None:
     with pytest.raises(psycopg.ProgrammingError, match="idle"), pipelined_transaction(conn):
         pass
     conn.rollback()
+
+
+def test_a_run_whose_writes_fail_commits_nothing(engine: Any, dsn: str, tenant: str) -> None:
+    # The first run plans the job (its own round trips) and sends its first dispatch, the prompt
+    # and the COMMIT in one round trip; the dispatch (its CTE stamps the job's dispatch lag) is
+    # refused: the COMMIT queued behind it is skipped and the planning rolls back with it.
+    with tenant_conn(dsn, tenant) as c:
+        c.execute(
+            "CREATE FUNCTION refuse_lag() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused: dispatch lag'; END $$"
+        )
+        c.execute(
+            "CREATE TRIGGER refuse_lag BEFORE UPDATE ON import_jobs FOR EACH ROW "
+            "WHEN (NEW.last_dispatch_lag_seconds IS DISTINCT FROM OLD.last_dispatch_lag_seconds) "
+            "EXECUTE FUNCTION refuse_lag()"
+        )
+    setup_job(engine, "job")
+    with pytest.raises(psycopg.errors.RaiseException, match="refused: dispatch lag"):
+        engine.check("job")
+    assert not launched(engine)
+    with tenant_conn(dsn, tenant) as c:
+        job = c.execute("SELECT planned_at FROM import_jobs WHERE job_id = 'job'").fetchone()
+        assert job == {"planned_at": None}
+        assert c.execute("SELECT count(*) AS n FROM wave_batches").fetchone() == {"n": 0}
+        c.execute("DROP TRIGGER refuse_lag ON import_jobs")
+    # the engine's connection went back to its pool usable: the next run does it all
+    result = engine.check("job")
+    assert result.dispatched and launched(engine)
+    with tenant_conn(dsn, tenant) as c:
+        n = c.execute("SELECT count(*) AS n FROM wave_batches WHERE status = 'dispatched'")
+        assert n.fetchone() == {"n": len(result.dispatched)}

@@ -3,10 +3,12 @@
 `install_pause(engine, point)` makes the engine's next coordinator run stop at `point` and wait
 until released (or until its process is killed):
 
-    locked     the job row is locked (a listener run's batch reads are queued, not sent):
-               nothing is committed yet;
-    decided    the run's batches are moved to `dispatched` with new fencing tokens: the
-               transaction is still open;
+    locked     the run's first round trip is back: the job row is locked (a listener run's
+               batch reads are done), nothing is committed yet;
+    decided    the decision is made and its writes are about to be sent: the dispatches (new
+               fencing tokens), the job status, the prompt and the COMMIT travel in one round
+               trip (`Coordinator._dispatch`), so no client-side moment lies between them; the
+               transaction is open, holding the job lock;
     committed  the transaction committed; no worker sync has run, no flag is set yet.
 """
 
@@ -56,17 +58,22 @@ def install_pause(engine: Engine, pause: Pause) -> Callable[[], None]:
         inner = kw.pop("prepare", None)
 
         def prepare(conn: Conn, spec: ImportSpec) -> Callable[[], None]:
+            # sent in the run's first round trip (with the job lock); its reader runs after it
             read = inner(conn, spec) if inner is not None else None
             pause.backend_pid = conn.info.backend_pid
-            pause.hit("locked")
-            return read if read is not None else lambda: None
+
+            def finish() -> None:
+                if read is not None:
+                    read()
+                pause.hit("locked")
+
+            return finish
 
         return orig_check(job_id, cause, prepare=prepare, **kw)
 
     def dispatch(*args: Any, **kw: Any) -> Any:
-        out = orig_dispatch(*args, **kw)
         pause.hit("decided")
-        return out
+        return orig_dispatch(*args, **kw)
 
     def dispatched(job_id: str, spec: ImportSpec, batches: list[BatchDispatch], **kw: Any) -> None:
         pause.hit("committed")
