@@ -48,6 +48,7 @@ from importwaves.flags import Flags
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
 from importwaves.k8s.events import EventPoster, KubeEvent, ObjectRef
 from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner
+from importwaves.k8s.notices import Coalescer
 from importwaves.k8s.status import (
     JobView,
     Problem,
@@ -203,6 +204,10 @@ class ImportJobOperator:
         #: runs NOTIFY prompts off the LISTEN hub's thread (one tenant's slow database does not
         #: hold another's notifications)
         self._prompts = ThreadPoolExecutor(max_workers=4, thread_name_prefix="notified")
+        #: one run at a time per job; the notices that arrive meanwhile go together to the next
+        self._notices: Coalescer[tuple[int, str], tuple[Engine, Completion]] = Coalescer(
+            self._prompts.submit, self._prompted
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -767,15 +772,18 @@ class ImportJobOperator:
             self.release(namespace, name)
 
     def _on_notified(self, engine: Engine, c: Completion) -> None:
-        """A worker's completion committed: look at the database off the hub's thread."""
+        """A worker's completion committed: look at the database off the hub's thread, one run
+        at a time per job (k8s/notices.py)."""
         with contextlib.suppress(RuntimeError):  # shutting down
-            self._prompts.submit(self._prompted, engine, c)
+            self._notices.put((id(engine), c.job_id), (engine, c))
 
-    def _prompted(self, engine: Engine, c: Completion) -> None:
-        """A completion notice: let the coordinator look at the database (the notice records
-        nothing), dispatch what the recorded state unblocks, and report those as Events."""
+    def _prompted(self, key: tuple[int, str], notices: list[tuple[Engine, Completion]]) -> None:
+        """Completion notices of one job: let the coordinator look at the database once for all
+        of them (a notice records nothing), dispatch what the recorded state unblocks, and report
+        those as Events."""
+        engine, c = notices[-1]
         try:
-            result = engine.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+            result = engine.on_completions(c.job_id, [n.batch_id for _, n in notices])
             target = engine.launch_target(c.job_id)
         except psycopg.Error:
             return  # the level-based paths (Job events, the timer) retry
