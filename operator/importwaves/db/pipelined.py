@@ -62,10 +62,6 @@ class PipelinedTransaction:
             raise psycopg.ProgrammingError("COMMIT already sent")
         self._rollback = True
 
-    @property
-    def began(self) -> bool:
-        return self._began
-
 
 @contextmanager
 def pipelined_transaction(conn: Conn) -> Iterator[PipelinedTransaction]:
