@@ -6,6 +6,7 @@ reaches the Failed condition and a BatchFailed Event, and the Job that ran it is
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from importwaves.verify import verify_import
 from .harness.cluster import Cluster
 from .harness.localkubelet import LocalKubelet
 from .harness.operatorkit import (
+    SLOW_TICK_MARK,
     Harness,
     OperatorProcess,
     Tenant,
@@ -27,6 +29,7 @@ from .harness.operatorkit import (
     importjob,
     is_true,
     overlapping_jobs,
+    slow_ticks_env,
     small_spec,
     watch_jobs,
 )
@@ -43,12 +46,7 @@ def test_bad_row_fails_at_once_and_retry_failed_completes(
     job_id = f"{ns}.{name}"  # no importId: the default id
     t = tenant_db(f"fail_{uuid.uuid4().hex[:8]}")
     t.generate(job_id, orders=300)
-    with t.connect() as conn:
-        conn.execute(
-            'UPDATE staging_records SET payload = payload || \'{"amount": "oops"}\' '
-            "WHERE job_id = %s AND record_type_id = -30 AND record_id = 150",
-            (job_id,),
-        )
+    set_amount_of_order_150(t, job_id, "oops")
     create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
     op = operator(ns)
     h = harness(ns, [op], [t])
@@ -77,12 +75,7 @@ def test_bad_row_fails_at_once_and_retry_failed_completes(
                 assert t.scalar("SELECT count(*) FROM transaction_lines") == 0
 
             # Fix the row, ask for a retry of the failed batches: the import completes.
-            with t.connect() as conn:
-                conn.execute(
-                    'UPDATE staging_records SET payload = payload || \'{"amount": "1.50"}\' '
-                    "WHERE job_id = %s AND record_type_id = -30 AND record_id = 150",
-                    (job_id,),
-                )
+            set_amount_of_order_150(t, job_id, "1.50")
             k8s_cluster.kubectl(
                 "-n", ns, "annotate", "importjob", name, "importwaves.io/retry-failed=fix-1"
             )
@@ -109,6 +102,49 @@ def test_bad_row_fails_at_once_and_retry_failed_completes(
         assert [j.index for j in made if j.wave == 2] == [1, 2], made
         assert not overlapping_jobs(jobs), overlapping_jobs(jobs)
         assert not deleted_unfinished(jobs), deleted_unfinished(jobs)
+
+
+def set_amount_of_order_150(t: Tenant, job_id: str, amount: str) -> None:
+    """Staging row SalesOrder 150 gets `amount` ("oops" fails its batch at once)."""
+    with t.connect() as conn:
+        conn.execute(
+            "UPDATE staging_records SET payload = payload || %s::jsonb "
+            "WHERE job_id = %s AND record_type_id = -30 AND record_id = 150",
+            (json.dumps({"amount": amount}), job_id),
+        )
+
+
+def test_retry_failed_is_acted_on_while_the_timer_stopped_by_the_failure_ends_its_tick(
+    k8s_cluster: Cluster,
+    namespace: str,
+    tenant_db: Callable[[str], Tenant],
+    operator: Callable[..., OperatorProcess],
+    harness: Callable[..., Harness],
+) -> None:
+    """kopf stops an ImportJob's timer when it finishes (the timer's filter), and starts it again
+    on a later event only if the stopped one has ended. With every tick held open 5 s after its
+    reconcile (slow_ticks; a loaded machine posting a tick's Events), the retry-failed annotation
+    given right after Failed arrives while the stopped timer is still in its tick: the event
+    handler for requests on finished ImportJobs acts on it, once. (Before it, nothing acted: the
+    import stayed Failed, as in a CI run of the test above.)"""
+    ns, name = namespace, "bad-data"
+    job_id = f"{ns}.{name}"
+    t = tenant_db(f"tick_{uuid.uuid4().hex[:8]}")
+    t.generate(job_id, orders=300)
+    set_amount_of_order_150(t, job_id, "oops")
+    create_secret(k8s_cluster, ns, "tenant-db", t.dsn)
+    op = operator(ns, **slow_ticks_env(5))
+    h = harness(ns, [op], [t])
+    assert SLOW_TICK_MARK in op.log(), op.log_tail(20)
+    apply(k8s_cluster, importjob(name, ns, t.name, **small_spec(retries=1)))
+    h.wait(name, lambda s: s.get("summary") == "Failed", "summary Failed", 90)
+    set_amount_of_order_150(t, job_id, "1.50")
+    k8s_cluster.kubectl("-n", ns, "annotate", "importjob", name, "importwaves.io/retry-failed=a")
+    st = h.wait(name, lambda s: is_true(s, "Completed"), "Completed after retry", 60)
+    with h.explained():
+        assert st["handledRetryFailed"] == "a"
+        reasons = h.event_reasons(name)
+        assert reasons.get("RetryFailed") == ["requeued 1 failed batch(es)"], reasons
 
 
 def test_custom_worker_stderr_reaches_the_condition_and_an_event_and_its_job_is_kept(

@@ -17,7 +17,13 @@ from importwaves import memdebug, metrics
 from importwaves.k8s.blocked import BlockedRetry
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION
 from importwaves.k8s.events import ObjectRef
-from importwaves.k8s.jobs import LABEL_OWNER_UID, needs_polling, timer_due
+from importwaves.k8s.jobs import (
+    LABEL_OWNER_UID,
+    finished,
+    needs_polling,
+    requests_pending,
+    timer_due,
+)
 from importwaves.k8s.operator import ImportJobOperator, ReconcileResult
 from importwaves.log import event
 from importwaves.settings import Settings
@@ -123,6 +129,23 @@ def tick(body: kopf.Body, **_: Any) -> None:
         return  # waiting for capacity: the capacity keeper prompts it when a slot frees
     TICKED[key] = now
     _apply(body, _reconcile(body, "timer"), 0)
+
+
+def _finished_with_request(body: kopf.Body, **_: Any) -> bool:
+    status = cast(dict[str, Any], dict(body.get("status") or {}))
+    annotations = dict(body.get("metadata", {}).get("annotations") or {})
+    return finished(status) and requests_pending(status, annotations)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_finished_with_request)
+def request_when_finished(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """A request annotation (`reconcile`, `retry-failed`) on a Completed or Failed ImportJob.
+    The timer alone is not enough: it stops when the ImportJob finishes, and kopf starts it again
+    on the annotation's event only if the stopped one has ended; one still finishing its last
+    tick then (posting that tick's Events) stays the only one, ends, and nothing would act."""
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return
+    _apply(body, _reconcile(body, "request"), 0)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_OWNER_UID: kopf.PRESENT})

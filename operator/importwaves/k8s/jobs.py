@@ -24,9 +24,12 @@ __all__ = [
     "ANN_RETRY_FAILED",
     "LABEL_IMPORTJOB",
     "LABEL_OWNER_UID",
+    "REQUESTS",
     "controller_owner",
+    "finished",
     "needs_polling",
     "owner_label",
+    "requests_pending",
     "timer_due",
 ]
 
@@ -34,20 +37,35 @@ ANN_RECONCILE = f"{GROUP}/reconcile"
 ANN_RETRY_FAILED = f"{GROUP}/retry-failed"
 
 
+#: the operator's request annotations, each with the status field that records the value last
+#: handled: a new value asks for the action once (`reconcile`: a manual sweep; `retry-failed`:
+#: requeue the failed batches)
+REQUESTS: tuple[tuple[str, str], ...] = (
+    (ANN_RECONCILE, "handledReconcile"),
+    (ANN_RETRY_FAILED, "handledRetryFailed"),
+)
+
+
+def finished(status: dict[str, Any]) -> bool:
+    """Whether the status says the import is over (Completed or Failed)."""
+    return str(status.get("summary") or "") in ("Completed", "Failed")
+
+
+def requests_pending(status: dict[str, Any], annotations: dict[str, str]) -> bool:
+    """Whether a request annotation carries a value the status does not record as handled."""
+    return any(
+        annotations.get(key) and annotations.get(key) != status.get(handled)
+        for key, handled in REQUESTS
+    )
+
+
 def needs_polling(status: dict[str, Any], annotations: dict[str, str]) -> bool:
     """Whether the timer reconciles an ImportJob: not when it is Completed or Failed, unless
     one of the operator's annotations awaits handling (kopf ignores this operator's own
-    annotation prefix in its diffs, so the timer is what notices them). A spec change or a Job
-    event still reconciles a finished ImportJob."""
-    if str(status.get("summary") or "") not in ("Completed", "Failed"):
-        return True
-    return any(
-        annotations.get(key) and annotations.get(key) != status.get(handled)
-        for key, handled in (
-            (ANN_RECONCILE, "handledReconcile"),
-            (ANN_RETRY_FAILED, "handledRetryFailed"),
-        )
-    )
+    annotation prefix in its diffs; on a finished ImportJob an event handler acts on them too,
+    because kopf does not start a timer again while the one stopped is still finishing a tick).
+    A spec change or a Job event still reconciles a finished ImportJob."""
+    return not finished(status) or requests_pending(status, annotations)
 
 
 #: how often the timer looks at an ImportJob held back by the operator-wide budget: the capacity

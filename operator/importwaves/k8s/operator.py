@@ -47,7 +47,7 @@ from importwaves.engine.snapshot import read_snapshot
 from importwaves.flags import Flags
 from importwaves.k8s.crd import GROUP, PLURAL, VERSION, DatabaseRef, ImportJobSpec
 from importwaves.k8s.events import EventPoster, KubeEvent, ObjectRef
-from importwaves.k8s.jobs import ANN_RECONCILE, ANN_RETRY_FAILED, controller_owner
+from importwaves.k8s.jobs import ANN_RECONCILE, REQUESTS, controller_owner
 from importwaves.k8s.notices import Coalescer
 from importwaves.k8s.status import (
     JobView,
@@ -197,6 +197,11 @@ class ImportJobOperator:
         self._closer = Closer()  # evicted engines closed after a grace, on one thread
         self._lock = threading.Lock()
         self._recorded_lock = threading.Lock()
+        #: one reconcile at a time per ImportJob (namespace, name); `_lock` guards the dict
+        self._reconciling: dict[tuple[str, str], threading.Lock] = {}
+        #: request annotations acted on whose handled value the status may not show yet, per
+        #: ImportJob: a reconcile started from an older body does not act on them twice
+        self._acted: dict[tuple[str, str], dict[str, str]] = {}
         #: imports whose CompletionGuard Event this process posted (bounded)
         self._guarded: OrderedDict[str, None] = OrderedDict()
         #: failed batches (job, batch, attempts) whose BatchFailed Event it posted (bounded)
@@ -224,6 +229,36 @@ class ImportJobOperator:
 
     # -- the ImportJob reconcile ----------------------------------------------------------------
     def reconcile(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        generation: int,
+        spec: dict[str, Any],
+        status: dict[str, Any],
+        annotations: dict[str, str],
+        cause: str,
+    ) -> ReconcileResult:
+        """One reconcile of an ImportJob; never two of one ImportJob at once (the timer runs
+        beside kopf's handlers)."""
+        with self._serial(namespace, name):
+            return self._reconcile(
+                namespace=namespace,
+                name=name,
+                uid=uid,
+                generation=generation,
+                spec=spec,
+                status=status,
+                annotations=annotations,
+                cause=cause,
+            )
+
+    def _serial(self, namespace: str, name: str) -> threading.Lock:
+        with self._lock:
+            return self._reconciling.setdefault((namespace, name), threading.Lock())
+
+    def _reconcile(
         self,
         *,
         namespace: str,
@@ -263,22 +298,16 @@ class ImportJobOperator:
 
         new_fields: dict[str, Any] = {}
         try:
-            rec = annotations.get(ANN_RECONCILE)
-            if rec and rec != old.get("handledReconcile"):
-                report = engine.sweep(job_id, cause="reconcile")
-                events.append(
-                    KubeEvent("Normal", "ManualReconcile", reconcile_message(report.actions))
-                )
-                new_fields["handledReconcile"] = rec
-            retry = annotations.get(ANN_RETRY_FAILED)
-            if retry and retry != old.get("handledRetryFailed"):
-                report = engine.retry_failed(job_id)
-                events.append(
-                    KubeEvent(
-                        "Normal", "RetryFailed", f"requeued {report.requeued} failed batch(es)"
-                    )
-                )
-                new_fields["handledRetryFailed"] = retry
+            acted = self._acted.setdefault((namespace, name), {})
+            for ann, handled in REQUESTS:
+                value = annotations.get(ann)
+                if not value or value == old.get(handled):
+                    acted.pop(handled, None)  # the status records it: nothing to remember
+                    continue
+                if acted.get(handled) != value:  # not acted on since (this status is older)
+                    events.append(self._request(ann, engine, job_id))
+                    acted[handled] = value
+                new_fields[handled] = value
             events += self._sync(engine, ij, job_id)
             sweep = engine.sweep(job_id, cause=cause)
             events += _recovery_events(
@@ -294,6 +323,15 @@ class ImportJobOperator:
             )
         except psycopg.OperationalError as exc:
             return self._done(namespace, name, None, _db_problem(exc, source, engine.dsn), events)
+
+    @staticmethod
+    def _request(annotation: str, engine: Engine, job_id: str) -> KubeEvent:
+        """Act on a request annotation's new value (k8s/jobs.py REQUESTS)."""
+        if annotation == ANN_RECONCILE:
+            swept = engine.sweep(job_id, cause="reconcile")
+            return KubeEvent("Normal", "ManualReconcile", reconcile_message(swept.actions))
+        retried = engine.retry_failed(job_id)
+        return KubeEvent("Normal", "RetryFailed", f"requeued {retried.requeued} failed batch(es)")
 
     def _done(
         self,
@@ -555,6 +593,9 @@ class ImportJobOperator:
         processing batches released to pending, data kept: re-applying the ImportJob reopens
         and resumes it), drop its Redis keys, and its engine when no other ImportJob uses it.
         A database or Secret problem is logged and never holds up the deletion."""
+        with self._lock:
+            self._reconciling.pop((namespace, name), None)
+            self._acted.pop((namespace, name), None)
         try:
             ij = ImportJobSpec.model_validate(spec)
         except ValidationError:

@@ -36,6 +36,17 @@ from importwaves.log import events_named
 from .cluster import REPO_ROOT, Cluster
 
 IMPORTWAVES = Path(sys.executable).parent / "importwaves"
+#: the fault injection of slow_ticks/sitecustomize.py (see there)
+SLOW_TICKS_DIR = Path(__file__).parent / "slow_ticks"
+SLOW_TICK_MARK = "slow_ticks: every timer tick returns late by"
+
+
+def slow_ticks_env(seconds: float) -> dict[str, str]:
+    """The operator environment that makes each of its timer ticks return `seconds` after its
+    reconcile; its log then holds SLOW_TICK_MARK."""
+    return {"PYTHONPATH": str(SLOW_TICKS_DIR), "IMPORTWAVES_TEST_SLOW_TICK_S": f"{seconds:g}"}
+
+
 EXAMPLES = REPO_ROOT / "examples"
 
 
