@@ -258,6 +258,7 @@ def run_local(
         phases = conn.execute(BQ("batch_phases"), {"job_id": JOB}).fetchall()
         top = conn.execute(BQ("pgss_top"), {"n": 15}).fetchall()
         span = conn.execute(BQ("job_span"), {"job_id": JOB}).fetchone()
+        timeline = timeline_of(conn)
     derived_wave = [r for r in lags if r["record_type_id"] == DERIVED]
     return {
         "wall_s": round(wall, 2),
@@ -271,6 +272,7 @@ def run_local(
         "db_first_dispatch_to_last_completion_s": _num(span["seconds"]) if span else None,
         # where a batch's time goes: dispatch -> claim, claim -> completion (per record type)
         "batch_phases": [{k: _num(v) for k, v in r.items()} for r in phases],
+        "timeline": timeline,
         # where the server's time went during the run (pg_stat_statements, reset at start)
         "server_top_statements": [{k: _num(v) for k, v in r.items()} for r in top],
         "wave_dispatch_lag_ms": {
@@ -328,6 +330,17 @@ def operator_log_counts(path: Path) -> dict[str, int]:
                 if isinstance(rec, dict):
                     out[str(rec.get("event") or f"{rec.get('logger')}: {rec.get('msg')}")[:70]] += 1
     return dict(out.most_common(40))
+
+
+def timeline_of(conn: Any) -> dict[str, Any]:
+    """When each wave ran (seconds from the job's first dispatch) and how many batches were in
+    workers' hands, on average, in each second of the job's span."""
+    waves = conn.execute(BQ("wave_timeline"), {"job_id": JOB}).fetchall()
+    busy = conn.execute(BQ("busy_profile"), {"job_id": JOB}).fetchall()
+    return {
+        "waves": [{k: _num(v) for k, v in r.items()} for r in waves],
+        "busy_per_second": [float(r["busy"] or 0) for r in busy],
+    }
 
 
 def _num(v: Any) -> Any:
@@ -481,6 +494,7 @@ def kubernetes_import_row(
             phases = conn.execute(BQ("batch_phases"), {"job_id": JOB}).fetchall()
             lags = conn.execute(BQ("wave_dispatch_lags"), {"job_id": JOB}).fetchall()
             span = conn.execute(BQ("job_span"), {"job_id": JOB}).fetchone()
+            timeline = timeline_of(conn)
         jobs, pods, evs = (ws[k].snapshot() for k in ("Job", "Pod", "Event"))
         ij_seen = ws["ImportJob"].snapshot()
         ij_changes = {
@@ -544,6 +558,7 @@ def kubernetes_import_row(
             # claim -> completion, by record type; the waves' dispatch lags; the database's
             # first dispatch -> last completion
             "batch_phases": [{k: _num(v) for k, v in r.items()} for r in phases],
+            "timeline": timeline,
             "wave_dispatch_lag_ms": {
                 str(r["wave_number"]): (
                     None

@@ -201,3 +201,36 @@ GROUP BY record_type_id ORDER BY record_type_id;
 -- an import's working time, without start-up and the last observation).
 SELECT round(extract(epoch FROM max(completed_at) - min(dispatched_at))::numeric, 2) AS seconds
 FROM wave_batches WHERE job_id = %(job_id)s;
+
+-- name: wave_timeline
+-- Per wave, seconds from the job's first dispatch: its first dispatch, its first claim (a
+-- worker's start), its last completion; and its batches' work in batch-seconds (the sum of
+-- claim -> completion). Where a pod start or a dependency leaves the cores idle shows as a gap
+-- between one wave's last completion and the next one's first claim.
+WITH t0 AS (SELECT min(dispatched_at) AS at FROM wave_batches WHERE job_id = %(job_id)s)
+SELECT wave_number, count(*) AS batches,
+       round(extract(epoch FROM min(dispatched_at) - t0.at)::numeric, 2) AS first_dispatch_s,
+       round(extract(epoch FROM min(started_at) - t0.at)::numeric, 2) AS first_claim_s,
+       round(extract(epoch FROM max(completed_at) - t0.at)::numeric, 2) AS last_completion_s,
+       round(sum(extract(epoch FROM completed_at - started_at))::numeric, 1) AS work_s
+FROM wave_batches, t0
+WHERE job_id = %(job_id)s
+GROUP BY wave_number, t0.at ORDER BY wave_number;
+
+-- name: busy_profile
+-- Batches in a worker's hands (claimed, not yet completed), on average, per second of the
+-- job's span from its first dispatch: the parallelism the import actually had over time.
+WITH t0 AS (SELECT min(dispatched_at) AS at FROM wave_batches WHERE job_id = %(job_id)s),
+secs AS (
+  SELECT generate_series(0, ceil(extract(epoch FROM max(completed_at) - min(t0.at)))::int - 1) AS s
+  FROM wave_batches, t0 WHERE job_id = %(job_id)s
+)
+SELECT secs.s,
+       round((sum(greatest(0, extract(epoch FROM
+         least(b.completed_at, t0.at + make_interval(secs => secs.s + 1))
+         - greatest(b.started_at, t0.at + make_interval(secs => secs.s))))))::numeric, 2) AS busy
+FROM secs CROSS JOIN t0
+LEFT JOIN wave_batches b ON b.job_id = %(job_id)s AND b.started_at IS NOT NULL
+  AND b.started_at < t0.at + make_interval(secs => secs.s + 1)
+  AND b.completed_at > t0.at + make_interval(secs => secs.s)
+GROUP BY secs.s ORDER BY secs.s;

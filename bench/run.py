@@ -404,6 +404,7 @@ def import_lines(n: int, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "-",
             )
         )
+    rows += timeline_lines(n, run.get("timeline"))
     lag = run["derived_batch_lag"]
     rows.append(
         (
@@ -424,6 +425,31 @@ def import_lines(n: int, r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     return rows
+
+
+def timeline_lines(
+    n: str | int, timeline: dict[str, Any] | None
+) -> list[tuple[str, str, str, str]]:
+    """Each wave's first claim -> last completion (s from the first dispatch), and the batches
+    in workers' hands per second, averaged over each quarter of the span."""
+    if not timeline:  # results.json files written before the timeline lack it
+        return []
+    waves = ", ".join(
+        f"w{w['wave_number']} {w['first_claim_s']}->{w['last_completion_s']}"
+        for w in timeline["waves"]
+    )
+    busy = timeline["busy_per_second"]
+    k = max(1, -(-len(busy) // 4))
+    quarters = [busy[i : i + k] for i in range(0, len(busy), k)]
+    avg = " / ".join(f"{sum(q) / len(q):.1f}" for q in quarters)
+    return [
+        (
+            f"{n} waves: first claim -> last completion (s); batches in hand, by quarter",
+            f"{waves}; {avg}",
+            "-",
+            "-",
+        )
+    ]
 
 
 # -- issue 16: peers and fairness -------------------------------------------------------------
@@ -692,6 +718,7 @@ def table(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "-",
                 "-",
             ),
+            *timeline_lines("8", r8.get("timeline")),
             (
                 f"8 objects per import ({r8['batches']} batches, {r8['waves']} waves)",
                 f"{made['jobs']} Jobs, {made['pods']} Pods, {made['events']} Events",
