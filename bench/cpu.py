@@ -106,6 +106,8 @@ class CpuSampler:
     _t0: float = 0.0
     _t1: float = 0.0
     _load: list[str] = field(default_factory=list)
+    #: at each sample: (monotonic s, CPU s so far by role, machine busy s so far)
+    _series: list[tuple[float, dict[str, float], float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     samples: int = 0
@@ -152,15 +154,41 @@ class CpuSampler:
             seen.last = s.cpu
             seen.last_children = s.children
         self.samples += 1
+        self._series.append((time.monotonic(), self._by_role(), machine_times()["busy"]))
+
+    def _by_role(self) -> dict[str, float]:
+        roles: dict[str, float] = {}
+        for s in self._seen.values():
+            if s.role is not None:
+                roles[s.role] = roles.get(s.role, 0.0) + (s.last - s.base)
+        return roles
+
+    def per_second(self) -> list[dict[str, float]]:
+        """CPU seconds by role in each whole second of the run (and `machine` busy), from the
+        samples nearest each second's end: where in the run each role's CPU went."""
+        if not self._series:
+            return []
+        t0, out, prev = self._series[0][0], [], self._series[0]
+        k = 1
+        for sample in self._series[1:]:
+            if sample[0] - t0 < k:
+                continue
+            row = {
+                r: round(v - prev[1].get(r, 0.0), 2)
+                for r, v in sample[1].items()
+                if v - prev[1].get(r, 0.0) >= 0.005
+            }
+            row["machine"] = round(sample[2] - prev[2], 2)
+            out.append(row)
+            prev, k = sample, k + 1
+        return out
 
     def summary(self) -> dict[str, Any]:
-        roles: dict[str, float] = {}
+        roles = self._by_role()
         procs: dict[str, int] = {}
         for s in self._seen.values():
-            if s.role is None:
-                continue
-            roles[s.role] = roles.get(s.role, 0.0) + (s.last - s.base)
-            procs[s.role] = procs.get(s.role, 0) + 1
+            if s.role is not None:
+                procs[s.role] = procs.get(s.role, 0) + 1
         reaped = {}
         for role, pid in self.roots.items():
             for (p, _), s in self._seen.items():
@@ -185,6 +213,7 @@ class CpuSampler:
             "load_average_start_end": self._load,
             "samples": self.samples,
             "sample_every_s": self.every,
+            "per_second": self.per_second(),
         }
 
 

@@ -4,7 +4,7 @@ At start a sweep (recovery) and a worker sync: batches whose workers died with a
 are requeued (a processing batch whose `local:<pid>` worker is no longer alive on this machine
 is gone once its grace has passed), dispatched batches get pooled workers. Then: a worker's
 completion NOTIFY (delivered at its commit, engine/notify.py) makes the engine look at the
-database (`on_completed`; a notice records nothing); a timer tick nudges `check` and
+database (`on_completions`; a notice records nothing); a timer tick nudges `check` and
 `sync_workers` (lost workers, dead ones replaced, launch problems retried); a periodic sweep
 runs recovery. The pooled workers (launch/local.py, worker_pool.py) claim and record their own
 batches; the coordinator's dispatch NOTIFY wakes them. The run ends when the job is terminal

@@ -126,7 +126,7 @@ def test_a_completion_notice_for_a_running_batch_records_nothing(
     assert engine.submit("job", spec)
     [b] = engine.check("job", "start").dispatched
     for _ in range(3):
-        res = engine.listener.on_completed("job", b.batch_id, b.dispatch_seq)
+        res = engine.listener.on_completions("job", [b.batch_id])
         assert res.dispatched == [] and res.outcome == Outcome.IN_PROGRESS
     row = next(x for x in batches(dsn, tenant, "job") if x["batch_id"] == b.batch_id)
     assert (row["status"], row["attempts"]) == ("dispatched", 0)

@@ -62,7 +62,7 @@ def test_forged_notify_completes_nothing(dsn: str, tenant: str, other_tenant_rol
         seen: queue.Queue[Completion] = queue.Queue()
 
         def prompted(c: Completion) -> None:
-            engine.listener.on_completed(c.job_id, c.batch_id, c.dispatch_seq)
+            engine.listener.on_completions(c.job_id, [c.batch_id])
             seen.put(c)
 
         listener = CompletionListener(dsn, tenant, prompted, poll=0.1).start()

@@ -62,12 +62,12 @@ def test_stale_or_foreign_completion_changes_nothing(engine, dsn, tenant, redis_
     first = engine.check("job", "start").dispatched
     assert len(first) == 1  # the single Customer batch
     b = first[0]
-    for seq in (b.dispatch_seq + 1, 0):  # a newer dispatch's or an unknown token
-        res = engine.listener.on_completed("job", b.batch_id, seq)
+    for _ in range(2):  # a notice for a batch no worker completed, delivered twice
+        res = engine.listener.on_completions("job", [b.batch_id])
         assert res.dispatched == []
     row = next(x for x in batches(dsn, tenant, "job") if x["batch_id"] == b.batch_id)
     assert (row["status"], row["dispatch_seq"]) == ("dispatched", 1)
-    assert engine.listener.on_completed("job", "no-such-batch", 1).outcome == Outcome.NOT_FOUND
+    assert engine.listener.on_completions("job", ["no-such-batch"]).outcome == Outcome.NOT_FOUND
     assert counters_mismatch(dsn, tenant, "job") == []
     assert len(launched(engine)) == 1
 
@@ -97,7 +97,7 @@ def test_many_parent_completions_at_once_do_not_exhaust_the_pool(
 
     def deliver(b: Any) -> None:
         try:
-            engine.listener.on_completed("job", b.batch_id, b.dispatch_seq)
+            engine.listener.on_completions("job", [b.batch_id])
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -173,7 +173,7 @@ def test_completed_job_stays_completed_on_further_nudges(engine, dsn, tenant, re
     last = r.runs[-1].batch
 
     results = [engine.check("job", "tick") for _ in range(3)]
-    results.append(engine.listener.on_completed("job", last.batch_id, last.dispatch_seq))
+    results.append(engine.listener.on_completions("job", [last.batch_id]))
     results.append(engine.listener.on_failed("job", last.batch_id, last.dispatch_seq, "late"))
     report = engine.recovery.reconcile("job")
     assert report.result is not None

@@ -163,7 +163,7 @@ def test_last_parent_completion_with_stale_precommit_read_still_dispatches_deriv
     if completer == "worker":
         assert out["worker"].exit_code == EXIT_OK
         # The worker committed; now its completion event reaches the listener.
-        out["result"] = engine.listener.on_completed("job", last.batch_id, last.dispatch_seq)
+        out["result"] = engine.listener.on_completions("job", [last.batch_id])
     else:
         # The custom worker committed and exited 0: its Job's success reaches the listener.
         out["result"] = engine.listener.on_worker_exited_ok("job", last.batch_id, last.dispatch_seq)

@@ -150,7 +150,7 @@ def test_killed_worker_is_requeued_by_reconcile_and_the_import_completes(
 
     alive_thread.join(20)
     assert alive["result"].exit_code == EXIT_OK
-    assert engine.listener.on_completed("job", alive_b.batch_id, alive_b.dispatch_seq)
+    assert engine.listener.on_completions("job", [alive_b.batch_id])
     assert batch_row(dsn, tenant, alive_b.batch_id)["attempts"] == 1  # never requeued
 
     assert drive(engine, dsn, tenant, "job").outcome == Outcome.COMPLETED

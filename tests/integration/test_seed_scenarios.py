@@ -195,7 +195,7 @@ def test_derived_upsert_is_idempotent_under_retries_and_races(
     def deliver() -> None:
         try:
             barrier.wait(10)
-            engine.listener.on_completed("job", last.batch_id, last.dispatch_seq)
+            engine.listener.on_completions("job", [last.batch_id])
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

@@ -257,7 +257,7 @@ class GuardRules(RuleBasedStateMachine):
     def _deliver(self, kind: str, batch_id: str, seq: int, message: str = "") -> Any:
         self.history.append((kind, batch_id, seq, message))
         if kind == "completed":
-            return self._stimulus(self.eng.listener.on_completed, self.job, batch_id, seq)
+            return self._stimulus(self.eng.listener.on_completions, self.job, [batch_id])
         return self._stimulus(self.eng.listener.on_failed, self.job, batch_id, seq, message)
 
     def _work(self, b: BatchDispatch) -> tuple[str, str] | None:
@@ -379,7 +379,7 @@ class GuardRules(RuleBasedStateMachine):
                 if got is not None:
                     for _ in range(2 if twice else 1):
                         if got[0] == "completed":
-                            self.eng.listener.on_completed(self.job, b.batch_id, b.dispatch_seq)
+                            self.eng.listener.on_completions(self.job, [b.batch_id])
                         else:
                             self.eng.listener.on_failed(
                                 self.job, b.batch_id, b.dispatch_seq, got[1]
@@ -507,7 +507,7 @@ class GuardRules(RuleBasedStateMachine):
         def run() -> None:
             try:
                 if completion is not None:
-                    box["result"] = self.eng.listener.on_completed(self.job, *completion)
+                    box["result"] = self.eng.listener.on_completions(self.job, [completion[0]])
                 else:
                     box["result"] = self.eng.check(self.job, "timer")
             except psycopg.OperationalError as exc:
@@ -792,7 +792,7 @@ def _fork_paused_coordinator(
             pause.on_reached = lambda p: os.write(w, f"PAUSED {p.backend_pid}\n".encode()) and None
             install_pause(engine, pause)
             if completion is not None:
-                res = engine.listener.on_completed(job_id, *completion)
+                res = engine.listener.on_completions(job_id, [completion[0]])
             else:
                 res = engine.check(job_id, "timer")
             os.write(w, f"DONE {res.outcome.value}\n".encode())

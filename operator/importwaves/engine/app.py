@@ -1,7 +1,7 @@
 """`Engine`: one tenant's wave engine, wired together (pool, flags, events, coordinator,
 listeners, recovery, and the worker launcher it applies its lifecycle decisions through). The
 local runner and the operator both drive this object, through its public methods only: `submit`,
-`check`, `sync_workers`, `on_completed`, `sweep`, `retry_failed`."""
+`check`, `sync_workers`, `on_completions`, `sweep`, `retry_failed`."""
 
 from __future__ import annotations
 
@@ -299,12 +299,9 @@ class Engine:
     def check(self, job_id: str, cause: str = "nudge") -> RunResult:
         return self.coordinator.check_and_trigger_next_wave(job_id, cause=cause)
 
-    def on_completed(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
-        """A completion notice (NOTIFY): a prompt to look at the database (records nothing)."""
-        return self.listener.on_completed(job_id, batch_id, dispatch_seq)
-
     def on_completions(self, job_id: str, batch_ids: Sequence[str]) -> RunResult:
-        """Several completion notices of one job found queued together: one look for all."""
+        """Completion notices (NOTIFY) of one job, one or several found queued together: one
+        look at the database for all (a prompt: records nothing)."""
         return self.listener.on_completions(job_id, batch_ids)
 
     def sweep(self, job_id: str, cause: str = "sweep") -> RecoveryReport:

@@ -59,15 +59,6 @@ class BatchCompletedListener:
         self.bus = bus
         self.coordinator = coordinator
 
-    def on_completed(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
-        """A completion notice (a NOTIFY) names this batch: a prompt, never a record. Idempotent.
-
-        The coordinator run reads the batch row under the job lock; whatever the row says is
-        the truth. A completion is recorded only by the worker's own fenced transaction (with
-        its row count), so a forged notice changes nothing: the run finds the batch still
-        running and only looks for other work."""
-        return self._derived_after_parent(job_id, batch_id)
-
     def on_worker_exited_ok(self, job_id: str, batch_id: str, dispatch_seq: int) -> RunResult:
         """A worker process (or its Job) for this dispatch exited 0. Its completion, if it did
         the work, committed before it exited; if this dispatch is still dispatched or processing
@@ -143,10 +134,14 @@ class BatchCompletedListener:
 
     # -- seed A: post-commit derived initialization ---------------------------------------------
     def on_completions(self, job_id: str, batch_ids: Sequence[str]) -> RunResult:
-        """Several completion notices of one job at once (a host that found them queued): ONE
-        coordinator run looks at all of them (the run is level-based: it creates the derived
-        batches of every completed parent that lacks them and dispatches what that unblocks),
-        instead of one run per notice waiting behind the others."""
+        """Completion notices (NOTIFY) of one job, one or several (a host that found them
+        queued): prompts, never records. Idempotent. ONE coordinator run looks at all of them
+        (the run is level-based: it creates the derived batches of every completed parent that
+        lacks them and dispatches what that unblocks), instead of one run per notice waiting
+        behind the others. The run reads the batch rows under the job lock; whatever they say
+        is the truth. A completion is recorded only by the worker's own fenced transaction (with
+        its row count), so a forged notice changes nothing: the run finds the batch still
+        running and only looks for other work."""
         return self._derived_after_parent(job_id, *dict.fromkeys(batch_ids))
 
     def _derived_after_parent(
