@@ -226,9 +226,12 @@ secs AS (
   FROM wave_batches, t0 WHERE job_id = %(job_id)s
 )
 SELECT secs.s,
-       round((sum(greatest(0, extract(epoch FROM
+       -- FILTER: a second with no batch joins one row of NULLs, which least()/greatest()
+       -- would skip, counting the whole second as busy
+       round(coalesce(sum(greatest(0, extract(epoch FROM
          least(b.completed_at, t0.at + make_interval(secs => secs.s + 1))
-         - greatest(b.started_at, t0.at + make_interval(secs => secs.s))))))::numeric, 2) AS busy
+         - greatest(b.started_at, t0.at + make_interval(secs => secs.s)))))
+         FILTER (WHERE b.id IS NOT NULL), 0)::numeric, 2) AS busy
 FROM secs CROSS JOIN t0
 LEFT JOIN wave_batches b ON b.job_id = %(job_id)s AND b.started_at IS NOT NULL
   AND b.started_at < t0.at + make_interval(secs => secs.s + 1)

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import psycopg
 from kubernetes import client
@@ -168,6 +168,24 @@ class ProblemError(Exception):
         self.problem = problem
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _one_per_importjob(
+    fn: Callable[Concatenate[ImportJobOperator, P], R],
+) -> Callable[Concatenate[ImportJobOperator, P], R]:
+    """Never two calls of `fn` for one ImportJob (its `namespace` and `name` keywords) at once:
+    the timer runs beside kopf's handlers."""
+
+    @functools.wraps(fn)
+    def serialized(self: ImportJobOperator, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._serial(str(kwargs["namespace"]), str(kwargs["name"])):
+            return fn(self, *args, **kwargs)
+
+    return serialized
+
+
 class ImportJobOperator:
     def __init__(self, settings: Settings, api: client.ApiClient) -> None:
         self.settings = settings
@@ -228,6 +246,11 @@ class ImportJobOperator:
         self._prompts.shutdown(wait=False, cancel_futures=True)
 
     # -- the ImportJob reconcile ----------------------------------------------------------------
+    def _serial(self, namespace: str, name: str) -> threading.Lock:
+        with self._lock:
+            return self._reconciling.setdefault((namespace, name), threading.Lock())
+
+    @_one_per_importjob
     def reconcile(
         self,
         *,
@@ -240,36 +263,7 @@ class ImportJobOperator:
         annotations: dict[str, str],
         cause: str,
     ) -> ReconcileResult:
-        """One reconcile of an ImportJob; never two of one ImportJob at once (the timer runs
-        beside kopf's handlers)."""
-        with self._serial(namespace, name):
-            return self._reconcile(
-                namespace=namespace,
-                name=name,
-                uid=uid,
-                generation=generation,
-                spec=spec,
-                status=status,
-                annotations=annotations,
-                cause=cause,
-            )
-
-    def _serial(self, namespace: str, name: str) -> threading.Lock:
-        with self._lock:
-            return self._reconciling.setdefault((namespace, name), threading.Lock())
-
-    def _reconcile(
-        self,
-        *,
-        namespace: str,
-        name: str,
-        uid: str,
-        generation: int,
-        spec: dict[str, Any],
-        status: dict[str, Any],
-        annotations: dict[str, str],
-        cause: str,
-    ) -> ReconcileResult:
+        """One reconcile of an ImportJob (one at a time per ImportJob: `_one_per_importjob`)."""
         events: list[KubeEvent] = []
         problem: Problem | None = None
         old = dict(status or {})
